@@ -1,0 +1,292 @@
+"""The journal writer behind the db_write hook: sequence rules applied to one destination.
+
+Plain Python, no pyln: plugin.py calls start() at init and write() for every hook call.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+from . import destination as dst
+from .errors import PibackupError
+from .generation import DamageError, iter_segments
+from .journal import KIND_PRAGMA, KIND_TX, JournalError, SegmentHeader, SegmentScan, SegmentWriter
+from .sequence import Action, classify, is_pragma_only, reconcile
+from .snapshot import live_data_version, take_snapshot
+
+Log = Callable[[str, str], None]
+
+DEFAULT_SEGMENT_BYTES = 32 * 1024 * 1024
+
+
+class BehindError(PibackupError):
+    """The live database is older than the backup."""
+
+
+@dataclass
+class Call:
+    data_version: int
+    writes: List[str]
+
+
+@dataclass
+class Counters:
+    frames: int = 0
+    bytes_written: int = 0
+    syncs: int = 0
+    rewinds: int = 0
+    generations_started: int = 0
+
+
+def io_error_message(e: OSError, where: str) -> str:
+    """Say what a failed write to the backup medium means and what to do about it."""
+    reason = {
+        errno.ENOSPC: "the backup medium is full; free space on it or replace it with a bigger one",
+        errno.EDQUOT: "the disk quota on the backup medium is exhausted; raise it or free space",
+        errno.EROFS: "the backup medium is read-only (the kernel may have remounted it after errors); "
+        "check it, remount it read-write or replace it",
+        errno.EIO: "I/O error on the backup medium: the stick or card may be failing or was unplugged; replace it",
+        errno.ENOENT: "the backup directory vanished: was the USB stick unplugged? Plug it in and mount it again",
+        errno.ENODEV: "the backup device is gone: was the USB stick unplugged? Plug it in and mount it again",
+        errno.EACCES: "permission denied; fix the owner or permissions of the backup directory",
+    }.get(e.errno or 0, e.strerror or str(e))
+    return f"cannot write the backup at {where}: {reason}"
+
+
+@dataclass
+class _Tail:
+    """What the newest generation ends with, as far as the writer is concerned."""
+
+    generation: dst.Generation
+    last: int
+    last_is_journaled: bool
+    scan: SegmentScan
+
+
+class Backup:
+    def __init__(self, destination: str, live_db: str, log: Log, segment_bytes: int = DEFAULT_SEGMENT_BYTES):
+        self.destination = destination
+        self.live_db = live_db
+        self.log = log
+        self.segment_bytes = segment_bytes
+        self.dest = dst.Destination(destination)
+        self.writer: Optional[SegmentWriter] = None
+        self.generation: Optional[str] = None
+        self.last: Optional[int] = None
+        self.last_is_journaled = False
+        self.counters = Counters()
+
+    # --- start-up --------------------------------------------------------------
+    def start(self, early: Sequence[Call]) -> None:
+        """Open the destination and bring it in step with the live DB and the early calls."""
+        dst.validate(self.destination)
+        try:
+            self.dest.prepare()
+            self._start(early)
+        except OSError as e:
+            raise dst.DestinationError(io_error_message(e, self.destination)) from e
+
+    def _start(self, early: Sequence[Call]) -> None:
+        live = live_data_version(self.live_db)
+        tail = self._read_tail()
+        calls = [(c.data_version, is_pragma_only(c.writes)) for c in early]
+        if tail is None:
+            fresh = bool(early) and early[0].data_version == 1 and not calls[0][1]
+            if fresh and reconcile(0, False, calls, live) is Action.APPEND:
+                # A brand-new node: the early calls hold its whole history from the schema on.
+                self._new_generation(snapshot=False)
+                self._replay_early(early)
+                return
+            self._new_generation(snapshot=True)
+            self._replay_early(early)
+            return
+        action = reconcile(tail.last, tail.last_is_journaled, calls, live)
+        if action is Action.BEHIND:
+            raise BehindError(self._behind_message(tail.last, live, tail.generation.name))
+        if action is Action.GAP:
+            self.log(
+                f"lightningd committed transactions without pibackup (backup ends at data_version {tail.last}, "
+                f"live database is at {live}): starting a new generation from a snapshot",
+                "warn",
+            )
+            self._new_generation(snapshot=True)
+            self._replay_early(early)
+            return
+        self._continue(tail)
+        self._replay_early(early)
+
+    def _behind_message(self, backup_version: int, live: int, gen: str) -> str:
+        return (
+            f"lightningd's database {self.live_db} (data_version {live}) is OLDER than the backup in "
+            f"{self.destination} ({gen}, data_version {backup_version}). Running on it could lose funds. "
+            f"Stop lightningd and restore the newer state: pibackup restore {self.destination} {self.live_db} --force "
+            "(after moving the old file away). If this is a different node, give it an empty pibackup-destination. "
+            "The backup was left untouched"
+        )
+
+    def _replay_early(self, early: Sequence[Call]) -> None:
+        for c in early:
+            pragma = is_pragma_only(c.writes)
+            a = classify(self.last, c.data_version, pragma, self.last_is_journaled)
+            if a in (Action.GAP, Action.BEHIND):
+                # Already in the snapshot we just took: a snapshot is at the live version.
+                continue
+            self._apply(a, c.data_version, c.writes)
+
+    def _read_tail(self) -> Optional[_Tail]:
+        gen = self.dest.newest()
+        if gen is None:
+            return None
+        try:
+            scans = list(_last_scans(gen))
+        except (DamageError, JournalError) as e:
+            self.log(f"newest backup generation {gen.name} is damaged ({e}); it is kept as it is and a new "
+                     "generation is started from a snapshot of the live database", "warn")
+            return None
+        last_scan = scans[-1]
+        if last_scan.bad_offset is not None and not last_scan.torn_tail:
+            self.log(
+                f"{last_scan.path} is damaged at offset {last_scan.bad_offset} ({last_scan.bad_reason}); the generation "
+                "is kept as it is and a new one is started from a snapshot of the live database",
+                "warn",
+            )
+            return None
+        # The last frame decides: a PRAGMA frame repeats the current version and proves
+        # the transaction before it was committed.
+        frames = [s.frames[-1] for s in scans if s.frames]
+        if not frames:
+            return _Tail(gen, last_scan.header.base_version, False, last_scan)
+        f = frames[-1]
+        return _Tail(gen, f.data_version, f.kind == KIND_TX, last_scan)
+
+    def _continue(self, tail: _Tail) -> None:
+        scan = tail.scan
+        self.generation = tail.generation.path
+        self.last, self.last_is_journaled = tail.last, tail.last_is_journaled
+        if scan.bad_offset is None and scan.valid_length == scan.file_size:
+            self.writer = SegmentWriter.reopen(scan)
+            return
+        # A torn tail from a crash mid-append: it was never acknowledged. Leave the bytes
+        # alone and go on in a new segment whose header records where the valid part ended.
+        self.log(
+            f"{scan.path}: unfinished append after offset {scan.valid_length} (a crash during a write; it was "
+            "never acknowledged); continuing in a new segment",
+            "info",
+        )
+        self._open_segment(scan.header, scan.header.segment + 1, scan.valid_length, scan.final_checksum)
+
+    # --- generations and segments ---------------------------------------------------
+    def _new_generation(self, snapshot: bool) -> None:
+        number = self.dest.next_generation_number()
+        partial = self.dest.begin_generation(number)
+        try:
+            if snapshot:
+                _, version, sha = take_snapshot(self.live_db, partial)
+            else:
+                version, sha = 0, b"\0" * 32
+            header = SegmentHeader(
+                generation=number,
+                generation_id=os.urandom(16),
+                segment=1,
+                base_version=version,
+                snapshot_sha256=sha,
+                created=int(time.time()),
+            )
+            writer = SegmentWriter.create(os.path.join(partial, dst.segment_filename(1)), header)
+            final = self.dest.commit_generation(partial)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        writer.path = os.path.join(final, dst.segment_filename(1))
+        if self.writer is not None:
+            self.writer.close()
+        self.writer = writer
+        self.generation = final
+        self.last, self.last_is_journaled = version, False
+        self.counters.generations_started += 1
+        what = f"snapshot at data_version {version}" if snapshot else "an empty database (new node)"
+        self.log(f"started backup generation {os.path.basename(final)} from {what}", "info")
+
+    def _open_segment(self, like: SegmentHeader, number: int, prev_length: int, prev_checksum: int) -> None:
+        assert self.generation is not None
+        header = SegmentHeader(
+            generation=like.generation,
+            generation_id=like.generation_id,
+            segment=number,
+            base_version=like.base_version,
+            snapshot_sha256=like.snapshot_sha256,
+            prev_valid_length=prev_length,
+            prev_checksum=prev_checksum,
+            created=int(time.time()),
+        )
+        writer = SegmentWriter.create(os.path.join(self.generation, dst.segment_filename(number)), header)
+        if self.writer is not None:
+            self.writer.close()
+        self.writer = writer
+
+    # --- the hot path -------------------------------------------------------------------
+    def write(self, data_version: int, writes: List[str]) -> None:
+        """Make one db_write call durable, or raise. Called for every call after init."""
+        a = classify(self.last, data_version, is_pragma_only(writes), self.last_is_journaled)
+        try:
+            if a is Action.GAP:
+                self.log(f"gap: backup ends at data_version {self.last}, lightningd sent {data_version}; "
+                         "taking a snapshot of the live database", "warn")
+                self._new_generation(snapshot=True)
+                a = classify(self.last, data_version, is_pragma_only(writes), False)
+                if a is not Action.APPEND and a is not Action.PRAGMA:
+                    raise BehindError(
+                        f"after a new snapshot at data_version {self.last} lightningd's call {data_version} still "
+                        "does not follow; restart lightningd"
+                    )
+            if a is Action.BEHIND:
+                assert self.last is not None
+                raise BehindError(self._behind_message(self.last, data_version, os.path.basename(self.generation or "")))
+            self._apply(a, data_version, writes)
+        except OSError as e:
+            raise dst.DestinationError(io_error_message(e, self.generation or self.destination)) from e
+
+    def _apply(self, a: Action, data_version: int, writes: List[str]) -> None:
+        w = self.writer
+        assert w is not None
+        if w.size >= self.segment_bytes:
+            self._open_segment(w.header, w.header.segment + 1, w.size, w.checksum)
+            w = self.writer
+            assert w is not None
+        kind = KIND_PRAGMA if a is Action.PRAGMA else KIND_TX
+        n = w.append(kind, data_version, writes)
+        c = self.counters
+        c.frames += 1
+        c.bytes_written += n
+        c.syncs += 1
+        if a is Action.REWIND:
+            c.rewinds += 1
+            self.log(f"data_version {data_version} sent again: the earlier one was never committed; replaced", "info")
+        if kind == KIND_TX:
+            self.last, self.last_is_journaled = data_version, True
+        else:
+            self.last_is_journaled = False
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        self.dest.close()
+
+
+def _last_scans(gen: dst.Generation) -> List[SegmentScan]:
+    """The generation's segments, read and cross-checked (one in memory at a time while reading)."""
+    # Keep only what the writer needs: every segment's frames would be the whole journal,
+    # so drop frames of all but the last segment once their last TX is known.
+    out: List[SegmentScan] = []
+    for scan in iter_segments(gen):
+        if out:
+            prev = out[-1]
+            prev.frames = prev.frames[-1:]
+        out.append(scan)
+    return out

@@ -1,0 +1,201 @@
+"""A backup directory on the backup medium: its marker, its generations, its checks.
+
+Layout (FORMAT.md): DEST/PIBACKUP, DEST/gen-NNNNNN/{snapshot-vN.sqlite3, seg-NNNNNN.pbj}.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from typing import List, Optional
+
+from .errors import PibackupError
+from .journal import fsync_dir
+
+MARKER = "PIBACKUP"
+MARKER_TEXT = "pibackup backup directory\nformat 1\n"
+_GEN = re.compile(r"^gen-(\d{6})$")
+_PARTIAL = re.compile(r"^gen-(\d{6})\.partial$")
+_SEG = re.compile(r"^seg-(\d{6})\.pbj$")
+_SNAP = re.compile(r"^snapshot-v(\d+)\.sqlite3$")
+# What file systems put at the root of a stick; harmless next to a backup.
+_FS_ARTIFACTS = {"lost+found", "System Volume Information", ".Trashes", ".fseventsd", ".Spotlight-V100"}
+
+
+class DestinationError(PibackupError):
+    """The backup directory cannot be used as it is."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    number: int
+    path: str
+    snapshot: Optional[str]  # None for a generation that starts from an empty database
+    segments: List[str]
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def generation_dirname(number: int) -> str:
+    return f"gen-{number:06d}"
+
+
+def segment_filename(number: int) -> str:
+    return f"seg-{number:06d}.pbj"
+
+
+def snapshot_filename(version: int) -> str:
+    return f"snapshot-v{version}.sqlite3"
+
+
+def check_marker(path: str) -> None:
+    marker = os.path.join(path, MARKER)
+    try:
+        with open(marker, "r", encoding="utf-8", errors="replace") as f:
+            text = f.read(4096)
+    except OSError as e:
+        raise DestinationError(f"{path}: cannot read {MARKER}: {e.strerror}") from e
+    lines = text.splitlines()
+    if not lines or lines[0] != "pibackup backup directory":
+        raise DestinationError(f"{marker} is not a pibackup marker: {path} is not a pibackup backup")
+    if len(lines) < 2 or lines[1] != "format 1":
+        raise DestinationError(
+            f"{path} was written in backup {lines[1] if len(lines) > 1 else 'an unknown format'}; "
+            "this pibackup reads format 1 only. Use the pibackup release that wrote it."
+        )
+
+
+def validate(path: Optional[str]) -> None:
+    """Refuse a destination a backup must not be written to, with a message that says what to do."""
+    example = "e.g. pibackup-destination=/media/usb/pibackup"
+    if not path:
+        raise DestinationError(f"pibackup-destination is not set: add it to lightningd's config file ({example})")
+    if any(ord(c) < 32 for c in path):
+        raise DestinationError("pibackup-destination contains control characters; give a plain absolute path")
+    if not os.path.isabs(path):
+        raise DestinationError(f"pibackup-destination={path} is a relative path; give an absolute path ({example})")
+    if not os.path.exists(path):
+        raise DestinationError(
+            f"pibackup-destination {path} does not exist: is the USB stick mounted? "
+            f"Mount it, or create the directory (mkdir -p {path}), then restart lightningd"
+        )
+    if not os.path.isdir(path):
+        raise DestinationError(f"pibackup-destination {path} is not a directory; point it at a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        hint = "remount it read-write or replace the stick" if _read_only_fs(path) else "fix its owner or permissions"
+        raise DestinationError(f"pibackup-destination {path} is not writable by this user ({_user()}); {hint}")
+    entries = set(os.listdir(path))
+    if MARKER in entries:
+        check_marker(path)
+        return
+    foreign = sorted(e for e in entries - _FS_ARTIFACTS)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise DestinationError(
+            f"pibackup-destination {path} holds files that are not pibackup's ({shown}); "
+            f"use an empty directory, e.g. {os.path.join(path, 'pibackup')}"
+        )
+
+
+def _read_only_fs(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.geteuid())
+
+
+class Destination:
+    """A local backup directory. The writer holds an flock on its marker while it runs."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock_fd = -1
+
+    # --- reading -------------------------------------------------------------
+    def generations(self) -> List[Generation]:
+        """Complete generations, oldest first. `.partial` directories are never listed."""
+        out = []
+        for name in sorted(os.listdir(self.path)):
+            m = _GEN.match(name)
+            if not m:
+                continue
+            gpath = os.path.join(self.path, name)
+            files = sorted(os.listdir(gpath))
+            snaps = [f for f in files if _SNAP.match(f)]
+            segs = [os.path.join(gpath, f) for f in files if _SEG.match(f)]
+            out.append(Generation(int(m.group(1)), gpath, os.path.join(gpath, snaps[0]) if snaps else None, segs))
+        return out
+
+    def newest(self) -> Optional[Generation]:
+        gens = self.generations()
+        return gens[-1] if gens else None
+
+    # --- writing -------------------------------------------------------------
+    def prepare(self) -> None:
+        """Write the marker on first use and take the writer's lock."""
+        marker = os.path.join(self.path, MARKER)
+        if not os.path.exists(marker):
+            tmp = marker + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(MARKER_TEXT)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, marker)
+            fsync_dir(self.path)
+        fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise DestinationError(
+                    f"{self.path} is being written by another pibackup (another lightningd?); "
+                    "give each node its own pibackup-destination"
+                ) from e
+            raise
+        self._lock_fd = fd
+        self.remove_partials()
+
+    def remove_partials(self) -> None:
+        """A `.partial` generation never acknowledged anything: it is safe to drop."""
+        for name in os.listdir(self.path):
+            if _PARTIAL.match(name):
+                shutil.rmtree(os.path.join(self.path, name))
+        fsync_dir(self.path)
+
+    def next_generation_number(self) -> int:
+        gens = self.generations()
+        return gens[-1].number + 1 if gens else 1
+
+    def begin_generation(self, number: int) -> str:
+        path = os.path.join(self.path, generation_dirname(number) + ".partial")
+        os.mkdir(path, 0o700)
+        return path
+
+    def commit_generation(self, partial: str) -> str:
+        """Make a fully written and synced `.partial` generation visible, atomically."""
+        fsync_dir(partial)
+        final = partial[: -len(".partial")]
+        os.rename(partial, final)
+        fsync_dir(self.path)
+        return final
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1

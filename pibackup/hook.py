@@ -1,0 +1,85 @@
+"""What pibackup does with each message from lightningd, without pyln in the way.
+
+Holds the calls that arrive before init, starts the backup at init, and once anything
+has failed answers every later db_write with a refusal so lightningd halts uncommitted.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any, Dict, List, Mapping, Optional
+
+from .backup import Backup, Call, Log
+from .config import Config, parse_options
+from .errors import PibackupError
+from .livedb import find_live_db
+
+CONTINUE: Dict[str, Any] = {"result": "continue"}
+# Anything but "continue" makes lightningd stop without committing the transaction.
+ABORT: Dict[str, Any] = {"result": "abort"}
+
+
+class HookHandler:
+    def __init__(self, log: Log):
+        self.log = log
+        self.early: List[Call] = []
+        self.backup: Optional[Backup] = None
+        self.failure: Optional[str] = None
+        self.shutting_down = False
+
+    def on_db_write(self, data_version: int, writes: List[str]) -> Dict[str, Any]:
+        if self.failure is not None:
+            self.log(f"refusing data_version {data_version} so lightningd halts without committing it: "
+                     f"{self.failure}", "error")
+            return ABORT
+        if self.backup is None:
+            # Before init the destination is unknown. lightningd commits this call once
+            # we answer; until init writes it out, the live DB itself is its only copy
+            # (a crash before init shows up as a gap and is repaired from the live DB).
+            self.early.append(Call(data_version, list(writes)))
+            return CONTINUE
+        try:
+            self.backup.write(data_version, writes)
+        except PibackupError as e:
+            return self._fail(str(e))
+        except Exception as e:  # a bug must halt the node, never let a write through unbacked
+            self.log(traceback.format_exc(), "debug")
+            return self._fail(f"internal error ({type(e).__name__}: {e}); please report it")
+        return CONTINUE
+
+    def _fail(self, message: str) -> Dict[str, Any]:
+        self.failure = message
+        self.log(f"pibackup: {message}. lightningd is being halted so nothing unbacked is committed.", "error")
+        return ABORT
+
+    def on_init(self, options: Mapping[str, Any], configuration: Mapping[str, Any]) -> None:
+        """Start the backup. Never raises and never disables the plugin: lightningd ignores
+        `important-plugin` for a plugin that disables itself, and would go on without us.
+        A failure here instead refuses the next db_write, which halts lightningd."""
+        try:
+            cfg: Config = parse_options(options)
+            lightning_dir = str(configuration.get("lightning-dir") or ".")
+            live_db = find_live_db(cfg.live_db, lightning_dir)
+            backup = Backup(cfg.destination, live_db, self.log, cfg.segment_bytes)
+            backup.start(self.early)
+        except PibackupError as e:
+            self.failure = str(e)
+            self.log(f"pibackup cannot back up: {e}. lightningd will be halted at its next database write.", "error")
+            return
+        except Exception as e:
+            self.log(traceback.format_exc(), "debug")
+            self.failure = f"internal error at start ({type(e).__name__}: {e}); please report it"
+            self.log(f"pibackup: {self.failure}. lightningd will be halted at its next database write.", "error")
+            return
+        self.early = []
+        self.backup = backup
+        self.log(f"backing up {live_db} to {cfg.destination} (data_version {backup.last}, "
+                 f"{backup.generation and backup.generation.rsplit('/', 1)[-1]})", "info")
+
+    def on_shutdown(self) -> None:
+        self.shutting_down = True
+        self.log("lightningd is stopping; still backing up its last writes until it closes the connection", "info")
+
+    def close(self) -> None:
+        if self.backup is not None:
+            self.backup.close()

@@ -1,0 +1,60 @@
+"""pyln-client wiring: options, the db_write hook, the shutdown subscription, init.
+
+Decisions live in hook.py and below; nothing here touches the disk.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+from pyln.client import Plugin
+
+from .config import SEGMENT_MB_DEFAULT
+from .hook import HookHandler
+
+plugin = Plugin()
+handler = HookHandler(lambda message, level: plugin.log(message, level=level))
+
+plugin.add_option(
+    "pibackup-destination",
+    None,
+    "Absolute path of an empty directory on the backup medium (USB stick, second SD card), "
+    "e.g. /media/usb/pibackup. Required.",
+)
+plugin.add_option(
+    "pibackup-live-db",
+    None,
+    "lightningd's database, if pibackup cannot find it by itself: a path or the sqlite3:// DSN "
+    "given to wallet=. Default: wallet= from lightningd's command line or config, else "
+    "lightningd.sqlite3 in the network directory.",
+)
+plugin.add_option(
+    "pibackup-segment-mb",
+    SEGMENT_MB_DEFAULT,
+    "Size in MiB at which a journal segment file is closed and a new one begun (1-1024).",
+    opt_type="int",
+)
+
+
+@plugin.hook("db_write")
+def on_db_write(plugin: Plugin, data_version: int, writes: List[str], **kwargs: Any) -> Any:
+    return handler.on_db_write(data_version, writes)
+
+
+@plugin.init()
+def on_init(options: Any, configuration: Any, plugin: Plugin, **kwargs: Any) -> None:
+    handler.on_init(options, configuration)
+
+
+@plugin.subscribe("shutdown")
+def on_shutdown(plugin: Plugin, **kwargs: Any) -> None:
+    # Not exiting here is deliberate: lightningd still commits transactions after
+    # this notification, and each must reach the backup. We leave when stdin closes.
+    handler.on_shutdown()
+
+
+def main() -> None:
+    try:
+        plugin.run()
+    finally:
+        handler.close()

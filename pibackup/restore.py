@@ -1,0 +1,318 @@
+"""Restore (snapshot + journal -> database file, via tmp, fsync, rename) and verify.
+
+Replays one SQL transaction per data_version with foreign keys on, as lightningd's own
+connection runs; a rewound transaction is replaced, never applied next to its successor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional, Tuple
+
+from . import destination as dst
+from .errors import PibackupError
+from .generation import DamageError, generation_info, iter_segments
+from .journal import KIND_PRAGMA, KIND_TX, Frame, SegmentScan, fsync_dir
+from .sequence import next_version
+from .snapshot import SnapshotError, read_data_version
+
+_CHUNK = 1 << 20
+_ZERO_SHA = b"\0" * 32
+
+
+class RestoreError(PibackupError):
+    pass
+
+
+@dataclass
+class Outcome:
+    """What a read of one generation found (and, for restore, applied)."""
+
+    generation: str
+    base_version: int
+    last_version: int
+    transactions: int = 0
+    pragmas: int = 0
+    rewinds: int = 0
+    frames: int = 0
+    segments: int = 0
+    torn_tail: Optional[str] = None  # where an unfinished last append was found, if any
+    damage: Optional[str] = None  # set only when damage was accepted (restore --partial)
+    notes: List[str] = field(default_factory=list)
+
+
+class Replayer:
+    """Feeds frames in order; holds back the newest transaction until it is known not to be
+    rewound (the next frame has another data_version, or the journal ends)."""
+
+    def __init__(self, conn: Optional[sqlite3.Connection], base_version: int, outcome: Outcome):
+        self.conn = conn
+        self.current = base_version  # data_version of the state applied so far
+        self.pending: Optional[Frame] = None
+        self.pending_pragmas: List[Frame] = []
+        self.out = outcome
+
+    def feed(self, frame: Frame, where: str) -> None:
+        v = frame.data_version
+        if frame.kind == KIND_TX:
+            if self.pending is not None and v == self.pending.data_version and not self.pending_pragmas:
+                self.pending = frame  # rewind: the earlier one was never committed
+                self.out.rewinds += 1
+                return
+            expected = next_version(self.pending.data_version if self.pending else self.current)
+            if v != expected:
+                raise DamageError(
+                    f"{where}: data_version {v} where {expected} was expected (frames out of order)",
+                    where.rsplit(" offset ", 1)[0],
+                    frame.offset,
+                )
+            self._flush()
+            self.pending = frame
+        else:
+            have = self.pending.data_version if self.pending else self.current
+            if v != have:
+                raise DamageError(f"{where}: PRAGMA frame at data_version {v} after {have}", where, frame.offset)
+            if self.pending is None:
+                self._apply_pragma(frame)
+            else:
+                self.pending_pragmas.append(frame)
+        self.out.frames += 1
+
+    def finish(self) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.pending is None:
+            return
+        tx = self.pending
+        if self.conn is not None:
+            c = self.conn
+            try:
+                c.execute("BEGIN")
+                for s in tx.statements:
+                    c.execute(s)
+                c.execute("COMMIT")
+            except sqlite3.Error as e:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise RestoreError(
+                    f"replaying data_version {tx.data_version} failed: {e} (statement: {s[:160]!r}); "
+                    "run `pibackup verify` on the backup"
+                ) from e
+        self.current = tx.data_version
+        self.out.transactions += 1
+        self.pending = None
+        pragmas, self.pending_pragmas = self.pending_pragmas, []
+        for p in pragmas:
+            self._apply_pragma(p)
+
+    def _apply_pragma(self, frame: Frame) -> None:
+        if self.conn is not None:
+            for s in frame.statements:
+                self.conn.execute(s)  # outside any transaction: PRAGMA foreign_keys is a no-op inside one
+        self.out.pragmas += 1
+
+
+def _frames(gen: dst.Generation, out: Outcome, partial: bool) -> Iterator[Tuple[Frame, str]]:
+    """Every valid frame of a generation; damage raises unless `partial`, a torn tail is noted."""
+    segments = iter_segments(gen)
+    while True:
+        try:
+            scan: SegmentScan = next(segments)
+        except StopIteration:
+            return
+        except DamageError as e:
+            if not partial:
+                raise
+            out.damage = str(e)
+            return
+        out.segments += 1
+        for f in scan.frames:
+            yield f, f"{scan.path} offset {f.offset}"
+        if scan.bad_offset is None:
+            continue
+        if scan.path != gen.segments[-1]:
+            continue  # an abandoned tail that the next segment's header accounts for
+        if scan.torn_tail:
+            out.torn_tail = (
+                f"{scan.path}: unfinished append at offset {scan.bad_offset} ({scan.bad_reason}): "
+                "a write interrupted by a crash or power cut, never acknowledged to lightningd"
+            )
+        else:
+            msg = f"{scan.path}: damaged at offset {scan.bad_offset} ({scan.bad_reason}), and valid data follows it"
+            if not partial:
+                raise DamageError(msg, scan.path, scan.bad_offset)
+            out.damage = msg
+
+
+def pick_generation(backup_dir: str, number: Optional[int] = None) -> dst.Generation:
+    if not os.path.isdir(backup_dir):
+        raise RestoreError(f"{backup_dir} is not a directory (is the USB stick mounted?)")
+    if not os.path.exists(os.path.join(backup_dir, dst.MARKER)):
+        raise RestoreError(f"{backup_dir} is not a pibackup backup (no {dst.MARKER} file in it)")
+    dst.check_marker(backup_dir)
+    gens = dst.Destination(backup_dir).generations()
+    if not gens:
+        raise RestoreError(f"{backup_dir} holds no complete backup generation yet")
+    if number is None:
+        return gens[-1]
+    for g in gens:
+        if g.number == number:
+            return g
+    raise RestoreError(f"{backup_dir} has no generation {number}; it has {', '.join(str(g.number) for g in gens)}")
+
+
+def _copy_snapshot(src: str, target: str, expected: bytes) -> None:
+    h = hashlib.sha256()
+    with open(src, "rb") as fi, open(target, "wb") as fo:
+        while True:
+            b = fi.read(_CHUNK)
+            if not b:
+                break
+            h.update(b)
+            fo.write(b)
+    if h.digest() != expected:
+        raise DamageError(f"{src}: snapshot is damaged (its SHA-256 does not match the journal's header)", src, None)
+
+
+def restore(
+    backup_dir: str,
+    output: str,
+    force: bool = False,
+    generation: Optional[int] = None,
+    partial: bool = False,
+    progress: Optional[Callable[[Outcome], None]] = None,
+) -> Outcome:
+    gen = pick_generation(backup_dir, generation)
+    info = generation_info(gen)
+    output = os.path.abspath(output)
+    out_dir = os.path.dirname(output)
+    if not os.path.isdir(out_dir):
+        raise RestoreError(f"{out_dir} does not exist; create it or choose another OUTPUT_DB")
+    if os.path.lexists(output) and not force:
+        raise RestoreError(
+            f"{output} already exists; pibackup never overwrites a database unless told to. Stop lightningd, "
+            "move the file away, or pass --force"
+        )
+    tmp = output + ".pibackup-tmp"
+    for stale in (tmp, tmp + "-journal"):
+        if os.path.lexists(stale):
+            os.unlink(stale)
+    out = Outcome(gen.name, info.base_version, info.base_version)
+    try:
+        if gen.snapshot is not None:
+            _copy_snapshot(gen.snapshot, tmp, info.snapshot_sha256)
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")  # as lightningd's own connection
+            conn.execute("PRAGMA journal_mode = MEMORY")  # tmp is thrown away on failure anyway
+            conn.execute("PRAGMA synchronous = OFF")  # one fsync at the end instead
+            replayer = Replayer(conn, info.base_version, out)
+            for frame, where in _frames(gen, out, partial):
+                replayer.feed(frame, where)
+                if progress is not None and out.frames % 1000 == 0:
+                    progress(out)
+            replayer.finish()
+            out.last_version = replayer.current
+            _check_result(conn, out)
+            conn.execute("PRAGMA journal_mode = DELETE")
+        finally:
+            conn.close()
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, output)
+        fsync_dir(out_dir)
+    except BaseException:
+        for stale in (tmp, tmp + "-journal"):
+            if os.path.lexists(stale):
+                os.unlink(stale)
+        raise
+    return out
+
+
+def _check_result(conn: sqlite3.Connection, out: Outcome) -> None:
+    if out.transactions or out.base_version:
+        try:
+            got = read_data_version(conn)
+        except SnapshotError as e:
+            raise RestoreError(f"restored database is not a Core Lightning database: {e}") from e
+        if got != out.last_version:
+            raise RestoreError(
+                f"restored database says data_version {got} but the journal ends at {out.last_version}: "
+                "the backup does not replay cleanly; run `pibackup verify`"
+            )
+    row = conn.execute("PRAGMA integrity_check").fetchone()
+    if row is None or row[0] != "ok":
+        raise RestoreError(f"restored database fails SQLite's integrity check: {row[0] if row else '?'}")
+    bad = conn.execute("PRAGMA foreign_key_check").fetchmany(3)
+    if bad:
+        raise RestoreError(f"restored database has dangling foreign keys, e.g. {bad}")
+
+
+@dataclass
+class VerifyReport:
+    lines: List[str] = field(default_factory=list)
+    damaged: bool = False
+
+
+def verify(backup_dir: str) -> VerifyReport:
+    """Read every generation and every frame; report ranges and damage."""
+    rep = VerifyReport()
+    pick_generation(backup_dir)  # the same checks restore makes; raises when unusable
+    d = dst.Destination(backup_dir)
+    for name in sorted(os.listdir(backup_dir)):
+        if name.endswith(".partial"):
+            rep.lines.append(f"{name}: unfinished generation (never used; removed at the plugin's next start)")
+    gens = d.generations()
+    for gen in gens:
+        try:
+            info = generation_info(gen)
+        except DamageError as e:
+            rep.damaged = True
+            rep.lines.append(f"{gen.name}: DAMAGED: {e}")
+            continue
+        out = Outcome(gen.name, info.base_version, info.base_version)
+        problems: List[str] = []
+        if gen.snapshot is not None:
+            try:
+                _check_snapshot(gen.snapshot, info.snapshot_sha256)
+            except DamageError as e:
+                problems.append(str(e))
+        try:
+            rp = Replayer(None, info.base_version, out)
+            for frame, where in _frames(gen, out, partial=False):
+                rp.feed(frame, where)
+            rp.finish()
+            out.last_version = rp.current
+        except DamageError as e:
+            problems.append(str(e))
+        base = f"snapshot at data_version {info.base_version}" if gen.snapshot else "empty database"
+        head = (
+            f"{gen.name}: {base}, journal to data_version {out.last_version}: {out.transactions} transactions, "
+            f"{out.pragmas} PRAGMA calls, {out.rewinds} rewound, {out.segments} segment(s)"
+        )
+        rep.lines.append(head + (" - newest" if gen is gens[-1] else ""))
+        if out.torn_tail:
+            rep.lines.append(f"  note: {out.torn_tail}")
+        for p in problems:
+            rep.damaged = True
+            rep.lines.append(f"  DAMAGED: {p}")
+    return rep
+
+
+def _check_snapshot(path: str, expected: bytes) -> None:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(_CHUNK)
+            if not b:
+                break
+            h.update(b)
+    if h.digest() != expected:
+        raise DamageError(f"{path}: snapshot is damaged (its SHA-256 does not match the journal's header)", path, None)
