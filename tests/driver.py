@@ -278,6 +278,14 @@ class Node:
             return True
         return False
 
+    def call_then_crash_before_commit(self, r: Record) -> None:
+        """lightningd gets `continue` but dies before its COMMIT: the transaction is lost
+        on the node, and after the restart the same data_version comes again."""
+        assert self.plugin is not None
+        resp = self.plugin.request("db_write", {"data_version": r.data_version, "writes": list(r.writes)})
+        assert resp.get("result") == {"result": "continue"}, resp
+        self.kill()
+
     def kill(self) -> None:
         assert self.plugin is not None
         self.plugin.kill()

@@ -1,0 +1,52 @@
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import driver  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "long: the large runs of `make test-long`")
+    if not driver.TRACES.is_dir():
+        raise pytest.UsageError(f"recordings not found at {driver.TRACES}; set PIBACKUP_TRACES")
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Path:
+    d = tmp_path / "usb" / "pibackup"
+    d.mkdir(parents=True)
+    return d
+
+
+@pytest.fixture
+def make_node(tmp_path: Path, dest: Path) -> Iterator[Callable[..., driver.Node]]:
+    nodes = []
+
+    def make(**options: object) -> driver.Node:
+        opts = {"pibackup-destination": str(dest), "pibackup-segment-mb": 1}
+        opts.update({k.replace("_", "-"): v for k, v in options.items()})
+        n = driver.Node(tmp_path / f"node{len(nodes)}", opts)
+        nodes.append(n)
+        return n
+
+    yield make
+    for n in nodes:
+        if n.plugin is not None:
+            n.plugin.proc.kill()
+            n.plugin.proc.wait()
+        n.live.close()
+
+
+@pytest.fixture(scope="session")
+def traces() -> dict:
+    return {name: driver.load_trace(name) for name in driver.trace_names()}
+
+
+def kill_points() -> int:
+    return int(os.environ.get("PIBACKUP_KILL_POINTS", "20"))

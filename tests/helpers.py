@@ -1,0 +1,37 @@
+"""Small helpers shared by the tests: restore through the real CLI, snapshot a tree's bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+from driver import REPO
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pibackup", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+
+
+def restore_to(dest: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    r = cli("restore", str(dest), str(out), *extra)
+    return r
+
+
+def tree_digest(root: Path) -> Dict[str, str]:
+    """Every file under root with its SHA-256: proof that nothing was touched."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def segments(dest: Path) -> List[Path]:
+    return sorted(dest.glob("gen-*/seg-*.pbj"))

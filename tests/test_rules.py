@@ -1,0 +1,211 @@
+"""Core Lightning's sequence rules and start-up order, each proven through the real plugin."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+import dbcompare
+import driver
+from driver import Halted, Record
+from helpers import cli, restore_to, tree_digest
+
+
+def restored(dest: Path, tmp_path: Path, name: str = "restored.sqlite3") -> Path:
+    out = tmp_path / name
+    r = restore_to(dest, out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def first_run(records):
+    """The recording up to its first restart (a fresh node's first lightningd run)."""
+    for i in range(1, len(records)):
+        if records[i].seq == 1:
+            return records[:i]
+    return records
+
+
+def test_rewind_replaces_the_uncommitted_transaction(traces, make_node, dest, tmp_path):
+    recs = traces["A"][:40]
+    node = make_node()
+    node.start([r for r in recs if r.pre_init])
+    for r in recs[9:30]:
+        node.call(r)
+    nxt = recs[30]
+    # lightningd gets continue for a different transaction with the next data_version,
+    # then dies before committing it.
+    bogus = Record(0, False, nxt.data_version, (
+        "INSERT INTO vars (name, intval) VALUES ('never_committed', 1);",
+        f"UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {nxt.data_version - 1}",
+    ))
+    node.call_then_crash_before_commit(bogus)
+    # At the restart the same data_version comes again, with what lightningd really commits.
+    node.start([nxt])
+    for r in recs[31:]:
+        node.call(r)
+    node.stop()
+    out = restored(dest, tmp_path)
+    assert dbcompare.differences(node.live.path, out) == []
+    c = sqlite3.connect(out)
+    assert c.execute("SELECT count(*) FROM vars WHERE name='never_committed'").fetchone()[0] == 0
+    assert ", 1 rewound" in cli("verify", str(dest)).stdout
+
+
+def test_rewind_of_an_identical_resend_keeps_one_copy(traces, make_node, dest, tmp_path):
+    recs = traces["A"][:60]
+    node = make_node()
+    node.start([r for r in recs if r.pre_init])
+    for r in recs[9:50]:
+        node.call(r)
+    node.call_then_crash_before_commit(recs[50])
+    node.start([recs[50], recs[51]])
+    for r in recs[52:]:
+        node.call(r)
+    node.stop()
+    assert dbcompare.differences(node.live.path, restored(dest, tmp_path)) == []
+
+
+def test_pragma_only_calls_that_repeat_a_version_are_not_rewinds(traces, make_node, dest, tmp_path):
+    recs = traces["A"][:9]
+    assert recs[1].writes == ("PRAGMA foreign_keys = OFF;",) and recs[1].data_version == recs[0].data_version
+    node = make_node()
+    node.start(recs)
+    node.stop()
+    out = restored(dest, tmp_path)
+    # The 211-statement schema of version 1 survived the PRAGMA call with version 1.
+    assert dbcompare.differences(node.live.path, out) == []
+    c = sqlite3.connect(out)
+    assert c.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0] > 30
+    report = cli("verify", str(dest)).stdout
+    assert "2 PRAGMA calls, 0 rewound" in report, report
+
+
+def test_gap_starts_a_new_generation_from_a_snapshot(traces, make_node, dest, tmp_path):
+    recs = first_run(traces["A"])
+    node = make_node()
+    node.start([r for r in recs if r.pre_init])
+    for r in recs[9:200]:
+        node.call(r)
+    node.stop()
+    # lightningd runs with the plugin dead (plain plugin=): these commits bypass it.
+    for r in recs[200:230]:
+        node.commit_without_plugin(r)
+    node.start([recs[230], recs[231]])
+    for r in recs[232:300]:
+        node.call(r)
+    node.stop()
+    assert "committed transactions without pibackup" in node.log_text()
+    report = cli("verify", str(dest)).stdout
+    assert "gen-000002: snapshot at data_version" in report, report
+    assert dbcompare.differences(node.live.path, restored(dest, tmp_path)) == []
+    # The older generation is kept and still restores to where it ended.
+    older = tmp_path / "older.sqlite3"
+    assert cli("restore", str(dest), str(older), "--generation", "1").returncode == 0
+
+
+def test_first_start_on_an_existing_node_snapshots_it(traces, make_node, dest, tmp_path):
+    recs = first_run(traces["A"])
+    node = make_node()
+    for r in recs[:400]:
+        node.commit_without_plugin(r)
+    node.start([recs[400], recs[401], recs[402]])
+    for r in recs[403:450]:
+        node.call(r)
+    node.stop()
+    snaps = list(dest.glob("gen-000001/snapshot-v*.sqlite3"))
+    assert [s.name for s in snaps] == [f"snapshot-v{recs[402].data_version}.sqlite3"]
+    assert dbcompare.differences(node.live.path, restored(dest, tmp_path)) == []
+
+
+def test_live_database_older_than_the_backup_halts_and_leaves_the_backup_untouched(traces, make_node, dest, tmp_path):
+    recs = first_run(traces["A"])
+    node = make_node()
+    node.start([r for r in recs if r.pre_init])
+    for r in recs[9:100]:
+        node.call(r)
+    node.stop()
+    old_copy = tmp_path / "old.sqlite3"
+    shutil.copy(node.live.path, old_copy)
+    node.start([])
+    for r in recs[100:150]:
+        node.call(r)
+    node.stop()
+    before = tree_digest(dest)
+    # The user puts an old copy of the database back.
+    node.live.close()
+    shutil.copy(old_copy, node.live.path)
+    node.live = driver.LiveDB(node.live.path)
+    early = recs[100:102]
+    node.start(early)  # lightningd's pre-init writes on the old DB, then init
+    assert "OLDER than the backup" in node.plugin.log_text()
+    with pytest.raises(Halted):
+        node.call(recs[102])
+    assert tree_digest(dest) == before
+    assert "Traceback" not in node.log_text()
+
+
+def test_calls_before_init_are_backed_up(traces, make_node, dest, tmp_path):
+    recs = traces["A"]
+    node = make_node()
+    node.start(recs[:9])  # a fresh node: 9 calls before init, schema included
+    node.stop()
+    out = restored(dest, tmp_path)
+    assert dbcompare.differences(node.live.path, out) == []
+    assert not list(dest.glob("gen-*/snapshot*")), "a fresh node needs no snapshot"
+
+
+def test_plugin_killed_before_init_repairs_the_gap_from_the_live_db(traces, make_node, dest, tmp_path):
+    recs = first_run(traces["A"])
+    node = make_node()
+    node.start(recs[:9])
+    for r in recs[9:100]:
+        node.call(r)
+    node.stop()
+    node.start(recs[100:104], init=False)  # answered, so committed by lightningd ...
+    node.kill()  # ... and the plugin dies before init ever names the destination
+    node.start(recs[104:106])
+    for r in recs[106:150]:
+        node.call(r)
+    node.stop()
+    assert dbcompare.differences(node.live.path, restored(dest, tmp_path)) == []
+
+
+def test_writes_after_shutdown_are_backed_up_until_stdin_closes(traces, make_node, dest, tmp_path):
+    recs = first_run(traces["A"])
+    node = make_node()
+    node.start(recs[:9])
+    for r in recs[9:100]:
+        node.call(r)
+    rc = node.stop(after_shutdown=recs[100:103])
+    assert rc == 0
+    out = restored(dest, tmp_path)
+    c = sqlite3.connect(out)
+    assert c.execute("SELECT intval FROM vars WHERE name='data_version'").fetchone()[0] == recs[102].data_version
+    assert dbcompare.differences(node.live.path, out) == []
+
+
+def test_torn_append_from_a_power_cut_is_skipped_and_the_backup_goes_on(traces, make_node, dest, tmp_path):
+    recs = first_run(traces["A"])
+    node = make_node()
+    node.start(recs[:9])
+    for r in recs[9:100]:
+        node.call(r)
+    node.kill()
+    # A power cut during the next append: part of a frame reached the stick.
+    seg = sorted(dest.glob("gen-*/seg-*.pbj"))[-1]
+    with open(seg, "ab") as f:
+        f.write(b"\x01\x00\x00\x00" + recs[100].data_version.to_bytes(4, "big") + b"\x00\x00\x10\x00garbage")
+    r = cli("restore", str(dest), str(tmp_path / "mid.sqlite3"))
+    assert r.returncode == 0 and "unfinished append" in r.stderr, r.stderr
+    node.start(recs[100:102])
+    for r in recs[102:160]:
+        node.call(r)
+    node.stop()
+    assert "continuing in a new segment" in node.log_text()
+    assert dbcompare.differences(node.live.path, restored(dest, tmp_path)) == []
+    v = cli("verify", str(dest))
+    assert v.returncode == 0, v.stdout
