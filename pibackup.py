@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """The executable lightningd starts: important-plugin=/path/to/pibackup.py"""
+
 import os
 import sys
 

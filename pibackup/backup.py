@@ -9,13 +9,23 @@ import errno
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 from . import destination as dst
 from .errors import PibackupError
-from .generation import DamageError, iter_segments
-from .journal import KIND_PRAGMA, KIND_TX, JournalError, SegmentHeader, SegmentScan, SegmentWriter
+from .generation import DamageError, check_header
+from .journal import (
+    HEADER_SIZE,
+    KIND_PRAGMA,
+    KIND_TX,
+    JournalError,
+    SegmentHeader,
+    SegmentScan,
+    SegmentWriter,
+    decode_header,
+    scan_segment,
+)
 from .sequence import Action, classify, is_pragma_only, reconcile
 from .snapshot import live_data_version, take_snapshot
 
@@ -145,8 +155,11 @@ class Backup:
         try:
             scans = list(_last_scans(gen))
         except (DamageError, JournalError) as e:
-            self.log(f"newest backup generation {gen.name} is damaged ({e}); it is kept as it is and a new "
-                     "generation is started from a snapshot of the live database", "warn")
+            self.log(
+                f"newest backup generation {gen.name} is damaged ({e}); it is kept as it is and a new "
+                "generation is started from a snapshot of the live database",
+                "warn",
+            )
             return None
         last_scan = scans[-1]
         if last_scan.bad_offset is not None and not last_scan.torn_tail:
@@ -235,8 +248,11 @@ class Backup:
         a = classify(self.last, data_version, is_pragma_only(writes), self.last_is_journaled)
         try:
             if a is Action.GAP:
-                self.log(f"gap: backup ends at data_version {self.last}, lightningd sent {data_version}; "
-                         "taking a snapshot of the live database", "warn")
+                self.log(
+                    f"gap: backup ends at data_version {self.last}, lightningd sent {data_version}; "
+                    "taking a snapshot of the live database",
+                    "warn",
+                )
                 self._new_generation(snapshot=True)
                 a = classify(self.last, data_version, is_pragma_only(writes), False)
                 if a is not Action.APPEND and a is not Action.PRAGMA:
@@ -280,13 +296,20 @@ class Backup:
 
 
 def _last_scans(gen: dst.Generation) -> List[SegmentScan]:
-    """The generation's segments, read and cross-checked (one in memory at a time while reading)."""
-    # Keep only what the writer needs: every segment's frames would be the whole journal,
-    # so drop frames of all but the last segment once their last TX is known.
+    """The segments the writer needs to go on: the last one, and the ones before it back to
+    the newest frame. Reading the whole journal is verify's job; start-up must stay quick."""
     out: List[SegmentScan] = []
-    for scan in iter_segments(gen):
-        if out:
-            prev = out[-1]
-            prev.frames = prev.frames[-1:]
-        out.append(scan)
+    first = None
+    for i in range(len(gen.segments) - 1, -1, -1):
+        path = gen.segments[i]
+        scan = scan_segment(path)
+        if first is None:
+            with open(gen.segments[0], "rb") as f:
+                first = decode_header(f.read(HEADER_SIZE), gen.segments[0])
+        check_header(gen, scan.header, i, first, path)
+        out.insert(0, scan)
+        if scan.frames:
+            break
+    if not out:
+        raise DamageError(f"{gen.path}: generation has no journal segment", gen.path, None)
     return out

@@ -57,7 +57,7 @@ def snapshot_filename(version: int) -> str:
 def check_marker(path: str) -> None:
     marker = os.path.join(path, MARKER)
     try:
-        with open(marker, "r", encoding="utf-8", errors="replace") as f:
+        with open(marker, encoding="utf-8", errors="replace") as f:
             text = f.read(4096)
     except OSError as e:
         raise DestinationError(f"{path}: cannot read {MARKER}: {e.strerror}") from e

@@ -36,9 +36,7 @@ def check_header(gen: Generation, header: SegmentHeader, index: int, first: Opti
     if header.generation != gen.number:
         raise DamageError(f"{path}: belongs to generation {header.generation}, found in {gen.name}", path, 0)
     if header.segment != index + 1:
-        raise DamageError(
-            f"{path}: is segment {header.segment} but stands at position {index + 1}: a segment is missing", path, 0
-        )
+        raise DamageError(f"{path}: is segment {header.segment} but stands at position {index + 1}: a segment is missing", path, 0)
     if first is not None and (
         header.generation_id != first.generation_id
         or header.base_version != first.base_version

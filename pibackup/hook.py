@@ -29,8 +29,7 @@ class HookHandler:
 
     def on_db_write(self, data_version: int, writes: List[str]) -> Dict[str, Any]:
         if self.failure is not None:
-            self.log(f"refusing data_version {data_version} so lightningd halts without committing it: "
-                     f"{self.failure}", "error")
+            self.log(f"refusing data_version {data_version} so lightningd halts without committing it: {self.failure}", "error")
             return ABORT
         if self.backup is None:
             # Before init the destination is unknown. lightningd commits this call once
@@ -73,8 +72,11 @@ class HookHandler:
             return
         self.early = []
         self.backup = backup
-        self.log(f"backing up {live_db} to {cfg.destination} (data_version {backup.last}, "
-                 f"{backup.generation and backup.generation.rsplit('/', 1)[-1]})", "info")
+        self.log(
+            f"backing up {live_db} to {cfg.destination} (data_version {backup.last}, "
+            f"{backup.generation and backup.generation.rsplit('/', 1)[-1]})",
+            "info",
+        )
 
     def on_shutdown(self) -> None:
         self.shutting_down = True

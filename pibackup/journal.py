@@ -252,7 +252,7 @@ class SegmentWriter:
         self.checksum = checksum
 
     @classmethod
-    def create(cls, path: str, header: SegmentHeader) -> "SegmentWriter":
+    def create(cls, path: str, header: SegmentHeader) -> SegmentWriter:
         """Create a new segment durably: header written and synced, directory entry synced."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
@@ -265,7 +265,7 @@ class SegmentWriter:
         return cls(path, fd, header, HEADER_SIZE, header.checksum)
 
     @classmethod
-    def reopen(cls, scan: SegmentScan) -> "SegmentWriter":
+    def reopen(cls, scan: SegmentScan) -> SegmentWriter:
         """Continue appending to a segment whose valid content ends exactly at its end."""
         assert scan.clean and scan.valid_length == scan.file_size
         fd = os.open(scan.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)

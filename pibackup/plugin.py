@@ -18,8 +18,7 @@ handler = HookHandler(lambda message, level: plugin.log(message, level=level))
 plugin.add_option(
     "pibackup-destination",
     None,
-    "Absolute path of an empty directory on the backup medium (USB stick, second SD card), "
-    "e.g. /media/usb/pibackup. Required.",
+    "Absolute path of an empty directory on the backup medium (USB stick, second SD card), e.g. /media/usb/pibackup. Required.",
 )
 plugin.add_option(
     "pibackup-live-db",

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 from . import destination as dst
 from .errors import PibackupError
 from .generation import DamageError, generation_info, iter_segments
-from .journal import KIND_PRAGMA, KIND_TX, Frame, SegmentScan, fsync_dir
+from .journal import KIND_TX, Frame, SegmentScan, fsync_dir
 from .sequence import next_version
 from .snapshot import SnapshotError, read_data_version
 

@@ -63,9 +63,7 @@ def next_version(version: int) -> int:
     return (version + 1) % MODULUS
 
 
-def reconcile(
-    last: Optional[int], last_is_journaled: bool, calls: Sequence[Tuple[int, bool]], live_version: int
-) -> Action:
+def reconcile(last: Optional[int], last_is_journaled: bool, calls: Sequence[Tuple[int, bool]], live_version: int) -> Action:
     """At init: can the backup go on with the calls that came before init?
 
     `calls` are (data_version, pragma-only) of the hook calls answered before init, all

@@ -10,14 +10,11 @@ PathLike = Union[str, Path]
 
 
 def _schema(conn: sqlite3.Connection) -> List[tuple]:
-    return sorted(
-        conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchall()
-    )
+    return sorted(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchall())
 
 
 def _tables(conn: sqlite3.Connection) -> List[str]:
-    return [r[0] for r in conn.execute(
-        "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    return [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
 
 
 def _rows(conn: sqlite3.Connection, table: str) -> List[tuple]:

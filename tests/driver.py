@@ -97,10 +97,8 @@ class PluginProcess:
         env.update({"LIGHTNINGD_PLUGIN": "1", "LIGHTNINGD_VERSION": LIGHTNINGD_VERSION})
         env.update(extra_env or {})
         cmd = [sys.executable, str(PLUGIN)] + (argv or [])
-        self.proc = subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        self.messages: "queue.Queue[Optional[Dict[str, Any]]]" = queue.Queue()
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.messages: queue.Queue[Optional[Dict[str, Any]]] = queue.Queue()
         self.responses: Dict[str, Dict[str, Any]] = {}
         self.logs: List[Tuple[str, str]] = []
         self.stderr: List[bytes] = []

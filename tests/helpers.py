@@ -13,9 +13,7 @@ from driver import REPO
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pibackup", *args], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
+    return subprocess.run([sys.executable, "-m", "pibackup", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def restore_to(dest: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -38,10 +38,15 @@ def test_rewind_replaces_the_uncommitted_transaction(traces, make_node, dest, tm
     nxt = recs[30]
     # lightningd gets continue for a different transaction with the next data_version,
     # then dies before committing it.
-    bogus = Record(0, False, nxt.data_version, (
-        "INSERT INTO vars (name, intval) VALUES ('never_committed', 1);",
-        f"UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {nxt.data_version - 1}",
-    ))
+    bogus = Record(
+        0,
+        False,
+        nxt.data_version,
+        (
+            "INSERT INTO vars (name, intval) VALUES ('never_committed', 1);",
+            f"UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {nxt.data_version - 1}",
+        ),
+    )
     node.call_then_crash_before_commit(bogus)
     # At the restart the same data_version comes again, with what lightningd really commits.
     node.start([nxt])

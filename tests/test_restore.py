@@ -1,0 +1,142 @@
+"""The restore and verify command line on good, damaged and foreign backups."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+import dbcompare
+import driver
+from helpers import cli, segments
+
+
+@pytest.fixture(scope="module")
+def backup(tmp_path_factory, traces):
+    """A backup of the whole of trace A (several segments), and the live DB it came from."""
+    root = tmp_path_factory.mktemp("backup")
+    dest = root / "usb"
+    dest.mkdir()
+    node = driver.Node(root, {"pibackup-destination": str(dest), "pibackup-segment-mb": 1})
+    driver.run_sessions(node, traces["A"])
+    node.live.close()
+    assert len(segments(dest)) >= 3
+    return dest, node.live.path
+
+
+@pytest.fixture
+def copy(backup, tmp_path):
+    dest, live = backup
+    d = tmp_path / "copy"
+    shutil.copytree(dest, d)
+    return d, live
+
+
+def version_of(db: Path) -> int:
+    return sqlite3.connect(db).execute("SELECT intval FROM vars WHERE name='data_version'").fetchone()[0]
+
+
+def test_restore_refuses_to_overwrite_without_force(copy, tmp_path):
+    d, live = copy
+    out = tmp_path / "lightningd.sqlite3"
+    out.write_bytes(b"precious")
+    r = cli("restore", str(d), str(out))
+    assert r.returncode == 1 and "already exists" in r.stderr and "--force" in r.stderr
+    assert out.read_bytes() == b"precious"
+    r = cli("restore", str(d), str(out), "--force")
+    assert r.returncode == 0, r.stderr
+    assert dbcompare.differences(live, out) == []
+    assert not list(tmp_path.glob("*.pibackup-tmp*"))
+
+
+def test_corruption_in_the_middle_names_file_and_offset_and_writes_nothing(copy, tmp_path):
+    d, _ = copy
+    seg = segments(d)[1]
+    data = bytearray(seg.read_bytes())
+    data[5000] ^= 0x40
+    seg.write_bytes(bytes(data))
+    out = tmp_path / "out.sqlite3"
+    r = cli("restore", str(d), str(out))
+    assert r.returncode == 1
+    assert str(seg) in r.stderr and "offset" in r.stderr, r.stderr
+    assert not out.exists() and not list(tmp_path.glob("*.pibackup-tmp*"))
+    v = cli("verify", str(d))
+    assert v.returncode == 1 and "DAMAGED" in v.stdout and str(seg) in v.stdout
+
+
+def test_partial_restore_stops_at_the_last_good_transaction_and_says_so(copy, tmp_path):
+    d, _ = copy
+    seg = segments(d)[-1]
+    data = bytearray(seg.read_bytes())
+    data[len(data) // 2] ^= 0x01  # the middle of the last segment: valid frames follow
+    seg.write_bytes(bytes(data))
+    out = tmp_path / "out.sqlite3"
+    r = cli("restore", str(d), str(out), "--partial")
+    assert r.returncode == 1 and "WARNING" in r.stderr and "restored only up to data_version" in r.stderr
+    reported = int(r.stderr.split("restored only up to data_version ")[1].split()[0])
+    assert version_of(out) == reported
+    assert sqlite3.connect(out).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_torn_tail_is_reported_and_everything_before_it_restored(copy, tmp_path):
+    d, live = copy
+    seg = segments(d)[-1]
+    data = seg.read_bytes()
+    scan_end = len(data)
+    seg.write_bytes(data[: scan_end - 7])  # the last frame lost its end in a power cut
+    out = tmp_path / "out.sqlite3"
+    r = cli("restore", str(d), str(out))
+    assert r.returncode == 0, r.stderr
+    assert "unfinished append" in r.stderr
+    assert version_of(out) == version_of(live) - 1
+
+
+def test_missing_segment_is_reported(copy, tmp_path):
+    d, _ = copy
+    segments(d)[1].unlink()
+    r = cli("restore", str(d), str(tmp_path / "o.sqlite3"))
+    assert r.returncode == 1 and "a segment is missing" in r.stderr, r.stderr
+
+
+def test_damaged_snapshot_is_reported(traces, tmp_path):
+    dest = tmp_path / "usb"
+    dest.mkdir()
+    node = driver.Node(tmp_path, {"pibackup-destination": str(dest)})
+    recs = traces["A"]
+    for r in recs[:100]:
+        node.commit_without_plugin(r)
+    node.start(recs[100:102])
+    node.stop()
+    snap = next(dest.glob("gen-*/snapshot-*"))
+    data = bytearray(snap.read_bytes())
+    data[len(data) // 2] ^= 1
+    snap.write_bytes(bytes(data))
+    r = cli("restore", str(dest), str(tmp_path / "o.sqlite3"))
+    assert r.returncode == 1 and "snapshot is damaged" in r.stderr and str(snap) in r.stderr
+    assert cli("verify", str(dest)).returncode == 1
+
+
+def test_a_directory_that_is_not_a_backup_is_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    r = cli("restore", str(tmp_path / "x"), str(tmp_path / "o.sqlite3"))
+    assert r.returncode == 1 and "is not a pibackup backup" in r.stderr
+    r = cli("verify", str(tmp_path / "nope"))
+    assert r.returncode == 1 and "is not a directory" in r.stderr
+
+
+def test_verify_lists_generations_and_ranges(copy):
+    d, live = copy
+    v = cli("verify", str(d))
+    assert v.returncode == 0
+    assert f"gen-000001: empty database, journal to data_version {version_of(live)}" in v.stdout
+    assert v.stdout.strip().endswith("ok")
+
+
+def test_help_is_there_for_each_command():
+    for args in (["--help"], ["restore", "--help"], ["verify", "--help"]):
+        r = cli(*args)
+        assert r.returncode == 0 and "usage: pibackup" in r.stdout
+    r = cli("restore")
+    assert r.returncode == 2
