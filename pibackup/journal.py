@@ -5,6 +5,7 @@ Byte layout is specified in FORMAT.md; this module is its only implementation.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -276,6 +277,9 @@ class SegmentWriter:
         data, crc = encode_frame(kind, data_version, statements, self.checksum)
         _write_all(self.fd, data)
         os.fdatasync(self.fd)
+        if os.fstat(self.fd).st_nlink == 0:
+            # Writes to a deleted file succeed and go nowhere: never acknowledge those.
+            raise FileNotFoundError(errno.ENOENT, "the segment file was deleted while in use", self.path)
         self.size += len(data)
         self.checksum = crc
         return len(data)

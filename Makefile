@@ -1,0 +1,30 @@
+# pibackup developer tasks. `make setup` once on a fresh Debian machine, then `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES = python3 python3-venv python3-pip sqlite3 make
+
+.PHONY: setup test test-long lint clean
+
+setup:
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+
+lint:
+	$(VENV)/bin/ruff check pibackup tests pibackup.py
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest -q
+
+# The large runs: >= 500 SIGKILLs of the plugin per recording.
+test-long:
+	PIBACKUP_KILL_POINTS=500 $(PY) -m pytest -q -s -k sigkill tests/test_traces.py
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,81 @@
+"""The backup medium failing under a running node: a clear error, the node halted before
+anything unbacked is committed, nothing acknowledged lost, and a clean resume afterwards."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import dbcompare
+from driver import Halted
+from helpers import cli
+
+
+def first_run(records):
+    for i in range(1, len(records)):
+        if records[i].seq == 1:
+            return records[:i]
+    return records
+
+
+@pytest.fixture
+def small_stick(tmp_path: Path):
+    """A 2 MiB tmpfs standing in for a nearly full USB stick (needs root)."""
+    mnt = tmp_path / "stick"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_medium_halts_the_node_and_loses_nothing(traces, make_node, small_stick, tmp_path):
+    dest = small_stick / "pibackup"
+    dest.mkdir()
+    recs = first_run(traces["A"])
+    node = make_node(pibackup_destination=str(dest))
+    node.start(recs[:9])
+    halted_at = None
+    for i, r in enumerate(recs[9:], start=9):
+        try:
+            node.call(r)
+        except Halted:
+            halted_at = i
+            break
+    assert halted_at is not None, "a 2 MiB stick should fill up"
+    log = node.log_text()
+    assert "the backup medium is full; free space on it or replace it" in log, log
+    # Everything lightningd committed is in the backup.
+    out = tmp_path / "restored.sqlite3"
+    r = cli("restore", str(dest), str(out))
+    assert r.returncode == 0, r.stderr
+    assert dbcompare.differences(node.live.path, out) == []
+    # The owner moves the backup to a bigger stick; the node starts again and goes on.
+    bigger = tmp_path / "bigger"
+    shutil.copytree(dest, bigger)
+    node.options["pibackup-destination"] = str(bigger)
+    node.start([recs[halted_at], recs[halted_at + 1]])
+    for r in recs[halted_at + 2 : halted_at + 40]:
+        node.call(r)
+    node.stop()
+    out2 = tmp_path / "restored2.sqlite3"
+    assert cli("restore", str(bigger), str(out2)).returncode == 0
+    assert dbcompare.differences(node.live.path, out2) == []
+
+
+def test_backup_directory_deleted_under_the_plugin_halts_the_node(traces, make_node, dest):
+    recs = first_run(traces["A"])
+    node = make_node()
+    node.start(recs[:9])
+    for r in recs[9:50]:
+        node.call(r)
+    before = node.live.version()
+    shutil.rmtree(dest)
+    with pytest.raises(Halted):
+        node.call(recs[50])
+    assert node.live.version() == before
+    assert "the backup directory vanished" in node.log_text()
