@@ -65,6 +65,7 @@ def _restore(args: argparse.Namespace) -> int:
     out = restore(args.backup_dir, args.output, force=args.force, generation=args.generation, partial=args.partial)
     if out.torn_tail:
         print(f"pibackup: note: {out.torn_tail}", file=sys.stderr)
+        print(f"pibackup: note: everything up to data_version {out.last_version} is restored", file=sys.stderr)
     if out.damage:
         print(f"pibackup: WARNING: {out.damage}", file=sys.stderr)
         print(f"pibackup: WARNING: restored only up to data_version {out.last_version} (--partial)", file=sys.stderr)

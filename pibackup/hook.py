@@ -55,20 +55,22 @@ class HookHandler:
         """Start the backup. Never raises and never disables the plugin: lightningd ignores
         `important-plugin` for a plugin that disables itself, and would go on without us.
         A failure here instead refuses the next db_write, which halts lightningd."""
+        backup: Optional[Backup] = None
         try:
             cfg: Config = parse_options(options)
             lightning_dir = str(configuration.get("lightning-dir") or ".")
             live_db = find_live_db(cfg.live_db, lightning_dir)
             backup = Backup(cfg.destination, live_db, self.log, cfg.segment_bytes)
             backup.start(self.early)
-        except PibackupError as e:
-            self.failure = str(e)
-            self.log(f"pibackup cannot back up: {e}. lightningd will be halted at its next database write.", "error")
-            return
         except Exception as e:
-            self.log(traceback.format_exc(), "debug")
-            self.failure = f"internal error at start ({type(e).__name__}: {e}); please report it"
-            self.log(f"pibackup: {self.failure}. lightningd will be halted at its next database write.", "error")
+            if isinstance(e, PibackupError):
+                self.failure = str(e)
+            else:
+                self.log(traceback.format_exc(), "debug")
+                self.failure = f"internal error at start ({type(e).__name__}: {e}); please report it"
+            self.log(f"pibackup cannot back up: {self.failure}. lightningd will be halted at its next database write.", "error")
+            if backup is not None:
+                backup.close()
             return
         self.early = []
         self.backup = backup

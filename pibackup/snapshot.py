@@ -66,7 +66,9 @@ def take_snapshot(live_db: str, directory: str, busy_timeout: float = 5.0) -> tu
         try:
             dst = sqlite3.connect(tmp, isolation_level=None)
             try:
-                src.backup(dst, pages=-1)
+                # In steps, so the read lock is dropped between them; lightningd cannot
+                # commit meanwhile (it waits on this plugin), so the copy never restarts.
+                src.backup(dst, pages=4096, sleep=0.01)
                 version = read_data_version(dst)
             finally:
                 dst.close()

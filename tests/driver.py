@@ -218,12 +218,13 @@ class Node:
         self.plugin: Optional[PluginProcess] = None
         self.all_logs: List[Tuple[str, str]] = []
         self.acknowledged = 0  # calls answered `continue` (and so committed)
+        self.plugin_argv: List[str] = []  # lightningd adds --developer in developer mode
 
     # --- lifecycle -----------------------------------------------------------
     def start(self, early: Sequence[Record] = (), init: bool = True) -> None:
         """Start the plugin: getmanifest, the calls lightningd makes before init, init."""
         assert self.plugin is None
-        self.plugin = PluginProcess(self.netdir)
+        self.plugin = PluginProcess(self.netdir, argv=self.plugin_argv)
         manifest = self.plugin.request("getmanifest", {"allow-deprecated-apis": False})["result"]
         assert any(h["name"] == "db_write" for h in manifest["hooks"]), manifest
         self.manifest = manifest

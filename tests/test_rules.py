@@ -214,3 +214,14 @@ def test_torn_append_from_a_power_cut_is_skipped_and_the_backup_goes_on(traces, 
     assert dbcompare.differences(node.live.path, restored(dest, tmp_path)) == []
     v = cli("verify", str(dest))
     assert v.returncode == 0, v.stdout
+
+
+def test_developer_mode_argument_is_accepted(traces, make_node, dest, tmp_path):
+    recs = first_run(traces["A"])
+    node = make_node()
+    node.plugin_argv = ["--developer"]
+    node.start(recs[:9])
+    for r in recs[9:40]:
+        node.call(r)
+    node.stop()
+    assert dbcompare.differences(node.live.path, restored(dest, tmp_path)) == []
