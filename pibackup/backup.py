@@ -8,15 +8,19 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, FrozenSet, List, Optional, Sequence
 
+from . import __version__
 from . import destination as dst
+from . import filter as flt
 from .errors import PibackupError
 from .generation import DamageError, check_header
 from .journal import (
     HEADER_SIZE,
+    KIND_INFO,
     KIND_PRAGMA,
     KIND_TX,
     JournalError,
@@ -32,6 +36,8 @@ from .snapshot import live_data_version, take_snapshot
 Log = Callable[[str, str], None]
 
 DEFAULT_SEGMENT_BYTES = 32 * 1024 * 1024
+DEFAULT_BATCH_SECONDS = 30.0
+DEFAULT_BATCH_BYTES = 256 * 1024
 
 
 class BehindError(PibackupError):
@@ -46,8 +52,14 @@ class Call:
 
 @dataclass
 class Counters:
+    """Per destination, for the status RPC and the benchmarks."""
+
     frames: int = 0
+    critical_frames: int = 0
+    bulk_frames: int = 0
+    statements_dropped: int = 0
     bytes_written: int = 0
+    write_calls: int = 0
     syncs: int = 0
     rewinds: int = 0
     generations_started: int = 0
@@ -79,17 +91,42 @@ class _Tail:
 
 
 class Backup:
-    def __init__(self, destination: str, live_db: str, log: Log, segment_bytes: int = DEFAULT_SEGMENT_BYTES):
+    """One destination's journal writer.
+
+    Tiers: a critical transaction is durable before write() returns. A bulk one (chain
+    bookkeeping, see filter.py) may wait in memory up to batch_seconds / batch_bytes; it is
+    written, in order, with the next critical frame or by the flusher thread. So what is
+    durable is always a prefix of the transaction stream holding every critical one.
+    """
+
+    def __init__(
+        self,
+        destination: str,
+        live_db: str,
+        log: Log,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        filter_tables: FrozenSet[str] = frozenset(flt.DEFAULT_FILTER),
+        batch_seconds: float = DEFAULT_BATCH_SECONDS,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+    ):
         self.destination = destination
         self.live_db = live_db
         self.log = log
         self.segment_bytes = segment_bytes
+        self.filter_tables = frozenset(filter_tables)
+        self.batch_seconds = batch_seconds
+        self.batch_bytes = batch_bytes
         self.dest = dst.Destination(destination)
         self.writer: Optional[SegmentWriter] = None
         self.generation: Optional[str] = None
         self.last: Optional[int] = None
         self.last_is_journaled = False
         self.counters = Counters()
+        self.failure: Optional[str] = None  # set by the flusher thread; every later write refuses
+        self._lock = threading.Lock()
+        self._pending_since: Optional[float] = None
+        self._stop = threading.Event()
+        self._flusher: Optional[threading.Thread] = None
 
     # --- start-up --------------------------------------------------------------
     def start(self, early: Sequence[Call]) -> None:
@@ -97,9 +134,14 @@ class Backup:
         dst.validate(self.destination)
         try:
             self.dest.prepare()
-            self._start(early)
+            with self._lock:
+                self._start(early)
+                self._flush()
         except OSError as e:
             raise dst.DestinationError(io_error_message(e, self.destination)) from e
+        if self.batch_seconds > 0:
+            self._flusher = threading.Thread(target=self._flush_loop, name="pibackup-flusher", daemon=True)
+            self._flusher.start()
 
     def _start(self, early: Sequence[Call]) -> None:
         live = live_data_version(self.live_db)
@@ -171,7 +213,7 @@ class Backup:
             return None
         # The last frame decides: a PRAGMA frame repeats the current version and proves
         # the transaction before it was committed.
-        frames = [s.frames[-1] for s in scans if s.frames]
+        frames = [f for s in scans for f in s.frames if f.kind != KIND_INFO][-1:]
         if not frames:
             return _Tail(gen, last_scan.header.base_version, False, last_scan)
         f = frames[-1]
@@ -195,11 +237,13 @@ class Backup:
 
     # --- generations and segments ---------------------------------------------------
     def _new_generation(self, snapshot: bool) -> None:
+        if self.writer is not None:
+            self._flush()  # what was answered before the gap stays in the old generation
         number = self.dest.next_generation_number()
         partial = self.dest.begin_generation(number)
         try:
             if snapshot:
-                _, version, sha = take_snapshot(self.live_db, partial)
+                _, version, sha = take_snapshot(self.live_db, partial, strip=self.filter_tables)
             else:
                 version, sha = 0, b"\0" * 32
             header = SegmentHeader(
@@ -211,6 +255,7 @@ class Backup:
                 created=int(time.time()),
             )
             writer = SegmentWriter.create(os.path.join(partial, dst.segment_filename(1)), header)
+            writer.append(KIND_INFO, version, self._info_lines())
             final = self.dest.commit_generation(partial)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
@@ -224,6 +269,9 @@ class Backup:
         self.counters.generations_started += 1
         what = f"snapshot at data_version {version}" if snapshot else "an empty database (new node)"
         self.log(f"started backup generation {os.path.basename(final)} from {what}", "info")
+
+    def _info_lines(self) -> List[str]:
+        return [f"pibackup={__version__}", "filter-tables=" + ",".join(sorted(self.filter_tables))]
 
     def _open_segment(self, like: SegmentHeader, number: int, prev_length: int, prev_checksum: int) -> None:
         assert self.generation is not None
@@ -244,7 +292,13 @@ class Backup:
 
     # --- the hot path -------------------------------------------------------------------
     def write(self, data_version: int, writes: List[str]) -> None:
-        """Make one db_write call durable, or raise. Called for every call after init."""
+        """Journal one db_write call (durably if it is critical), or raise. For every call after init."""
+        with self._lock:
+            if self.failure is not None:
+                raise dst.DestinationError(self.failure)
+            self._write(data_version, writes)
+
+    def _write(self, data_version: int, writes: List[str]) -> None:
         a = classify(self.last, data_version, is_pragma_only(writes), self.last_is_journaled)
         try:
             if a is Action.GAP:
@@ -270,29 +324,81 @@ class Backup:
     def _apply(self, a: Action, data_version: int, writes: List[str]) -> None:
         w = self.writer
         assert w is not None
-        if w.size >= self.segment_bytes:
-            self._open_segment(w.header, w.header.segment + 1, w.size, w.checksum)
-            w = self.writer
-            assert w is not None
-        kind = KIND_PRAGMA if a is Action.PRAGMA else KIND_TX
-        n = w.append(kind, data_version, writes)
-        c = self.counters
-        c.frames += 1
-        c.bytes_written += n
-        c.syncs += 1
+        if a is Action.PRAGMA:
+            kind, kept, critical = KIND_PRAGMA, writes, True
+        else:
+            c = flt.classify(writes, self.filter_tables)
+            kind, kept, critical = KIND_TX, c.writes, c.critical
+            self.counters.statements_dropped += c.dropped
+        w.add(kind, data_version, kept)
+        cnt = self.counters
+        cnt.frames += 1
+        if critical:
+            cnt.critical_frames += 1
+        else:
+            cnt.bulk_frames += 1
         if a is Action.REWIND:
-            c.rewinds += 1
+            cnt.rewinds += 1
             self.log(f"data_version {data_version} sent again: the earlier one was never committed; replaced", "info")
         if kind == KIND_TX:
             self.last, self.last_is_journaled = data_version, True
         else:
             self.last_is_journaled = False
+        if critical or self.batch_seconds <= 0 or w.pending_bytes >= self.batch_bytes:
+            self._flush()
+        elif self._pending_since is None:
+            self._pending_since = time.monotonic()
+
+    def _flush(self) -> None:
+        """Write and sync everything pending (caller holds the lock); roll the segment over when full."""
+        w = self.writer
+        if w is None:
+            return
+        n = w.flush()
+        self._pending_since = None
+        if n:
+            self.counters.bytes_written += n
+            self.counters.write_calls += 1
+            self.counters.syncs += 1
+        if w.size >= self.segment_bytes:
+            self._open_segment(w.header, w.header.segment + 1, w.size, w.checksum)
+
+    def flush(self) -> None:
+        """Make everything answered so far durable (at shutdown, and before exit)."""
+        with self._lock:
+            if self.failure is None:
+                try:
+                    self._flush()
+                except OSError as e:
+                    self.failure = io_error_message(e, self.generation or self.destination)
+                    raise dst.DestinationError(self.failure) from e
+
+    def _flush_loop(self) -> None:
+        tick = min(1.0, max(0.05, self.batch_seconds / 4))
+        while not self._stop.wait(tick):
+            with self._lock:
+                since = self._pending_since
+                if self.failure is not None or since is None or time.monotonic() - since < self.batch_seconds:
+                    continue
+                try:
+                    self._flush()
+                except OSError as e:
+                    self.failure = io_error_message(e, self.generation or self.destination)
+                    self.log(f"pibackup: {self.failure}. lightningd will be halted at its next database write.", "error")
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        self.dest.close()
+        """Flush what is pending, stop the flusher, release the destination."""
+        self._stop.set()
+        if self._flusher is not None:
+            self._flusher.join()
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                if self.writer is not None:
+                    self.writer.close()
+                    self.writer = None
+            self.dest.close()
 
 
 def _last_scans(gen: dst.Generation) -> List[SegmentScan]:
@@ -308,7 +414,7 @@ def _last_scans(gen: dst.Generation) -> List[SegmentScan]:
                 first = decode_header(f.read(HEADER_SIZE), gen.segments[0])
         check_header(gen, scan.header, i, first, path)
         out.insert(0, scan)
-        if scan.frames:
+        if any(f.kind != KIND_INFO for f in scan.frames):
             break
     if not out:
         raise DamageError(f"{gen.path}: generation has no journal segment", gen.path, None)

@@ -73,7 +73,22 @@ def _restore(args: argparse.Namespace) -> int:
         f"restored {args.output} at data_version {out.last_version} from {out.generation} "
         f"(base {out.base_version}, {out.transactions} transactions replayed, {out.rewinds} rewound ones skipped)"
     )
+    if "utxoset" in out.filtered_tables:
+        print(rescan_advice(out.rescan_from))
     return 1 if out.damage else 0
+
+
+def rescan_advice(height: Optional[int]) -> str:
+    """What a node restored without its utxoset rows needs (README: Filtering)."""
+    start = f"--rescan=-{height}" if height is not None else "--rescan=-<height of your oldest channel>"
+    return (
+        "note: this backup leaves out the rows of utxoset (pibackup-filter-tables), lightningd's cache of "
+        "on-chain P2WSH outputs used to check gossip. Channels, HTLCs, funds and payments are all restored "
+        "and the node runs without it. To rebuild it as it was, start lightningd once with "
+        f"{start} (it reprocesses every block from that height; bitcoind must still have them, "
+        "so not a pruned node); otherwise gossip about channels announced before the restore is "
+        "checked less strictly until they age out."
+    )
 
 
 def _verify(args: argparse.Namespace) -> int:

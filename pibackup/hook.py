@@ -60,7 +60,15 @@ class HookHandler:
             cfg: Config = parse_options(options)
             lightning_dir = str(configuration.get("lightning-dir") or ".")
             live_db = find_live_db(cfg.live_db, lightning_dir)
-            backup = Backup(cfg.destination, live_db, self.log, cfg.segment_bytes)
+            backup = Backup(
+                cfg.destination,
+                live_db,
+                self.log,
+                segment_bytes=cfg.segment_bytes,
+                filter_tables=cfg.filter_tables,
+                batch_seconds=cfg.batch_seconds,
+                batch_bytes=cfg.batch_bytes,
+            )
             backup.start(self.early)
         except Exception as e:
             if isinstance(e, PibackupError):
@@ -83,6 +91,11 @@ class HookHandler:
     def on_shutdown(self) -> None:
         self.shutting_down = True
         self.log("lightningd is stopping; still backing up its last writes until it closes the connection", "info")
+        if self.backup is not None and self.failure is None:
+            try:
+                self.backup.flush()
+            except PibackupError as e:
+                self._fail(str(e))
 
     def close(self) -> None:
         if self.backup is not None:

@@ -31,7 +31,8 @@ assert FRAME_HEADER_SIZE == 16
 
 KIND_TX = 1  # one committed transaction: BEGIN; statements; COMMIT
 KIND_PRAGMA = 2  # statements lightningd ran outside a transaction (PRAGMA foreign_keys)
-KINDS = (KIND_TX, KIND_PRAGMA)
+KIND_INFO = 3  # "key=value" lines about the generation (e.g. its filter); never replayed
+KINDS = (KIND_TX, KIND_PRAGMA, KIND_INFO)
 ENCODING_PLAIN = 0
 
 # A frame larger than this is treated as damage, not as a frame: lightningd's
@@ -243,14 +244,23 @@ def iter_frames(scans: Sequence[SegmentScan]) -> Iterator[Frame]:
 
 
 class SegmentWriter:
-    """Appends frames to one open segment file; each append is one write and one fdatasync."""
+    """Appends frames to one open segment file.
+
+    `add` encodes a frame into memory (advancing the checksum chain); `flush` writes
+    everything added since the last flush with one write() and one fdatasync(). A frame
+    is durable only once a flush that covers it has returned.
+    """
 
     def __init__(self, path: str, fd: int, header: SegmentHeader, size: int, checksum: int):
         self.path = path
         self.fd = fd
         self.header = header
-        self.size = size
-        self.checksum = checksum
+        self.size = size  # bytes durably in the file
+        self.checksum = checksum  # chain value after the last added frame
+        self._pending: List[bytes] = []
+        self.pending_bytes = 0
+        self.write_calls = 0
+        self.syncs = 0
 
     @classmethod
     def create(cls, path: str, header: SegmentHeader) -> SegmentWriter:
@@ -272,17 +282,35 @@ class SegmentWriter:
         fd = os.open(scan.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         return cls(scan.path, fd, scan.header, scan.valid_length, scan.final_checksum)
 
-    def append(self, kind: int, data_version: int, statements: Sequence[str]) -> int:
-        """Append one frame and make it durable. Returns the number of bytes written."""
+    def add(self, kind: int, data_version: int, statements: Sequence[str]) -> int:
+        """Encode one frame after the others; returns its size. Not durable until flush()."""
         data, crc = encode_frame(kind, data_version, statements, self.checksum)
+        self._pending.append(data)
+        self.pending_bytes += len(data)
+        self.checksum = crc
+        return len(data)
+
+    def flush(self) -> int:
+        """Make every added frame durable: one write, one fdatasync. Returns bytes written."""
+        if not self._pending:
+            return 0
+        data = b"".join(self._pending)
         _write_all(self.fd, data)
+        self.write_calls += 1
         os.fdatasync(self.fd)
+        self.syncs += 1
         if os.fstat(self.fd).st_nlink == 0:
             # Writes to a deleted file succeed and go nowhere: never acknowledge those.
             raise FileNotFoundError(errno.ENOENT, "the segment file was deleted while in use", self.path)
+        self._pending = []
+        self.pending_bytes = 0
         self.size += len(data)
-        self.checksum = crc
         return len(data)
+
+    def append(self, kind: int, data_version: int, statements: Sequence[str]) -> int:
+        """add() then flush(): one durable frame."""
+        self.add(kind, data_version, statements)
+        return self.flush()
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -9,7 +9,8 @@ from typing import Any, List
 
 from pyln.client import Plugin
 
-from .config import SEGMENT_MB_DEFAULT
+from .config import BATCH_KB_DEFAULT, BATCH_SECONDS_DEFAULT, SEGMENT_MB_DEFAULT
+from .filter import DEFAULT_FILTER, FILTERABLE
 from .hook import HookHandler
 
 plugin = Plugin()
@@ -26,6 +27,25 @@ plugin.add_option(
     "lightningd's database, if pibackup cannot find it by itself: a path or the sqlite3:// DSN "
     "given to wallet=. Default: wallet= from lightningd's command line or config, else "
     "lightningd.sqlite3 in the network directory.",
+)
+plugin.add_option(
+    "pibackup-filter-tables",
+    ",".join(DEFAULT_FILTER),
+    "Comma-separated tables whose rows are not backed up because lightningd rebuilds them from the "
+    "chain (schema is kept), or 'none'. Only " + ", ".join(sorted(FILTERABLE)) + " can be filtered.",
+)
+plugin.add_option(
+    "pibackup-batch-seconds",
+    BATCH_SECONDS_DEFAULT,
+    "Chain-bookkeeping transactions (blocks, utxoset) may wait this long in memory before they are "
+    "written; channel state is always written and synced before lightningd commits. 0: sync every one.",
+    opt_type="int",
+)
+plugin.add_option(
+    "pibackup-batch-kb",
+    BATCH_KB_DEFAULT,
+    "Write waiting chain-bookkeeping transactions once they reach this many KiB.",
+    opt_type="int",
 )
 plugin.add_option(
     "pibackup-segment-mb",

@@ -10,12 +10,12 @@ import hashlib
 import os
 import sqlite3
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from . import destination as dst
 from .errors import PibackupError
 from .generation import DamageError, generation_info, iter_segments
-from .journal import KIND_TX, Frame, SegmentScan, fsync_dir
+from .journal import KIND_INFO, KIND_TX, Frame, SegmentScan, fsync_dir
 from .sequence import next_version
 from .snapshot import SnapshotError, read_data_version
 
@@ -41,7 +41,12 @@ class Outcome:
     segments: int = 0
     torn_tail: Optional[str] = None  # where an unfinished last append was found, if any
     damage: Optional[str] = None  # set only when damage was accepted (restore --partial)
-    notes: List[str] = field(default_factory=list)
+    info: Dict[str, str] = field(default_factory=dict)  # the generation's INFO frame
+    rescan_from: Optional[int] = None  # lowest block height held, when utxoset was filtered
+
+    @property
+    def filtered_tables(self) -> List[str]:
+        return [t for t in self.info.get("filter-tables", "").split(",") if t]
 
 
 class Replayer:
@@ -57,6 +62,11 @@ class Replayer:
 
     def feed(self, frame: Frame, where: str) -> None:
         v = frame.data_version
+        if frame.kind == KIND_INFO:
+            for line in frame.statements:
+                key, _, value = line.partition("=")
+                self.out.info[key] = value
+            return
         if frame.kind == KIND_TX:
             if self.pending is not None and v == self.pending.data_version and not self.pending_pragmas:
                 self.pending = frame  # rewind: the earlier one was never committed
@@ -218,6 +228,9 @@ def restore(
             replayer.finish()
             out.last_version = replayer.current
             _check_result(conn, out)
+            if "utxoset" in out.filtered_tables:
+                row = conn.execute("SELECT MIN(height) FROM blocks").fetchone()
+                out.rescan_from = row[0] if row else None
             conn.execute("PRAGMA journal_mode = DELETE")
         finally:
             conn.close()

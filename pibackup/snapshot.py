@@ -9,6 +9,7 @@ import hashlib
 import os
 import sqlite3
 import urllib.parse
+from typing import Iterable
 
 from .errors import PibackupError
 from .journal import fsync_dir
@@ -54,8 +55,10 @@ def sha256_file(path: str) -> bytes:
             h.update(b)
 
 
-def take_snapshot(live_db: str, directory: str, busy_timeout: float = 5.0) -> tuple[str, int, bytes]:
+def take_snapshot(live_db: str, directory: str, strip: Iterable[str] = (), busy_timeout: float = 5.0) -> tuple[str, int, bytes]:
     """Copy the live DB into `directory` with the backup API; sync it; name it by its version.
+
+    Tables in `strip` (the filtered ones) keep their schema and lose their rows in the copy.
 
     Returns (path, data_version, sha256). lightningd is blocked on us whenever this runs
     (at init, or inside a hook call), so the copy cannot race a commit.
@@ -70,6 +73,10 @@ def take_snapshot(live_db: str, directory: str, busy_timeout: float = 5.0) -> tu
                 # commit meanwhile (it waits on this plugin), so the copy never restarts.
                 src.backup(dst, pages=4096, sleep=0.01)
                 version = read_data_version(dst)
+                for table in sorted(strip):
+                    if dst.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone():
+                        dst.execute("PRAGMA foreign_keys = ON")
+                        dst.execute(f'DELETE FROM "{table}"')
             finally:
                 dst.close()
         finally:

@@ -58,3 +58,18 @@ def row_count(path: PathLike) -> int:
         return sum(c.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in _tables(c))
     finally:
         c.close()
+
+
+def backup_differences(live: PathLike, restored: PathLike, filtered: tuple = ("utxoset",)) -> List[str]:
+    """A restore of a filtered backup: every unfiltered table equal to the live DB, the same
+    schema everywhere, the filtered tables empty."""
+    out = differences(live, restored, skip_rows=filtered)
+    c = sqlite3.connect(f"file:{restored}?mode=ro", uri=True)
+    try:
+        for t in filtered:
+            n = c.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]
+            if n:
+                out.append(f"filtered table {t} has {n} rows in {restored}")
+    finally:
+        c.close()
+    return out

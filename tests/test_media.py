@@ -53,7 +53,7 @@ def test_full_medium_halts_the_node_and_loses_nothing(traces, make_node, small_s
     out = tmp_path / "restored.sqlite3"
     r = cli("restore", str(dest), str(out))
     assert r.returncode == 0, r.stderr
-    assert dbcompare.differences(node.live.path, out) == []
+    assert dbcompare.backup_differences(node.live.path, out) == []
     # The owner moves the backup to a bigger stick; the node starts again and goes on.
     bigger = tmp_path / "bigger"
     shutil.copytree(dest, bigger)
@@ -64,7 +64,7 @@ def test_full_medium_halts_the_node_and_loses_nothing(traces, make_node, small_s
     node.stop()
     out2 = tmp_path / "restored2.sqlite3"
     assert cli("restore", str(bigger), str(out2)).returncode == 0
-    assert dbcompare.differences(node.live.path, out2) == []
+    assert dbcompare.backup_differences(node.live.path, out2) == []
 
 
 def test_backup_directory_deleted_under_the_plugin_halts_the_node(traces, make_node, dest):

@@ -47,7 +47,7 @@ def test_restore_refuses_to_overwrite_without_force(copy, tmp_path):
     assert out.read_bytes() == b"precious"
     r = cli("restore", str(d), str(out), "--force")
     assert r.returncode == 0, r.stderr
-    assert dbcompare.differences(live, out) == []
+    assert dbcompare.backup_differences(live, out) == []
     assert not list(tmp_path.glob("*.pibackup-tmp*"))
 
 

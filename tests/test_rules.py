@@ -54,7 +54,7 @@ def test_rewind_replaces_the_uncommitted_transaction(traces, make_node, dest, tm
         node.call(r)
     node.stop()
     out = restored(dest, tmp_path)
-    assert dbcompare.differences(node.live.path, out) == []
+    assert dbcompare.backup_differences(node.live.path, out) == []
     c = sqlite3.connect(out)
     assert c.execute("SELECT count(*) FROM vars WHERE name='never_committed'").fetchone()[0] == 0
     assert ", 1 rewound" in cli("verify", str(dest)).stdout
@@ -71,7 +71,7 @@ def test_rewind_of_an_identical_resend_keeps_one_copy(traces, make_node, dest, t
     for r in recs[52:]:
         node.call(r)
     node.stop()
-    assert dbcompare.differences(node.live.path, restored(dest, tmp_path)) == []
+    assert dbcompare.backup_differences(node.live.path, restored(dest, tmp_path)) == []
 
 
 def test_pragma_only_calls_that_repeat_a_version_are_not_rewinds(traces, make_node, dest, tmp_path):
@@ -82,7 +82,7 @@ def test_pragma_only_calls_that_repeat_a_version_are_not_rewinds(traces, make_no
     node.stop()
     out = restored(dest, tmp_path)
     # The 211-statement schema of version 1 survived the PRAGMA call with version 1.
-    assert dbcompare.differences(node.live.path, out) == []
+    assert dbcompare.backup_differences(node.live.path, out) == []
     c = sqlite3.connect(out)
     assert c.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0] > 30
     report = cli("verify", str(dest)).stdout
@@ -106,7 +106,7 @@ def test_gap_starts_a_new_generation_from_a_snapshot(traces, make_node, dest, tm
     assert "committed transactions without pibackup" in node.log_text()
     report = cli("verify", str(dest)).stdout
     assert "gen-000002: snapshot at data_version" in report, report
-    assert dbcompare.differences(node.live.path, restored(dest, tmp_path)) == []
+    assert dbcompare.backup_differences(node.live.path, restored(dest, tmp_path)) == []
     # The older generation is kept and still restores to where it ended.
     older = tmp_path / "older.sqlite3"
     assert cli("restore", str(dest), str(older), "--generation", "1").returncode == 0
@@ -123,7 +123,7 @@ def test_first_start_on_an_existing_node_snapshots_it(traces, make_node, dest, t
     node.stop()
     snaps = list(dest.glob("gen-000001/snapshot-v*.sqlite3"))
     assert [s.name for s in snaps] == [f"snapshot-v{recs[402].data_version}.sqlite3"]
-    assert dbcompare.differences(node.live.path, restored(dest, tmp_path)) == []
+    assert dbcompare.backup_differences(node.live.path, restored(dest, tmp_path)) == []
 
 
 def test_live_database_older_than_the_backup_halts_and_leaves_the_backup_untouched(traces, make_node, dest, tmp_path):
@@ -159,7 +159,7 @@ def test_calls_before_init_are_backed_up(traces, make_node, dest, tmp_path):
     node.start(recs[:9])  # a fresh node: 9 calls before init, schema included
     node.stop()
     out = restored(dest, tmp_path)
-    assert dbcompare.differences(node.live.path, out) == []
+    assert dbcompare.backup_differences(node.live.path, out) == []
     assert not list(dest.glob("gen-*/snapshot*")), "a fresh node needs no snapshot"
 
 
@@ -176,7 +176,7 @@ def test_plugin_killed_before_init_repairs_the_gap_from_the_live_db(traces, make
     for r in recs[106:150]:
         node.call(r)
     node.stop()
-    assert dbcompare.differences(node.live.path, restored(dest, tmp_path)) == []
+    assert dbcompare.backup_differences(node.live.path, restored(dest, tmp_path)) == []
 
 
 def test_writes_after_shutdown_are_backed_up_until_stdin_closes(traces, make_node, dest, tmp_path):
@@ -190,7 +190,7 @@ def test_writes_after_shutdown_are_backed_up_until_stdin_closes(traces, make_nod
     out = restored(dest, tmp_path)
     c = sqlite3.connect(out)
     assert c.execute("SELECT intval FROM vars WHERE name='data_version'").fetchone()[0] == recs[102].data_version
-    assert dbcompare.differences(node.live.path, out) == []
+    assert dbcompare.backup_differences(node.live.path, out) == []
 
 
 def test_torn_append_from_a_power_cut_is_skipped_and_the_backup_goes_on(traces, make_node, dest, tmp_path):
@@ -211,7 +211,7 @@ def test_torn_append_from_a_power_cut_is_skipped_and_the_backup_goes_on(traces, 
         node.call(r)
     node.stop()
     assert "continuing in a new segment" in node.log_text()
-    assert dbcompare.differences(node.live.path, restored(dest, tmp_path)) == []
+    assert dbcompare.backup_differences(node.live.path, restored(dest, tmp_path)) == []
     v = cli("verify", str(dest))
     assert v.returncode == 0, v.stdout
 
@@ -224,4 +224,4 @@ def test_developer_mode_argument_is_accepted(traces, make_node, dest, tmp_path):
     for r in recs[9:40]:
         node.call(r)
     node.stop()
-    assert dbcompare.differences(node.live.path, restored(dest, tmp_path)) == []
+    assert dbcompare.backup_differences(node.live.path, restored(dest, tmp_path)) == []
