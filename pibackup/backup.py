@@ -10,8 +10,8 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, FrozenSet, List, Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence
 
 from . import __version__
 from . import destination as dst
@@ -385,6 +385,19 @@ class Backup:
                 except OSError as e:
                     self.failure = io_error_message(e, self.generation or self.destination)
                     self.log(f"pibackup: {self.failure}. lightningd will be halted at its next database write.", "error")
+
+    def status(self) -> Dict[str, Any]:
+        with self._lock:
+            w = self.writer
+            return {
+                "destination": self.destination,
+                "live_db": self.live_db,
+                "generation": os.path.basename(self.generation or ""),
+                "data_version": self.last,
+                "filter_tables": sorted(self.filter_tables),
+                "pending_bulk_bytes": w.pending_bytes if w else 0,
+                "counters": asdict(self.counters),
+            }
 
     def close(self) -> None:
         """Flush what is pending, stop the flusher, release the destination."""

@@ -97,6 +97,18 @@ class HookHandler:
             except PibackupError as e:
                 self._fail(str(e))
 
+    def status(self) -> Dict[str, Any]:
+        """What `lightning-cli pibackup-status` shows (the status issue extends it)."""
+        b = self.backup
+        out: Dict[str, Any] = {"state": "failed" if self.failure else ("ok" if b else "starting")}
+        if self.failure:
+            out["failure"] = self.failure
+        if b is None:
+            out["calls_before_init"] = len(self.early)
+            return out
+        out.update(b.status())
+        return out
+
     def close(self) -> None:
         if self.backup is not None:
             self.backup.close()

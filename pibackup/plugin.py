@@ -60,6 +60,12 @@ def on_db_write(plugin: Plugin, data_version: int, writes: List[str], **kwargs: 
     return handler.on_db_write(data_version, writes)
 
 
+@plugin.method("pibackup-status")
+def pibackup_status(plugin: Plugin, **kwargs: Any) -> Any:
+    """Show pibackup's state: destination, generation, last data_version, counters."""
+    return handler.status()
+
+
 @plugin.init()
 def on_init(options: Any, configuration: Any, plugin: Plugin, **kwargs: Any) -> None:
     handler.on_init(options, configuration)

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = REPO / "pibackup.py"
@@ -315,12 +315,20 @@ class Node:
         """lightningd running without the plugin (plain plugin= and a dead plugin): a gap."""
         self.live.commit(r.writes)
 
+    def rpc(self, method: str, params: Optional[Dict[str, Any]] = None) -> Any:
+        """A JSON-RPC command, as lightningd forwards one from lightning-cli."""
+        assert self.plugin is not None
+        resp = self.plugin.request(method, params or {})
+        if "error" in resp:
+            raise RuntimeError(resp["error"])
+        return resp["result"]
+
     def log_text(self) -> str:
         logs = self.all_logs + (self.plugin.logs if self.plugin else [])
         return "\n".join(f"{lvl}: {m}" for lvl, m in logs)
 
 
-def run_sessions(node: Node, records: Sequence[Record]) -> None:
+def run_sessions(node: Node, records: Sequence[Record], before_stop: Optional[Callable[[Node], None]] = None) -> None:
     """Replay a recording with lightningd's restarts where the recording has them."""
     i = 0
     n = len(records)
@@ -333,4 +341,6 @@ def run_sessions(node: Node, records: Sequence[Record]) -> None:
         while i < n and not records[i].pre_init:
             node.call(records[i])
             i += 1
+        if before_stop is not None:
+            before_stop(node)
         node.stop()
