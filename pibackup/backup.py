@@ -17,19 +17,8 @@ from . import __version__
 from . import destination as dst
 from . import filter as flt
 from .errors import PibackupError
-from .generation import DamageError, check_header
-from .journal import (
-    HEADER_SIZE,
-    KIND_INFO,
-    KIND_PRAGMA,
-    KIND_TX,
-    JournalError,
-    SegmentHeader,
-    SegmentScan,
-    SegmentWriter,
-    decode_header,
-    scan_segment,
-)
+from .generation import DamageError, Tail, generation_info, read_tail
+from .journal import KIND_INFO, KIND_PRAGMA, KIND_TX, SegmentHeader, SegmentWriter
 from .sequence import Action, classify, is_pragma_only, reconcile
 from .snapshot import live_data_version, take_snapshot
 
@@ -82,12 +71,13 @@ def io_error_message(e: OSError, where: str) -> str:
 
 @dataclass
 class _Tail:
-    """What the newest generation ends with, as far as the writer is concerned."""
+    """Where the newest generation stands, as far as the writer is concerned."""
 
     generation: dst.Generation
-    last: int
-    last_is_journaled: bool
-    scan: SegmentScan
+    last: Optional[int]  # data_version of its newest transaction (base version without one)
+    last_unconfirmed: bool  # that transaction was answered, but nothing shows lightningd committed it
+    tail: Optional[Tail]  # None when the generation could not be read
+    damage: Optional[str]  # set when it must not be continued
 
 
 class Backup:
@@ -157,19 +147,28 @@ class Backup:
             self._new_generation(snapshot=True)
             self._replay_early(early)
             return
-        action = reconcile(tail.last, tail.last_is_journaled, calls, live)
+        action = reconcile(tail.last, tail.last_unconfirmed, calls, live)
         if action is Action.BEHIND:
+            assert tail.last is not None
             raise BehindError(self._behind_message(tail.last, live, tail.generation.name))
-        if action is Action.GAP:
+        if tail.damage is not None:
             self.log(
-                f"lightningd committed transactions without pibackup (backup ends at data_version {tail.last}, "
-                f"live database is at {live}): starting a new generation from a snapshot",
+                f"newest backup generation {tail.generation.name} is damaged ({tail.damage}); it is kept as it is "
+                "and a new generation is started from a snapshot of the live database",
                 "warn",
             )
+            action = Action.GAP
+        elif action is Action.GAP:
+            self.log(
+                f"the backup ends at data_version {tail.last} and cannot be continued (live database at {live}: "
+                "lightningd committed transactions without pibackup, or the plugin died before it could confirm "
+                "them): starting a new generation from a snapshot",
+                "warn",
+            )
+        if action is Action.GAP:
             self._new_generation(snapshot=True)
-            self._replay_early(early)
-            return
-        self._continue(tail)
+        else:
+            self._continue(tail)
         self._replay_early(early)
 
     def _behind_message(self, backup_version: int, live: int, gen: str) -> str:
@@ -195,45 +194,41 @@ class Backup:
         if gen is None:
             return None
         try:
-            scans = list(_last_scans(gen))
-        except (DamageError, JournalError) as e:
-            self.log(
-                f"newest backup generation {gen.name} is damaged ({e}); it is kept as it is and a new "
-                "generation is started from a snapshot of the live database",
-                "warn",
-            )
-            return None
-        last_scan = scans[-1]
-        if last_scan.bad_offset is not None and not last_scan.torn_tail:
-            self.log(
-                f"{last_scan.path} is damaged at offset {last_scan.bad_offset} ({last_scan.bad_reason}); the generation "
-                "is kept as it is and a new one is started from a snapshot of the live database",
-                "warn",
-            )
-            return None
-        # The last frame decides: a PRAGMA frame repeats the current version and proves
-        # the transaction before it was committed.
-        frames = [f for s in scans for f in s.frames if f.kind != KIND_INFO][-1:]
-        if not frames:
-            return _Tail(gen, last_scan.header.base_version, False, last_scan)
-        f = frames[-1]
-        return _Tail(gen, f.data_version, f.kind == KIND_TX, last_scan)
+            t = read_tail(gen)
+        except DamageError as e:
+            # Still compare the live DB with what the generation claims to hold, so an old
+            # live DB is never snapshotted over a newer (if damaged) backup.
+            try:
+                base = generation_info(gen).base_version
+            except DamageError:
+                base = None
+            return _Tail(gen, base, False, None, str(e))
+        damage = None
+        if t.bad_offset is not None and not t.torn:
+            damage = f"{t.path} is damaged at offset {t.bad_offset} ({t.bad_reason})"
+        if t.last_frame is None:
+            return _Tail(gen, t.header.base_version, False, t, damage)
+        # The last frame decides: a PRAGMA frame (a commit mark when empty) repeats the
+        # current version and proves the transaction before it was committed.
+        f = t.last_frame
+        return _Tail(gen, f.data_version, f.kind == KIND_TX, t, damage)
 
     def _continue(self, tail: _Tail) -> None:
-        scan = tail.scan
+        t = tail.tail
+        assert t is not None
         self.generation = tail.generation.path
-        self.last, self.last_is_journaled = tail.last, tail.last_is_journaled
-        if scan.bad_offset is None and scan.valid_length == scan.file_size:
-            self.writer = SegmentWriter.reopen(scan)
+        self.last, self.last_is_journaled = tail.last, tail.last_unconfirmed
+        if t.bad_offset is None and t.valid_length == t.file_size:
+            self.writer = SegmentWriter.reopen(t.path, t.header, t.valid_length, t.final_checksum)
             return
         # A torn tail from a crash mid-append: it was never acknowledged. Leave the bytes
         # alone and go on in a new segment whose header records where the valid part ended.
         self.log(
-            f"{scan.path}: unfinished append after offset {scan.valid_length} (a crash during a write; it was "
+            f"{t.path}: unfinished append after offset {t.valid_length} (a crash during a write; it was "
             "never acknowledged); continuing in a new segment",
             "info",
         )
-        self._open_segment(scan.header, scan.header.segment + 1, scan.valid_length, scan.final_checksum)
+        self._open_segment(t.header, t.header.segment + 1, t.valid_length, t.final_checksum)
 
     # --- generations and segments ---------------------------------------------------
     def _new_generation(self, snapshot: bool) -> None:
@@ -373,6 +368,26 @@ class Backup:
                     self.failure = io_error_message(e, self.generation or self.destination)
                     raise dst.DestinationError(self.failure) from e
 
+    def _mark_committed(self) -> None:
+        """At the end (lightningd closed our stdin): if the live DB holds our last transaction's
+        data_version, write an empty PRAGMA frame, a commit mark, so the next start can go on
+        in this generation. Without it the next start cannot tell our last transaction from
+        one lightningd may have committed in its place, and starts a new generation."""
+        with self._lock:
+            if self.failure is not None or not self.last_is_journaled or self.writer is None:
+                return
+            try:
+                live = live_data_version(self.live_db, timeout=1.0)
+            except PibackupError:
+                return
+            if live != self.last:
+                return
+            try:
+                self.writer.append(KIND_PRAGMA, live, [])
+                self.last_is_journaled = False
+            except OSError as e:
+                self.log(f"could not mark the last transaction committed: {e}", "warn")
+
     def _flush_loop(self) -> None:
         tick = min(1.0, max(0.05, self.batch_seconds / 4))
         while not self._stop.wait(tick):
@@ -400,35 +415,17 @@ class Backup:
             }
 
     def close(self) -> None:
-        """Flush what is pending, stop the flusher, release the destination."""
+        """Flush what is pending, mark the last transaction committed if the live DB says it
+        is, stop the flusher, release the destination."""
         self._stop.set()
         if self._flusher is not None:
             self._flusher.join()
         try:
             self.flush()
+            self._mark_committed()
         finally:
             with self._lock:
                 if self.writer is not None:
                     self.writer.close()
                     self.writer = None
             self.dest.close()
-
-
-def _last_scans(gen: dst.Generation) -> List[SegmentScan]:
-    """The segments the writer needs to go on: the last one, and the ones before it back to
-    the newest frame. Reading the whole journal is verify's job; start-up must stay quick."""
-    out: List[SegmentScan] = []
-    first = None
-    for i in range(len(gen.segments) - 1, -1, -1):
-        path = gen.segments[i]
-        scan = scan_segment(path)
-        if first is None:
-            with open(gen.segments[0], "rb") as f:
-                first = decode_header(f.read(HEADER_SIZE), gen.segments[0])
-        check_header(gen, scan.header, i, first, path)
-        out.insert(0, scan)
-        if any(f.kind != KIND_INFO for f in scan.frames):
-            break
-    if not out:
-        raise DamageError(f"{gen.path}: generation has no journal segment", gen.path, None)
-    return out

@@ -6,6 +6,7 @@ Messages and exit codes are for a person at a Pi's terminal: 0 ok, 1 failed or d
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from typing import List, Optional
 
@@ -58,6 +59,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except OSError as e:
         print(f"pibackup: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as e:
+        print(f"pibackup: error: SQLite: {e}", file=sys.stderr)
         return 1
 
 

@@ -34,8 +34,12 @@ class DestinationError(PibackupError):
 class Generation:
     number: int
     path: str
-    snapshot: Optional[str]  # None for a generation that starts from an empty database
+    snapshots: List[str]  # exactly one, or none for a generation that starts from an empty database
     segments: List[str]
+
+    @property
+    def snapshot(self) -> Optional[str]:
+        return self.snapshots[0] if self.snapshots else None
 
     @property
     def name(self) -> str:
@@ -90,7 +94,7 @@ def validate(path: Optional[str]) -> None:
     if not os.access(path, os.W_OK | os.X_OK):
         hint = "remount it read-write or replace the stick" if _read_only_fs(path) else "fix its owner or permissions"
         raise DestinationError(f"pibackup-destination {path} is not writable by this user ({_user()}); {hint}")
-    entries = set(os.listdir(path))
+    entries = set(os.listdir(path)) - {MARKER + ".tmp"}  # a first start that crashed midway
     if MARKER in entries:
         check_marker(path)
         return
@@ -119,6 +123,21 @@ def _user() -> str:
         return str(os.geteuid())
 
 
+def writer_running(path: str) -> bool:
+    """Does a plugin hold the writer's lock on this backup directory right now?"""
+    try:
+        fd = os.open(os.path.join(path, MARKER), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 class Destination:
     """A local backup directory. The writer holds an flock on its marker while it runs."""
 
@@ -138,7 +157,7 @@ class Destination:
             files = sorted(os.listdir(gpath))
             snaps = [f for f in files if _SNAP.match(f)]
             segs = [os.path.join(gpath, f) for f in files if _SEG.match(f)]
-            out.append(Generation(int(m.group(1)), gpath, os.path.join(gpath, snaps[0]) if snaps else None, segs))
+            out.append(Generation(int(m.group(1)), gpath, [os.path.join(gpath, f) for f in snaps], segs))
         return out
 
     def newest(self) -> Optional[Generation]:
@@ -150,7 +169,7 @@ class Destination:
         """Write the marker on first use and take the writer's lock."""
         marker = os.path.join(self.path, MARKER)
         if not os.path.exists(marker):
-            tmp = marker + ".tmp"
+            tmp = marker + ".tmp"  # replaced if a first start crashed after creating it
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(MARKER_TEXT)
                 f.flush()
@@ -172,11 +191,16 @@ class Destination:
         self.remove_partials()
 
     def remove_partials(self) -> None:
-        """A `.partial` generation never acknowledged anything: it is safe to drop."""
+        """A `.partial` generation, or a `.tmp` segment, never acknowledged anything: drop them."""
         for name in os.listdir(self.path):
             if _PARTIAL.match(name):
                 shutil.rmtree(os.path.join(self.path, name))
         fsync_dir(self.path)
+        newest = self.newest()
+        if newest is not None:
+            for name in os.listdir(newest.path):
+                if name.endswith(".tmp"):
+                    os.unlink(os.path.join(newest.path, name))
 
     def next_generation_number(self) -> int:
         gens = self.generations()

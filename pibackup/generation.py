@@ -1,16 +1,17 @@
 """Reading one generation: its segments in order, checked against each other.
 
-Used by the writer (to find where to go on), by restore and by verify.
+Used by the writer (to find where to go on), by restore and by verify; one frame in memory
+at a time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 from .destination import Generation
 from .errors import PibackupError
-from .journal import HEADER_SIZE, JournalError, SegmentHeader, SegmentScan, decode_header, scan_segment
+from .journal import HEADER_SIZE, KIND_INFO, Frame, JournalError, SegmentHeader, SegmentReader, decode_header
 
 _ZERO_SHA = b"\0" * 32
 
@@ -32,6 +33,15 @@ class GenerationInfo:
     snapshot_sha256: bytes
 
 
+def _open(path: str) -> SegmentReader:
+    try:
+        return SegmentReader(path)
+    except JournalError as e:
+        raise DamageError(str(e), path, 0) from e
+    except OSError as e:
+        raise DamageError(f"{path}: cannot read: {e.strerror}", path, None) from e
+
+
 def check_header(gen: Generation, header: SegmentHeader, index: int, first: Optional[SegmentHeader], path: str) -> None:
     if header.generation != gen.number:
         raise DamageError(f"{path}: belongs to generation {header.generation}, found in {gen.name}", path, 0)
@@ -47,42 +57,103 @@ def check_header(gen: Generation, header: SegmentHeader, index: int, first: Opti
         has_snap = header.snapshot_sha256 != _ZERO_SHA
         if has_snap != (gen.snapshot is not None):
             raise DamageError(f"{gen.path}: snapshot file and segment header disagree (missing snapshot?)", path, 0)
+        if gen.snapshot is not None and not gen.snapshot.endswith(f"snapshot-v{header.base_version}.sqlite3"):
+            raise DamageError(f"{gen.snapshot}: name does not match the base data_version {header.base_version}", path, 0)
+    if len(gen.snapshots) > 1:
+        raise DamageError(f"{gen.path}: more than one snapshot file", gen.path, None)
 
 
-def iter_segments(gen: Generation) -> Iterator[SegmentScan]:
-    """Yield each segment's scan in order (one segment in memory at a time).
+@dataclass
+class End:
+    """How a generation's journal ended, filled in while iter_frames runs."""
 
-    Raises DamageError when a segment does not continue exactly where the one before
-    it validly ended, or when a segment other than the last is damaged. The last
-    segment may end in a torn tail; callers look at `scan.torn_tail` / `scan.clean`.
+    segments: int = 0
+    torn_tail: Optional[str] = None
+
+
+def iter_frames(gen: Generation, end: End) -> Iterator[Tuple[Frame, str]]:
+    """Every valid frame of a generation, in order, with "file offset N" for messages.
+
+    Raises DamageError at the first damage, after yielding every frame before it. A torn
+    tail in the last segment is not damage: it is noted in `end.torn_tail`.
     """
     if not gen.segments:
         raise DamageError(f"{gen.path}: generation has no journal segment", gen.path, None)
     first: Optional[SegmentHeader] = None
-    prev: Optional[SegmentScan] = None
+    prev: Optional[SegmentReader] = None
     for i, path in enumerate(gen.segments):
-        try:
-            scan = scan_segment(path)
-        except JournalError as e:
-            raise DamageError(str(e), path, 0) from e
-        except OSError as e:
-            raise DamageError(f"{path}: cannot read: {e.strerror}", path, None) from e
-        check_header(gen, scan.header, i, first, path)
-        if prev is not None:
-            h = scan.header
-            if h.prev_valid_length != prev.valid_length or h.prev_checksum != prev.final_checksum:
-                raise DamageError(
-                    f"{prev.path}: damaged at offset {prev.valid_length} ({prev.bad_reason or 'unexpected end'}); "
-                    f"the next segment says it ends at {h.prev_valid_length}",
-                    prev.path,
-                    prev.valid_length,
+        reader = _open(path)
+        with reader:
+            check_header(gen, reader.header, i, first, path)
+            if prev is not None:
+                h = reader.header
+                if h.prev_valid_length != prev.valid_length or h.prev_checksum != prev.final_checksum:
+                    what = f"damaged at offset {prev.valid_length} ({prev.bad_reason or 'unexpected end'})"
+                    raise DamageError(
+                        f"{prev.path}: {what}; the next segment says it ends at {h.prev_valid_length}",
+                        prev.path,
+                        prev.valid_length,
+                    )
+            first = first or reader.header
+            end.segments += 1
+            for f in reader.frames():
+                yield f, f"{path} offset {f.offset}"
+            last = i == len(gen.segments) - 1
+            if reader.bad_offset is not None and last:
+                if not reader.torn:
+                    raise DamageError(
+                        f"{path}: damaged at offset {reader.bad_offset} ({reader.bad_reason}), with data after it",
+                        path,
+                        reader.bad_offset,
+                    )
+                end.torn_tail = (
+                    f"{path}: unfinished append at offset {reader.bad_offset} ({reader.bad_reason}): a write "
+                    "interrupted by a crash or power cut, never acknowledged to lightningd"
                 )
-            yield prev
-        if first is None:
-            first = scan.header
-        prev = scan
-    assert prev is not None
-    yield prev
+            prev = reader
+
+
+@dataclass
+class Tail:
+    """What the writer needs from the newest generation to go on appending."""
+
+    last_frame: Optional[Frame]  # the newest TX or PRAGMA frame, None when there is none
+    header: SegmentHeader  # of the last segment
+    path: str  # of the last segment
+    valid_length: int
+    final_checksum: int
+    file_size: int
+    bad_offset: Optional[int]
+    bad_reason: str
+    torn: bool
+
+
+def read_tail(gen: Generation) -> Tail:
+    """The last segment (and the ones before it back to the newest frame). Cross-checking
+    the whole journal is verify's job; start-up only reads what it needs."""
+    if not gen.segments:
+        raise DamageError(f"{gen.path}: generation has no journal segment", gen.path, None)
+    with open(gen.segments[0], "rb") as fh:
+        try:
+            first = decode_header(fh.read(HEADER_SIZE), gen.segments[0])
+        except JournalError as e:
+            raise DamageError(str(e), gen.segments[0], 0) from e
+    tail: Optional[Tail] = None
+    for i in range(len(gen.segments) - 1, -1, -1):
+        path = gen.segments[i]
+        with _open(path) as r:
+            check_header(gen, r.header, i, first, path)
+            newest: Optional[Frame] = None
+            for f in r.frames():
+                if f.kind != KIND_INFO:
+                    newest = f
+            if tail is None:
+                tail = Tail(None, r.header, path, r.valid_length, r.final_checksum, r.file_size, r.bad_offset, r.bad_reason, r.torn)
+        if newest is not None:
+            tail.last_frame = newest
+            break
+    assert tail is not None
+    return tail
 
 
 def generation_info(gen: Generation) -> GenerationInfo:

@@ -6,11 +6,12 @@ Byte layout is specified in FORMAT.md; this module is its only implementation.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence
+from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import PibackupError
 
@@ -140,6 +141,8 @@ def decode_statements(payload: bytes) -> List[str]:
 def encode_frame(kind: int, data_version: int, statements: Sequence[str], prev_checksum: int) -> tuple[bytes, int]:
     """Return (frame bytes, its checksum), chained from prev_checksum."""
     payload = encode_statements(statements)
+    if len(payload) > MAX_PAYLOAD:
+        raise JournalError(f"a transaction of {len(payload)} bytes is larger than a frame may be ({MAX_PAYLOAD})")
     head = _FRAME.pack(kind, ENCODING_PLAIN, 0, data_version & 0xFFFFFFFF, len(payload))
     crc = zlib.crc32(payload, zlib.crc32(head, prev_checksum))
     return head + _U32.pack(crc) + payload, crc
@@ -154,19 +157,144 @@ class Frame:
     checksum: int
 
 
+_FRAME_STARTS = tuple(bytes([k, ENCODING_PLAIN, 0, 0]) for k in KINDS)
+_CHUNK = 1 << 20
+
+
+class SegmentReader:
+    """Streams the valid frames of one segment file, then says how the file ended.
+
+    Memory is one frame at a time. After `frames()` is exhausted: `valid_length` and
+    `final_checksum` describe the valid content; `bad_offset` is where it stopped short
+    of the end of the file (None when it did not), `torn` whether what follows is a torn
+    tail (FORMAT.md: "Where a segment's valid content ends") rather than damage.
+    """
+
+    def __init__(self, path: str, data: Optional[bytes] = None):
+        self.path = path
+        self._f: BinaryIO = io.BytesIO(data) if data is not None else open(path, "rb")  # noqa: SIM115
+        try:
+            self._f.seek(0, os.SEEK_END)
+            self.file_size = self._f.tell()
+            self._f.seek(0)
+            self.header = decode_header(self._f.read(HEADER_SIZE), path)
+        except BaseException:
+            self._f.close()
+            raise
+        self.valid_length = HEADER_SIZE
+        self.final_checksum = self.header.checksum
+        self.bad_offset: Optional[int] = None
+        self.bad_reason = ""
+        self.torn = False
+        self.frame_count = 0
+
+    @property
+    def clean(self) -> bool:
+        return self.bad_offset is None
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> SegmentReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def frames(self) -> Iterator[Frame]:
+        pos, seed = HEADER_SIZE, self.header.checksum
+        while pos < self.file_size:
+            frame, reason, end = self._frame_at(pos, seed)
+            if frame is None:
+                self.bad_offset, self.bad_reason = pos, reason
+                self.torn = self._torn_after(pos)
+                break
+            self.frame_count += 1
+            seed, pos = frame.checksum, end
+            self.valid_length, self.final_checksum = pos, seed
+            yield frame
+
+    def _frame_at(self, pos: int, seed: int) -> Tuple[Optional[Frame], str, int]:
+        f = self._f
+        f.seek(pos)
+        head = f.read(FRAME_HEADER_SIZE)
+        if len(head) < FRAME_HEADER_SIZE:
+            return None, "incomplete frame header at the end of the file", self.file_size
+        kind, encoding, reserved, version, length = _FRAME.unpack_from(head)
+        (stored,) = _U32.unpack_from(head, _FRAME.size)
+        if kind not in KINDS or encoding != ENCODING_PLAIN or reserved != 0 or length > MAX_PAYLOAD:
+            return None, "not a frame header", self.file_size
+        start = pos + FRAME_HEADER_SIZE
+        if start + length > self.file_size:
+            return None, "frame runs past the end of the file", self.file_size
+        payload = f.read(length)
+        if zlib.crc32(payload, zlib.crc32(head[: _FRAME.size], seed)) != stored:
+            return None, "checksum mismatch", start + length
+        try:
+            statements = decode_statements(payload)
+        except (ValueError, UnicodeDecodeError, struct.error):
+            return None, "undecodable payload", start + length
+        return Frame(kind, version, statements, pos, stored), "", start + length
+
+    def _torn_after(self, pos: int) -> bool:
+        """Is what starts at pos the remains of an interrupted append, rather than damage?
+
+        Yes when fewer bytes than a frame header remain, when they are all zero, or when a
+        plausible frame runs past the end of the file and no frame anywhere after it
+        chains from its checksum. Anything else is damage: a reader must never take
+        acknowledged frames after a damaged one for an unfinished append.
+        """
+        remaining = self.file_size - pos
+        if remaining < FRAME_HEADER_SIZE:
+            return True
+        if self._zero_from(pos):
+            return True
+        f = self._f
+        f.seek(pos)
+        head = f.read(FRAME_HEADER_SIZE)
+        kind, encoding, reserved, _, length = _FRAME.unpack_from(head)
+        plausible = kind in KINDS and encoding == ENCODING_PLAIN and reserved == 0 and length <= MAX_PAYLOAD
+        if not plausible or pos + FRAME_HEADER_SIZE + length <= self.file_size:
+            return False
+        (stored,) = _U32.unpack_from(head, _FRAME.size)
+        return not self._resyncs(pos + FRAME_HEADER_SIZE, stored)
+
+    def _zero_from(self, pos: int) -> bool:
+        self._f.seek(pos)
+        while True:
+            b = self._f.read(_CHUNK)
+            if not b:
+                return True
+            if b.count(0) != len(b):
+                return False
+
+    def _resyncs(self, start: int, seed: int) -> bool:
+        """Does a frame chaining from `seed` start anywhere at or after `start`?"""
+        self._f.seek(start)
+        rest = self._f.read()  # only on damage, and bounded by the segment size
+        for marker in _FRAME_STARTS:
+            i = rest.find(marker)
+            while i >= 0:
+                frame, _, _ = self._frame_at(start + i, seed)
+                if frame is not None:
+                    return True
+                i = rest.find(marker, i + 1)
+        return False
+
+
 @dataclass
 class SegmentScan:
-    """What a reader found in one segment file."""
+    """A whole segment read into memory (tests and small tools; readers stream instead)."""
 
     path: str
     header: SegmentHeader
     frames: List[Frame] = field(default_factory=list)
-    valid_length: int = HEADER_SIZE  # bytes from the start of the file that are valid
+    valid_length: int = HEADER_SIZE
     final_checksum: int = 0
     file_size: int = 0
-    bad_offset: Optional[int] = None  # first offset that is not a valid frame
+    bad_offset: Optional[int] = None
     bad_reason: str = ""
-    valid_after_bad: bool = False  # a valid frame follows the bad one: damage, not a torn tail
+    torn: bool = False
 
     @property
     def clean(self) -> bool:
@@ -174,73 +302,13 @@ class SegmentScan:
 
     @property
     def torn_tail(self) -> bool:
-        """Damage confined to the end of the file, as a power cut during an append leaves."""
-        return self.bad_offset is not None and not self.valid_after_bad
-
-
-def _parse_frame(data: bytes, pos: int, seed: int) -> tuple[Optional[Frame], str, int]:
-    """Try to parse one frame at pos. Returns (frame or None, reason, frame end)."""
-    end_of_file = len(data)
-    if pos + FRAME_HEADER_SIZE > end_of_file:
-        return None, "incomplete frame header at end of file", end_of_file
-    head = data[pos : pos + _FRAME.size]
-    kind, encoding, reserved, version, length = _FRAME.unpack(head)
-    (stored,) = _U32.unpack_from(data, pos + _FRAME.size)
-    if head == b"\0" * _FRAME.size and stored == 0:
-        return None, "zero bytes where a frame should start", end_of_file
-    if kind not in KINDS or encoding != ENCODING_PLAIN or reserved != 0 or length > MAX_PAYLOAD:
-        return None, "invalid frame header", end_of_file
-    start = pos + FRAME_HEADER_SIZE
-    if start + length > end_of_file:
-        return None, "frame extends past the end of the file", end_of_file
-    payload = data[start : start + length]
-    crc = zlib.crc32(payload, zlib.crc32(head, seed))
-    if crc != stored:
-        return None, "checksum mismatch", start + length
-    try:
-        statements = decode_statements(payload)
-    except (ValueError, UnicodeDecodeError, struct.error):
-        return None, "undecodable payload", start + length
-    return Frame(kind, version, statements, pos, crc), "", start + length
+        return self.bad_offset is not None and self.torn
 
 
 def scan_segment(path: str, data: Optional[bytes] = None) -> SegmentScan:
-    """Read every valid frame of a segment, and classify whatever follows them.
-
-    The valid part of a segment is its header followed by the longest run of frames
-    that are complete and whose checksums chain from the header's.
-    """
-    if data is None:
-        with open(path, "rb") as f:
-            data = f.read()
-    header = decode_header(data[:HEADER_SIZE], path)
-    scan = SegmentScan(path=path, header=header, file_size=len(data))
-    seed = header.checksum
-    pos = HEADER_SIZE
-    while pos < len(data):
-        frame, reason, frame_end = _parse_frame(data, pos, seed)
-        if frame is None:
-            scan.bad_offset = pos
-            scan.bad_reason = reason
-            # A frame with a readable length and a bad checksum may be followed by
-            # good frames (they chain from its stored checksum): that is corruption in
-            # the middle, never a torn append.
-            if frame_end < len(data):
-                (stored,) = _U32.unpack_from(data, pos + _FRAME.size)
-                nxt, _, _ = _parse_frame(data, frame_end, stored)
-                scan.valid_after_bad = nxt is not None
-            break
-        scan.frames.append(frame)
-        seed = frame.checksum
-        pos = frame_end
-    scan.valid_length = pos if scan.bad_offset is None else scan.bad_offset
-    scan.final_checksum = seed
-    return scan
-
-
-def iter_frames(scans: Sequence[SegmentScan]) -> Iterator[Frame]:
-    for s in scans:
-        yield from s.frames
+    with SegmentReader(path, data) as r:
+        frames = list(r.frames())
+        return SegmentScan(path, r.header, frames, r.valid_length, r.final_checksum, r.file_size, r.bad_offset, r.bad_reason, r.torn)
 
 
 class SegmentWriter:
@@ -264,23 +332,33 @@ class SegmentWriter:
 
     @classmethod
     def create(cls, path: str, header: SegmentHeader) -> SegmentWriter:
-        """Create a new segment durably: header written and synced, directory entry synced."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        """Create a new segment durably and atomically: the header is written to PATH.tmp and
+        synced, then renamed, then the directory is synced. A segment never exists without
+        its whole header."""
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             _write_all(fd, header.encode())
             os.fsync(fd)
+            os.rename(tmp, path)
             fsync_dir(os.path.dirname(path))
         except BaseException:
             os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
             raise
         return cls(path, fd, header, HEADER_SIZE, header.checksum)
 
     @classmethod
-    def reopen(cls, scan: SegmentScan) -> SegmentWriter:
+    def reopen(cls, path: str, header: SegmentHeader, valid_length: int, checksum: int) -> SegmentWriter:
         """Continue appending to a segment whose valid content ends exactly at its end."""
-        assert scan.clean and scan.valid_length == scan.file_size
-        fd = os.open(scan.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        return cls(scan.path, fd, scan.header, scan.valid_length, scan.final_checksum)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        if os.fstat(fd).st_size != valid_length:
+            os.close(fd)
+            raise JournalError(f"{path} changed while being opened")
+        return cls(path, fd, header, valid_length, checksum)
 
     def add(self, kind: int, data_version: int, statements: Sequence[str]) -> int:
         """Encode one frame after the others; returns its size. Not durable until flush()."""

@@ -14,8 +14,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from . import destination as dst
 from .errors import PibackupError
-from .generation import DamageError, generation_info, iter_segments
-from .journal import KIND_INFO, KIND_TX, Frame, SegmentScan, fsync_dir
+from .generation import DamageError, End, generation_info, iter_frames
+from .journal import KIND_INFO, KIND_TX, Frame, fsync_dir
 from .sequence import next_version
 from .snapshot import SnapshotError, read_data_version
 
@@ -36,6 +36,7 @@ class Outcome:
     last_version: int
     transactions: int = 0
     pragmas: int = 0
+    commit_marks: int = 0
     rewinds: int = 0
     frames: int = 0
     segments: int = 0
@@ -120,6 +121,9 @@ class Replayer:
             self._apply_pragma(p)
 
     def _apply_pragma(self, frame: Frame) -> None:
+        if not frame.statements:
+            self.out.commit_marks += 1  # written at a clean stop: nothing to apply
+            return
         if self.conn is not None:
             for s in frame.statements:
                 self.conn.execute(s)  # outside any transaction: PRAGMA foreign_keys is a no-op inside one
@@ -128,34 +132,16 @@ class Replayer:
 
 def _frames(gen: dst.Generation, out: Outcome, partial: bool) -> Iterator[Tuple[Frame, str]]:
     """Every valid frame of a generation; damage raises unless `partial`, a torn tail is noted."""
-    segments = iter_segments(gen)
-    while True:
-        try:
-            scan: SegmentScan = next(segments)
-        except StopIteration:
-            return
-        except DamageError as e:
-            if not partial:
-                raise
-            out.damage = str(e)
-            return
-        out.segments += 1
-        for f in scan.frames:
-            yield f, f"{scan.path} offset {f.offset}"
-        if scan.bad_offset is None:
-            continue
-        if scan.path != gen.segments[-1]:
-            continue  # an abandoned tail that the next segment's header accounts for
-        if scan.torn_tail:
-            out.torn_tail = (
-                f"{scan.path}: unfinished append at offset {scan.bad_offset} ({scan.bad_reason}): "
-                "a write interrupted by a crash or power cut, never acknowledged to lightningd"
-            )
-        else:
-            msg = f"{scan.path}: damaged at offset {scan.bad_offset} ({scan.bad_reason}), and valid data follows it"
-            if not partial:
-                raise DamageError(msg, scan.path, scan.bad_offset)
-            out.damage = msg
+    end = End()
+    try:
+        yield from iter_frames(gen, end)
+    except DamageError as e:
+        if not partial:
+            raise
+        out.damage = str(e)
+    finally:
+        out.segments = end.segments
+        out.torn_tail = end.torn_tail
 
 
 def pick_generation(backup_dir: str, number: Optional[int] = None) -> dst.Generation:
@@ -202,6 +188,11 @@ def restore(
     out_dir = os.path.dirname(output)
     if not os.path.isdir(out_dir):
         raise RestoreError(f"{out_dir} does not exist; create it or choose another OUTPUT_DB")
+    if os.path.lexists(output) and force and dst.writer_running(backup_dir):
+        raise RestoreError(
+            f"a running pibackup (inside lightningd) is writing {backup_dir}: stop lightningd before you replace "
+            f"{output} (restoring to a new file is fine while it runs)"
+        )
     if os.path.lexists(output) and not force:
         raise RestoreError(
             f"{output} already exists; pibackup never overwrites a database unless told to. Stop lightningd, "
@@ -241,12 +232,19 @@ def restore(
             os.close(fd)
         os.replace(tmp, output)
         fsync_dir(out_dir)
+    except sqlite3.Error as e:
+        _remove(tmp)
+        raise RestoreError(f"cannot build {output}: SQLite says {e}") from e
     except BaseException:
-        for stale in (tmp, tmp + "-journal"):
-            if os.path.lexists(stale):
-                os.unlink(stale)
+        _remove(tmp)
         raise
     return out
+
+
+def _remove(tmp: str) -> None:
+    for stale in (tmp, tmp + "-journal"):
+        if os.path.lexists(stale):
+            os.unlink(stale)
 
 
 def _check_result(conn: sqlite3.Connection, out: Outcome) -> None:

@@ -63,28 +63,36 @@ def next_version(version: int) -> int:
     return (version + 1) % MODULUS
 
 
-def reconcile(last: Optional[int], last_is_journaled: bool, calls: Sequence[Tuple[int, bool]], live_version: int) -> Action:
+def reconcile(last: Optional[int], last_unconfirmed: bool, calls: Sequence[Tuple[int, bool]], live_version: int) -> Action:
     """At init: can the backup go on with the calls that came before init?
 
-    `calls` are (data_version, pragma-only) of the hook calls answered before init, all
-    committed by now; `live_version` is what the live DB holds now. Returns APPEND (go
-    on: journal those calls), GAP (start a new generation from a snapshot) or BEHIND.
+    `last_unconfirmed`: the backup's newest transaction was answered by an earlier plugin
+    process and nothing shows lightningd committed it. Then only a resend of it (a rewind)
+    may follow: lightningd may have committed another transaction with that data_version
+    whose answer never reached the backup (sent before an init that never came).
+    `calls` are (data_version, pragma-only) of this start's calls before init, all committed
+    by now; `live_version` is what the live DB holds now. Returns APPEND (go on: journal
+    those calls), GAP (start a new generation from a snapshot) or BEHIND.
     """
     if last is None:
         return Action.GAP
-    journaled = last_is_journaled
-    for version, pragma in calls:
+    journaled = last_unconfirmed
+    for i, (version, pragma) in enumerate(calls):
         a = classify(last, version, pragma, journaled)
         if a in (Action.GAP, Action.BEHIND):
             return a
+        if i == 0 and last_unconfirmed and a is not Action.REWIND:
+            return Action.GAP
         if a is Action.PRAGMA:
             journaled = False
         else:
             last, journaled = version, True
     ahead = distance(live_version, last)
-    if ahead == 0 or (ahead == 1 and journaled):
-        # ahead == 1: the backup's last transaction was answered but never committed;
-        # lightningd will send that data_version again (a rewind).
+    if ahead == 1 and journaled:
+        # The newest transaction was answered but never committed: lightningd sends that
+        # data_version again (a rewind).
+        return Action.APPEND
+    if ahead == 0 and (calls or not last_unconfirmed):
         return Action.APPEND
     if distance(last, live_version) < _HALF:
         return Action.GAP

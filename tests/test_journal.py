@@ -52,15 +52,16 @@ def test_truncation_at_every_byte_of_the_last_frame_is_a_torn_tail(tmp_path):
     data = p.read_bytes()
     for cut in range(ends[-2] + 1, ends[-1]):
         scan = scan_segment(str(p), data[:cut])
-        assert scan.torn_tail, cut
+        assert scan.torn, cut
         assert len(scan.frames) == len(FRAMES) - 1 and scan.valid_length == ends[-2]
 
 
-def test_every_single_bit_flip_is_detected(tmp_path):
+def test_every_single_bit_flip_is_detected_and_never_taken_for_a_torn_tail(tmp_path):
     p = tmp_path / "seg.pbj"
-    make_segment(p, FRAMES[:3])
+    ends = make_segment(p, FRAMES[:3])
     data = bytearray(p.read_bytes())
     good = [(f.data_version, f.statements) for f in scan_segment(str(p)).frames]
+    last_frame_start = ends[-2]
     for i in range(len(data) * 8):
         flipped = bytearray(data)
         flipped[i // 8] ^= 1 << (i % 8)
@@ -71,6 +72,8 @@ def test_every_single_bit_flip_is_detected(tmp_path):
             continue
         got = [(f.data_version, f.statements) for f in scan.frames]
         assert got == good[: len(got)] and not scan.clean, f"bit {i} went unnoticed"
+        if scan.bad_offset < last_frame_start:
+            assert not scan.torn, f"bit {i}: damage before the last frame taken for a torn tail"
 
 
 def test_damage_followed_by_valid_frames_is_corruption_not_a_torn_tail(tmp_path):
@@ -79,7 +82,30 @@ def test_damage_followed_by_valid_frames_is_corruption_not_a_torn_tail(tmp_path)
     data = bytearray(p.read_bytes())
     data[ends[5] + 20] ^= 0xFF  # inside the payload of frame 7
     scan = scan_segment(str(p), bytes(data))
-    assert scan.bad_offset == ends[5] and scan.valid_after_bad and not scan.torn_tail
+    assert scan.bad_offset == ends[5] and not scan.torn
+
+
+@pytest.mark.parametrize("field_offset", [0, 8, 9, 12, 15])  # kind, length, length, checksum, checksum
+def test_damaged_frame_header_in_the_middle_is_not_a_torn_tail(tmp_path, field_offset):
+    p = tmp_path / "seg.pbj"
+    ends = make_segment(p, FRAMES)
+    data = bytearray(p.read_bytes())
+    data[ends[5] + field_offset] ^= 0x80
+    scan = scan_segment(str(p), bytes(data))
+    assert scan.bad_offset == ends[5] and not scan.torn
+
+
+def test_a_zeroed_sector_in_the_middle_is_damage_but_zeros_to_the_end_are_a_torn_tail(tmp_path):
+    p = tmp_path / "seg.pbj"
+    ends = make_segment(p, FRAMES)
+    data = bytearray(p.read_bytes())
+    mid = bytearray(data)
+    mid[ends[5] : ends[5] + 512] = bytes(512)
+    scan = scan_segment(str(p), bytes(mid))
+    assert not scan.clean and not scan.torn
+    tail = bytes(data[: ends[-2]]) + bytes(len(data) - ends[-2])  # the last append's pages never written
+    scan = scan_segment(str(p), tail)
+    assert scan.torn and scan.valid_length == ends[-2]
 
 
 def test_a_newer_format_version_is_refused_before_anything_else(tmp_path):
@@ -110,6 +136,7 @@ def test_random_damage_is_always_detected(tmp_path):
     data = p.read_bytes()
     good = [(f.data_version, f.statements) for f in scan_segment(str(p)).frames]
     boundaries = {HEADER_SIZE} | {f.offset for f in scan_segment(str(p)).frames}
+    last_frame_start = max(boundaries)
     for _ in range(1000):
         d = bytearray(data)
         what = rng.choice(["flip", "truncate", "garbage"])
@@ -130,6 +157,8 @@ def test_random_damage_is_always_detected(tmp_path):
             assert scan.clean and len(got) == sorted(boundaries).index(len(d))
         else:
             assert not scan.clean, what
+        if what == "flip" and scan.bad_offset < last_frame_start:
+            assert not scan.torn, "damage before the last frame taken for a torn tail"
 
 
 @pytest.mark.parametrize(
@@ -152,19 +181,23 @@ def test_sequence_rules(last, version, pragma, journaled, expected):
 
 
 @pytest.mark.parametrize(
-    "last, journaled, calls, live, expected",
+    "last, unconfirmed, calls, live, expected",
     [
-        (100, True, [(101, False), (102, False)], 102, Action.APPEND),
+        # The backup's newest transaction is known committed (a commit mark or a PRAGMA after it).
+        (100, False, [(101, False), (102, False)], 102, Action.APPEND),
+        (100, False, [], 100, Action.APPEND),
+        (100, False, [(104, False)], 104, Action.GAP),
+        (100, False, [], 105, Action.GAP),
+        (100, False, [(50, False)], 50, Action.BEHIND),
+        (100, False, [], 60, Action.BEHIND),
+        # Answered by a plugin that is gone, never confirmed: only its resend may follow.
         (101, True, [(101, False), (102, False)], 102, Action.APPEND),  # rewind among early calls
-        (100, True, [], 101, Action.GAP),  # live committed one more than the backup holds
-        (100, True, [], 100, Action.APPEND),
-        (101, True, [], 100, Action.APPEND),  # last frame answered but never committed
-        (100, True, [(104, False)], 104, Action.GAP),
-        (100, True, [], 105, Action.GAP),
+        (101, True, [], 100, Action.APPEND),  # answered, never committed: lightningd will resend it
+        (100, True, [(101, False), (102, False)], 102, Action.GAP),  # was 100 ours? cannot tell
+        (100, True, [], 100, Action.GAP),
+        (100, True, [(100, True)], 100, Action.GAP),  # a PRAGMA proves a commit, not whose
         (100, True, [(50, False)], 50, Action.BEHIND),
-        (100, True, [], 60, Action.BEHIND),
-        (100, False, [], 101, Action.GAP),
     ],
 )
-def test_reconcile_at_init(last, journaled, calls, live, expected):
-    assert reconcile(last, journaled, calls, live) is expected
+def test_reconcile_at_init(last, unconfirmed, calls, live, expected):
+    assert reconcile(last, unconfirmed, calls, live) is expected

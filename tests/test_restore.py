@@ -11,6 +11,7 @@ import pytest
 import dbcompare
 import driver
 from helpers import cli, segments
+from pibackup.journal import KIND_TX, scan_segment
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +85,8 @@ def test_torn_tail_is_reported_and_everything_before_it_restored(copy, tmp_path)
     d, live = copy
     seg = segments(d)[-1]
     data = seg.read_bytes()
-    scan_end = len(data)
-    seg.write_bytes(data[: scan_end - 7])  # the last frame lost its end in a power cut
+    last_tx = [f for f in scan_segment(str(seg)).frames if f.kind == KIND_TX][-1]
+    seg.write_bytes(data[: last_tx.offset + 30])  # the last transaction lost its end in a power cut
     out = tmp_path / "out.sqlite3"
     r = cli("restore", str(d), str(out))
     assert r.returncode == 0, r.stderr
@@ -140,3 +141,35 @@ def test_help_is_there_for_each_command():
         assert r.returncode == 0 and "usage: pibackup" in r.stdout
     r = cli("restore")
     assert r.returncode == 2
+
+
+def test_partial_restore_after_damage_in_a_middle_segment_keeps_every_frame_before_it(copy, tmp_path):
+    d, _ = copy
+    seg = segments(d)[1]
+    frames = [f for f in scan_segment(str(seg)).frames if f.kind == KIND_TX]
+    victim = frames[len(frames) // 2]
+    data = bytearray(seg.read_bytes())
+    data[victim.offset + 40] ^= 0x04
+    seg.write_bytes(bytes(data))
+    out = tmp_path / "out.sqlite3"
+    r = cli("restore", str(d), str(out), "--partial")
+    assert r.returncode == 1 and f"offset {victim.offset}" in r.stderr, r.stderr
+    assert version_of(out) == victim.data_version - 1
+
+
+def test_restore_into_an_impossible_place_is_a_clear_error(copy, tmp_path):
+    d, _ = copy
+    r = cli("restore", str(d), "/proc/version/x.sqlite3")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "pibackup: error:" in r.stderr
+
+
+def test_force_is_refused_while_lightningd_runs_on_the_backup(traces, make_node, dest, tmp_path):
+    node = make_node()
+    node.start(traces["A"][:9])
+    existing = tmp_path / "lightningd.sqlite3"
+    existing.write_bytes(b"x")
+    r = cli("restore", str(dest), str(existing), "--force")
+    assert r.returncode == 1 and "stop lightningd" in r.stderr
+    assert existing.read_bytes() == b"x"
+    assert cli("restore", str(dest), str(tmp_path / "new.sqlite3")).returncode == 0  # a new file is fine
+    node.stop()

@@ -193,6 +193,13 @@ def test_writes_after_shutdown_are_backed_up_until_stdin_closes(traces, make_nod
     assert dbcompare.backup_differences(node.live.path, out) == []
 
 
+def _tear(dest, version: int) -> None:
+    """A power cut during the next append: part of a frame reached the stick."""
+    seg = sorted(dest.glob("gen-*/seg-*.pbj"))[-1]
+    with open(seg, "ab") as f:
+        f.write(b"\x01\x00\x00\x00" + version.to_bytes(4, "big") + b"\x00\x00\x10\x00garbage")
+
+
 def test_torn_append_from_a_power_cut_is_skipped_and_the_backup_goes_on(traces, make_node, dest, tmp_path):
     recs = first_run(traces["A"])
     node = make_node()
@@ -200,20 +207,67 @@ def test_torn_append_from_a_power_cut_is_skipped_and_the_backup_goes_on(traces, 
     for r in recs[9:100]:
         node.call(r)
     node.kill()
-    # A power cut during the next append: part of a frame reached the stick.
-    seg = sorted(dest.glob("gen-*/seg-*.pbj"))[-1]
-    with open(seg, "ab") as f:
-        f.write(b"\x01\x00\x00\x00" + recs[100].data_version.to_bytes(4, "big") + b"\x00\x00\x10\x00garbage")
+    _tear(dest, recs[100].data_version)
     r = cli("restore", str(dest), str(tmp_path / "mid.sqlite3"))
     assert r.returncode == 0 and "unfinished append" in r.stderr, r.stderr
     node.start(recs[100:102])
     for r in recs[102:160]:
         node.call(r)
     node.stop()
-    assert "continuing in a new segment" in node.log_text()
+    # The plugin died before it could confirm its last transaction: a new generation.
+    assert "cannot be continued" in node.log_text()
     assert dbcompare.backup_differences(node.live.path, restored(dest, tmp_path)) == []
     v = cli("verify", str(dest))
-    assert v.returncode == 0, v.stdout
+    assert v.returncode == 0 and "unfinished append" in v.stdout, v.stdout
+
+
+def test_torn_tail_after_a_rewound_transaction_continues_in_a_new_segment(traces, make_node, dest, tmp_path):
+    recs = first_run(traces["A"])
+    node = make_node()
+    node.start(recs[:9])
+    for r in recs[9:100]:
+        node.call(r)
+    node.call_then_crash_before_commit(recs[100])
+    _tear(dest, recs[101].data_version)
+    node.start(recs[100:102])  # the resend: the same generation goes on
+    for r in recs[102:160]:
+        node.call(r)
+    node.stop()
+    assert "continuing in a new segment" in node.log_text()
+    assert "gen-000002" not in cli("verify", str(dest)).stdout
+    assert dbcompare.backup_differences(node.live.path, restored(dest, tmp_path)) == []
+    assert cli("verify", str(dest)).returncode == 0
+
+
+def test_a_transaction_that_replaced_ours_before_an_init_that_never_came_is_not_lost(traces, make_node, dest, tmp_path):
+    """lightningd gets continue for N and dies before committing it; on the next start it
+    commits a different N before init, and the plugin never reaches init; on the start
+    after that the backup must not keep our never-committed N."""
+    recs = first_run(traces["A"])
+    node = make_node()
+    node.start(recs[:9])
+    for r in recs[9:100]:
+        node.call(r)
+    v = recs[100].data_version
+    ours = Record(
+        0,
+        False,
+        v,
+        (
+            "INSERT INTO vars (name, intval) VALUES ('never_committed', 1);",
+            f"UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {v - 1}",
+        ),
+    )
+    node.call_then_crash_before_commit(ours)
+    node.start([recs[100]], init=False)  # committed by lightningd ...
+    node.kill()  # ... and the plugin dies before init
+    node.start([recs[101], recs[102]])  # starts at N+1, exactly where our journal would go on
+    for r in recs[103:140]:
+        node.call(r)
+    node.stop()
+    out = restored(dest, tmp_path)
+    assert dbcompare.backup_differences(node.live.path, out) == []
+    assert sqlite3.connect(out).execute("SELECT count(*) FROM vars WHERE name='never_committed'").fetchone()[0] == 0
 
 
 def test_developer_mode_argument_is_accepted(traces, make_node, dest, tmp_path):
