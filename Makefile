@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES = python3 python3-venv python3-pip sqlite3 make
 
-.PHONY: setup test test-long lint clean
+.PHONY: setup test test-long lint bench clean
 
 setup:
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -28,3 +28,7 @@ test-long:
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -prune -exec rm -rf {} +
+
+# Benchmarks: never part of `make test`. Prints tables.
+bench:
+	$(PY) bench/filter_tiers.py
