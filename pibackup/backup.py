@@ -18,7 +18,7 @@ from . import destination as dst
 from . import filter as flt
 from .errors import PibackupError
 from .generation import DamageError, Tail, generation_info, read_tail
-from .journal import KIND_INFO, KIND_PRAGMA, KIND_TX, SegmentHeader, SegmentWriter
+from .journal import FLAG_DEFLATE, KIND_INFO, KIND_PRAGMA, KIND_TX, SegmentHeader, SegmentWriter
 from .sequence import Action, classify, is_pragma_only, reconcile
 from .snapshot import live_data_version, take_snapshot
 
@@ -98,6 +98,7 @@ class Backup:
         filter_tables: FrozenSet[str] = frozenset(flt.DEFAULT_FILTER),
         batch_seconds: float = DEFAULT_BATCH_SECONDS,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
+        compress: bool = True,
     ):
         self.destination = destination
         self.live_db = live_db
@@ -106,6 +107,7 @@ class Backup:
         self.filter_tables = frozenset(filter_tables)
         self.batch_seconds = batch_seconds
         self.batch_bytes = batch_bytes
+        self._segment_flags = FLAG_DEFLATE if compress else 0
         self.dest = dst.Destination(destination)
         self.writer: Optional[SegmentWriter] = None
         self.generation: Optional[str] = None
@@ -214,20 +216,20 @@ class Backup:
         return _Tail(gen, f.data_version, f.kind == KIND_TX, t, damage)
 
     def _continue(self, tail: _Tail) -> None:
+        """Go on in the newest generation, in a new segment: a segment's deflate stream
+        cannot be resumed by another process, and written bytes are never touched."""
         t = tail.tail
         assert t is not None
         self.generation = tail.generation.path
         self.last, self.last_is_journaled = tail.last, tail.last_unconfirmed
-        if t.bad_offset is None and t.valid_length == t.file_size:
-            self.writer = SegmentWriter.reopen(t.path, t.header, t.valid_length, t.final_checksum)
-            return
-        # A torn tail from a crash mid-append: it was never acknowledged. Leave the bytes
-        # alone and go on in a new segment whose header records where the valid part ended.
-        self.log(
-            f"{t.path}: unfinished append after offset {t.valid_length} (a crash during a write; it was "
-            "never acknowledged); continuing in a new segment",
-            "info",
-        )
+        if t.bad_offset is not None:
+            # A torn tail from a crash mid-append: it was never acknowledged. The new
+            # segment's header records where the valid part ended.
+            self.log(
+                f"{t.path}: unfinished append after offset {t.valid_length} (a crash during a write; it was "
+                "never acknowledged); continuing in a new segment",
+                "info",
+            )
         self._open_segment(t.header, t.header.segment + 1, t.valid_length, t.final_checksum)
 
     # --- generations and segments ---------------------------------------------------
@@ -248,6 +250,7 @@ class Backup:
                 base_version=version,
                 snapshot_sha256=sha,
                 created=int(time.time()),
+                flags=self._segment_flags,
             )
             writer = SegmentWriter.create(os.path.join(partial, dst.segment_filename(1)), header)
             writer.append(KIND_INFO, version, self._info_lines())
@@ -279,6 +282,7 @@ class Backup:
             prev_valid_length=prev_length,
             prev_checksum=prev_checksum,
             created=int(time.time()),
+            flags=self._segment_flags,
         )
         writer = SegmentWriter.create(os.path.join(self.generation, dst.segment_filename(number)), header)
         if self.writer is not None:

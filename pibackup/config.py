@@ -5,14 +5,17 @@ Option names and help texts live in plugin.py; values are judged here.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, FrozenSet, Mapping, Optional
 
 from .errors import PibackupError
 from .filter import parse_filter
 
-SEGMENT_MB_DEFAULT = 32
-SEGMENT_MB_MAX = 1024  # well under FAT32's 4 GiB file limit
+SEGMENT_SIZE_DEFAULT = "32M"
+SEGMENT_MIN = 64 * 1024
+SEGMENT_MAX = 1024 * 1024 * 1024  # well under FAT32's 4 GiB file limit
+_SIZE = re.compile(r"^\s*(\d+)\s*([KkMmGg]?)i?[Bb]?\s*$")
 
 
 class ConfigError(PibackupError):
@@ -35,6 +38,17 @@ class Config:
     batch_bytes: int
 
 
+def parse_size(name: str, raw: Any) -> int:
+    """A size such as 32M, 512K or 1G (binary units)."""
+    m = _SIZE.match(str(raw))
+    if not m:
+        raise ConfigError(f"{name}={raw!r} is not a size: write it like 32M or 512K (default {SEGMENT_SIZE_DEFAULT})")
+    value = int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+    if not SEGMENT_MIN <= value <= SEGMENT_MAX:
+        raise ConfigError(f"{name}={raw} is out of range: give 64K to 1G (default {SEGMENT_SIZE_DEFAULT})")
+    return value
+
+
 def _int(options: Mapping[str, Any], name: str, default: int, low: int, high: int, unit: str) -> int:
     raw = options.get(name, default)
     try:
@@ -51,7 +65,7 @@ def parse_options(options: Mapping[str, Any]) -> Config:
     if dest is not None and not isinstance(dest, str):
         raise ConfigError("pibackup-destination must be a path")
     live = options.get("pibackup-live-db") or None
-    seg_mb = _int(options, "pibackup-segment-mb", SEGMENT_MB_DEFAULT, 1, SEGMENT_MB_MAX, "megabytes")
+    segment_bytes = parse_size("pibackup-segment-size", options.get("pibackup-segment-size", SEGMENT_SIZE_DEFAULT))
     batch_s = _int(options, "pibackup-batch-seconds", BATCH_SECONDS_DEFAULT, 0, BATCH_SECONDS_MAX, "seconds")
     batch_kb = _int(options, "pibackup-batch-kb", BATCH_KB_DEFAULT, 1, BATCH_KB_MAX, "KiB")
     tables = options.get("pibackup-filter-tables")
@@ -60,7 +74,7 @@ def parse_options(options: Mapping[str, Any]) -> Config:
     return Config(
         destination=dest or "",
         live_db=live,
-        segment_bytes=seg_mb * 1024 * 1024,
+        segment_bytes=segment_bytes,
         filter_tables=parse_filter(tables),
         batch_seconds=batch_s,
         batch_bytes=batch_kb * 1024,

@@ -9,7 +9,7 @@ from typing import Any, List
 
 from pyln.client import Plugin
 
-from .config import BATCH_KB_DEFAULT, BATCH_SECONDS_DEFAULT, SEGMENT_MB_DEFAULT
+from .config import BATCH_KB_DEFAULT, BATCH_SECONDS_DEFAULT, SEGMENT_SIZE_DEFAULT
 from .filter import DEFAULT_FILTER, FILTERABLE
 from .hook import HookHandler
 
@@ -48,10 +48,9 @@ plugin.add_option(
     opt_type="int",
 )
 plugin.add_option(
-    "pibackup-segment-mb",
-    SEGMENT_MB_DEFAULT,
-    "Size in MiB at which a journal segment file is closed and a new one begun (1-1024).",
-    opt_type="int",
+    "pibackup-segment-size",
+    SEGMENT_SIZE_DEFAULT,
+    "Size at which a journal segment file is closed and a new one begun: 64K to 1G.",
 )
 
 

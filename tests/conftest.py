@@ -29,7 +29,7 @@ def make_node(tmp_path: Path, dest: Path) -> Iterator[Callable[..., driver.Node]
     nodes = []
 
     def make(**options: object) -> driver.Node:
-        opts = {"pibackup-destination": str(dest), "pibackup-segment-mb": 1}
+        opts = {"pibackup-destination": str(dest), "pibackup-segment-size": "128K"}
         opts.update({k.replace("_", "-"): v for k, v in options.items()})  # pibackup_x or "pibackup-x"
         n = driver.Node(tmp_path / f"node{len(nodes)}", opts)
         nodes.append(n)

@@ -79,7 +79,7 @@ def readonly_mount(tmp_path: Path):
     if r.returncode != 0:
         pytest.skip(f"cannot mount a read-only tmpfs here (needs root): {r.stderr.decode().strip()}")
     yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def test_read_only_destination_is_refused(make_node, traces, readonly_mount):

@@ -23,17 +23,17 @@ def first_run(records):
 
 @pytest.fixture
 def small_stick(tmp_path: Path):
-    """A 2 MiB tmpfs standing in for a nearly full USB stick (needs root)."""
+    """A 160 KiB tmpfs standing in for a nearly full USB stick (needs root)."""
     mnt = tmp_path / "stick"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.decode().strip()}")
     yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
-def test_full_medium_halts_the_node_and_loses_nothing(traces, make_node, small_stick, tmp_path):
+def test_full_medium_halts_the_node_and_loses_nothing(small_stick, traces, make_node, tmp_path):
     dest = small_stick / "pibackup"
     dest.mkdir()
     recs = first_run(traces["A"])
@@ -46,7 +46,7 @@ def test_full_medium_halts_the_node_and_loses_nothing(traces, make_node, small_s
         except Halted:
             halted_at = i
             break
-    assert halted_at is not None, "a 2 MiB stick should fill up"
+    assert halted_at is not None, "a 160 KiB stick should fill up"
     log = node.log_text()
     assert "the backup medium is full; free space on it or replace it" in log, log
     # Everything lightningd committed is in the backup.

@@ -20,7 +20,7 @@ def backup(tmp_path_factory, traces):
     root = tmp_path_factory.mktemp("backup")
     dest = root / "usb"
     dest.mkdir()
-    node = driver.Node(root, {"pibackup-destination": str(dest), "pibackup-segment-mb": 1})
+    node = driver.Node(root, {"pibackup-destination": str(dest), "pibackup-segment-size": "128K"})
     driver.run_sessions(node, traces["A"])
     node.live.close()
     assert len(segments(dest)) >= 3

@@ -182,3 +182,21 @@ def test_unfiltered_unbatched_restore_equals_the_live_database_exactly(make_node
     assert r.returncode == 0 and "--rescan" not in r.stdout
     assert dbcompare.differences(node.live.path, out) == []
     assert cli("verify", str(dest)).returncode == 0
+
+
+def test_cascades_from_blocks_into_the_filtered_utxoset_keep_the_backup_consistent(make_node, traces, dest, tmp_path):
+    recs = traces["filler-A"]
+    restart = next(i for i in range(1, len(recs)) if recs[i].seq == 1)
+    rescan = next(i for i in range(restart, len(recs)) if any(w.startswith("DELETE FROM blocks") for w in recs[i].writes))
+    node = make_node()
+    driver.run_sessions(node, recs[:rescan])
+    before = node.live.conn.execute("SELECT count(*) FROM utxoset").fetchone()[0]
+    node.start([recs[rescan]])  # lightningd's start-up rescan: DELETE FROM blocks WHERE height > X
+    after = node.live.conn.execute("SELECT count(*) FROM utxoset").fetchone()[0]
+    node.stop()
+    assert after < before, "the rescan's cascade removed utxoset rows in the live DB"
+    out = tmp_path / "r.sqlite3"
+    assert restore_to(dest, out).returncode == 0
+    c = sqlite3.connect(out)
+    assert c.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert dbcompare.backup_differences(node.live.path, out) == []
