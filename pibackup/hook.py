@@ -68,6 +68,7 @@ class HookHandler:
                 filter_tables=cfg.filter_tables,
                 batch_seconds=cfg.batch_seconds,
                 batch_bytes=cfg.batch_bytes,
+                preallocate=cfg.preallocate_bytes,
             )
             backup.start(self.early)
         except Exception as e:

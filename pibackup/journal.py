@@ -229,8 +229,9 @@ class SegmentReader:
             if frame is not None:
                 frame, reason = self._decode(frame)
             if frame is None:
-                self.bad_offset, self.bad_reason = pos, reason
-                self.torn = self._torn_after(pos)
+                if not self._zero_from(pos):  # zeros to the end: unused preallocated space
+                    self.bad_offset, self.bad_reason = pos, reason
+                    self.torn = self._torn_after(pos)
                 break
             self.frame_count += 1
             seed, pos = frame.checksum, end
@@ -275,10 +276,11 @@ class SegmentReader:
     def _torn_after(self, pos: int) -> bool:
         """Is what starts at pos the remains of an interrupted append, rather than damage?
 
-        Yes when fewer bytes than a frame header remain, when they are all zero, or when a
-        plausible frame runs past the end of the file and no frame anywhere after it
-        chains from its checksum. Anything else is damage: a reader must never take
-        acknowledged frames after a damaged one for an unfinished append.
+        Yes when fewer bytes than a frame header remain, or when a plausible frame runs
+        past the end of the file or into zeros that last to the end (preallocated space),
+        and no frame anywhere after it chains from its checksum. Anything else is damage: a
+        reader must never take acknowledged frames after a damaged one for an unfinished
+        append.
         """
         remaining = self.file_size - pos
         if remaining < FRAME_HEADER_SIZE:
@@ -290,7 +292,8 @@ class SegmentReader:
         head = f.read(FRAME_HEADER_SIZE)
         kind, encoding, reserved, _, length = _FRAME.unpack_from(head)
         plausible = kind in KINDS and encoding in ENCODINGS and reserved == 0 and length <= MAX_PAYLOAD
-        if not plausible or pos + FRAME_HEADER_SIZE + length <= self.file_size:
+        end = pos + FRAME_HEADER_SIZE + length
+        if not plausible or (end < self.file_size and not self._zero_from(end)):
             return False
         (stored,) = _U32.unpack_from(head, _FRAME.size)
         return not self._resyncs(pos + FRAME_HEADER_SIZE, stored)
@@ -355,11 +358,13 @@ class SegmentWriter:
     is durable only once a flush that covers it has returned.
     """
 
-    def __init__(self, path: str, fd: int, header: SegmentHeader, size: int, checksum: int):
+    def __init__(self, path: str, fd: int, header: SegmentHeader, size: int, checksum: int, preallocate: int = 0):
         self.path = path
         self.fd = fd
         self.header = header
-        self.size = size  # bytes durably in the file
+        self.size = size  # bytes of valid content, durably in the file
+        self.allocated = size  # the file's length: zeros beyond `size`
+        self.preallocate = preallocate
         self.checksum = checksum  # chain value after the last added frame
         self._pending: List[bytes] = []
         self.pending_bytes = 0
@@ -368,12 +373,12 @@ class SegmentWriter:
         self.syncs = 0
 
     @classmethod
-    def create(cls, path: str, header: SegmentHeader) -> SegmentWriter:
+    def create(cls, path: str, header: SegmentHeader, preallocate: int = 0) -> SegmentWriter:
         """Create a new segment durably and atomically: the header is written to PATH.tmp and
         synced, then renamed, then the directory is synced. A segment never exists without
         its whole header."""
         tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             _write_all(fd, header.encode())
             os.fsync(fd)
@@ -386,7 +391,7 @@ class SegmentWriter:
             except OSError:
                 pass
             raise
-        return cls(path, fd, header, HEADER_SIZE, header.checksum)
+        return cls(path, fd, header, HEADER_SIZE, header.checksum, preallocate)
 
     def add(self, kind: int, data_version: int, statements: Sequence[str]) -> int:
         """Encode one frame after the others; returns its size. Not durable until flush()."""
@@ -401,7 +406,10 @@ class SegmentWriter:
         if not self._pending:
             return 0
         data = b"".join(self._pending)
-        _write_all(self.fd, data)
+        end = self.size + len(data)
+        if self.preallocate and end > self.allocated:
+            self._extend(end)
+        _pwrite_all(self.fd, data, self.size)
         self.write_calls += 1
         os.fdatasync(self.fd)
         self.syncs += 1
@@ -413,6 +421,20 @@ class SegmentWriter:
         self.size += len(data)
         return len(data)
 
+    def _extend(self, end: int) -> None:
+        """Write zeros ahead, in whole chunks, and sync them once: afterwards an append only
+        overwrites blocks that exist, so its fdatasync flushes data and no metadata (the
+        file's size and extents stay as they are). Readers take trailing zeros for unused
+        space (FORMAT.md)."""
+        new = -(-end // self.preallocate) * self.preallocate  # up to a whole chunk
+        zeros = bytes(min(new - self.allocated, 1 << 20))
+        pos = self.allocated
+        while pos < new:
+            n = os.pwrite(self.fd, zeros[: new - pos], pos)
+            pos += n
+        os.fsync(self.fd)
+        self.allocated = new
+
     def append(self, kind: int, data_version: int, statements: Sequence[str]) -> int:
         """add() then flush(): one durable frame."""
         self.add(kind, data_version, statements)
@@ -422,6 +444,13 @@ class SegmentWriter:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _write_all(fd: int, data: bytes) -> None:

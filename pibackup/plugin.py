@@ -9,7 +9,7 @@ from typing import Any, List
 
 from pyln.client import Plugin
 
-from .config import BATCH_KB_DEFAULT, BATCH_SECONDS_DEFAULT, SEGMENT_SIZE_DEFAULT
+from .config import BATCH_KB_DEFAULT, BATCH_SECONDS_DEFAULT, PREALLOCATE_KB_DEFAULT, SEGMENT_SIZE_DEFAULT
 from .filter import DEFAULT_FILTER, FILTERABLE
 from .hook import HookHandler
 
@@ -45,6 +45,13 @@ plugin.add_option(
     "pibackup-batch-kb",
     BATCH_KB_DEFAULT,
     "Write waiting chain-bookkeeping transactions once they reach this many KiB.",
+    opt_type="int",
+)
+plugin.add_option(
+    "pibackup-preallocate-kb",
+    PREALLOCATE_KB_DEFAULT,
+    "Extend journal segments with zeros this many KiB at a time, so that an append does not change "
+    "the file's size (fewer metadata writes per sync). 0: off.",
     opt_type="int",
 )
 plugin.add_option(

@@ -92,11 +92,18 @@ class PluginDied(Exception):
 class PluginProcess:
     """The plugin as a child process, with lightningd's end of its pipes."""
 
-    def __init__(self, cwd: Path, extra_env: Optional[Dict[str, str]] = None, argv: Optional[List[str]] = None):
+    def __init__(
+        self,
+        cwd: Path,
+        extra_env: Optional[Dict[str, str]] = None,
+        argv: Optional[List[str]] = None,
+        plugin: Path = PLUGIN,
+        prefix: Sequence[str] = (),
+    ):
         env = dict(os.environ)
         env.update({"LIGHTNINGD_PLUGIN": "1", "LIGHTNINGD_VERSION": LIGHTNINGD_VERSION})
         env.update(extra_env or {})
-        cmd = [sys.executable, str(PLUGIN)] + (argv or [])
+        cmd = [*prefix, sys.executable, str(plugin)] + (argv or [])
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.messages: queue.Queue[Optional[Dict[str, Any]]] = queue.Queue()
         self.responses: Dict[str, Dict[str, Any]] = {}
@@ -219,12 +226,16 @@ class Node:
         self.all_logs: List[Tuple[str, str]] = []
         self.acknowledged = 0  # calls answered `continue` (and so committed)
         self.plugin_argv: List[str] = []  # lightningd adds --developer in developer mode
+        self.plugin_path = PLUGIN  # the benchmarks also drive a bare plugin
+        self.plugin_prefix: Sequence[str] = ()  # e.g. strace, for the benchmarks
+        self.commit_to_live = True  # the synthetic benchmark trace is not applied to a DB
+        self.latencies: List[float] = []  # db_write round trips, seconds
 
     # --- lifecycle -----------------------------------------------------------
     def start(self, early: Sequence[Record] = (), init: bool = True) -> None:
         """Start the plugin: getmanifest, the calls lightningd makes before init, init."""
         assert self.plugin is None
-        self.plugin = PluginProcess(self.netdir, argv=self.plugin_argv)
+        self.plugin = PluginProcess(self.netdir, argv=self.plugin_argv, plugin=self.plugin_path, prefix=self.plugin_prefix)
         manifest = self.plugin.request("getmanifest", {"allow-deprecated-apis": False})["result"]
         assert any(h["name"] == "db_write" for h in manifest["hooks"]), manifest
         self.manifest = manifest
@@ -255,11 +266,14 @@ class Node:
     def call(self, r: Record) -> None:
         """One db_write: commit it to the live DB only if the plugin says continue."""
         assert self.plugin is not None
+        t0 = time.perf_counter()
         resp = self.plugin.request("db_write", {"data_version": r.data_version, "writes": list(r.writes)})
+        self.latencies.append(time.perf_counter() - t0)
         if resp.get("result") != {"result": "continue"}:
             self.halt()
             raise Halted(str(resp))
-        self.live.commit(r.writes)
+        if self.commit_to_live:
+            self.live.commit(r.writes)
         self.acknowledged += 1
 
     def call_and_kill(self, r: Record, delay: float) -> bool:

@@ -102,7 +102,7 @@ def test_damaged_frame_header_in_the_middle_is_not_a_torn_tail(tmp_path, field_o
     assert scan.bad_offset == ends[5] and not scan.torn
 
 
-def test_a_zeroed_sector_in_the_middle_is_damage_but_zeros_to_the_end_are_a_torn_tail(tmp_path):
+def test_a_zeroed_sector_in_the_middle_is_damage_but_zeros_to_the_end_are_unused_space(tmp_path):
     p = tmp_path / "seg.pbj"
     ends = make_segment(p, FRAMES)
     data = bytearray(p.read_bytes())
@@ -112,7 +112,39 @@ def test_a_zeroed_sector_in_the_middle_is_damage_but_zeros_to_the_end_are_a_torn
     assert not scan.clean and not scan.torn
     tail = bytes(data[: ends[-2]]) + bytes(len(data) - ends[-2])  # the last append's pages never written
     scan = scan_segment(str(p), tail)
-    assert scan.torn and scan.valid_length == ends[-2]
+    assert scan.clean and scan.valid_length == ends[-2] and len(scan.frames) == len(FRAMES) - 1
+
+
+def make_preallocated(path: Path, frames, chunk: int = 4096):
+    h = SegmentHeader(
+        generation=1, generation_id=os.urandom(16), segment=1, base_version=0, snapshot_sha256=b"\0" * 32, flags=FLAG_DEFLATE
+    )
+    w = SegmentWriter.create(str(path), h, preallocate=chunk)
+    ends = []
+    for kind, v, stmts in frames:
+        w.append(kind, v, stmts)
+        ends.append(w.size)
+    w.close()
+    return ends
+
+
+def test_preallocated_segment_reads_clean_and_tears_like_any_other(tmp_path):
+    p = tmp_path / "seg.pbj"
+    ends = make_preallocated(p, FRAMES)
+    data = p.read_bytes()
+    assert len(data) % 4096 == 0 and len(data) > ends[-1]
+    scan = scan_segment(str(p))
+    assert scan.clean and len(scan.frames) == len(FRAMES) and scan.valid_length == ends[-1]
+    # The last append was cut short by a power cut: its tail never reached the stick.
+    for cut in range(ends[-2] + 17, ends[-1], 7):
+        torn = data[:cut] + bytes(len(data) - cut)
+        scan = scan_segment(str(p), torn)
+        assert scan.torn and len(scan.frames) == len(FRAMES) - 1, cut
+    # A flipped bit in an earlier frame is damage, as without preallocation.
+    bad = bytearray(data)
+    bad[ends[3] + 20] ^= 1
+    scan = scan_segment(str(p), bytes(bad))
+    assert not scan.clean and not scan.torn and scan.bad_offset == ends[3]
 
 
 def test_a_newer_format_version_is_refused_before_anything_else(tmp_path):

@@ -37,7 +37,7 @@ def test_full_medium_halts_the_node_and_loses_nothing(small_stick, traces, make_
     dest = small_stick / "pibackup"
     dest.mkdir()
     recs = first_run(traces["A"])
-    node = make_node(pibackup_destination=str(dest))
+    node = make_node(pibackup_destination=str(dest), pibackup_preallocate_kb=16)
     node.start(recs[:9])
     halted_at = None
     for i, r in enumerate(recs[9:], start=9):

@@ -12,6 +12,7 @@ import dbcompare
 import driver
 from driver import Halted, Record
 from helpers import cli, restore_to, tree_digest
+from pibackup.journal import scan_segment
 
 
 def restored(dest: Path, tmp_path: Path, name: str = "restored.sqlite3") -> Path:
@@ -196,8 +197,10 @@ def test_writes_after_shutdown_are_backed_up_until_stdin_closes(traces, make_nod
 def _tear(dest, version: int) -> None:
     """A power cut during the next append: part of a frame reached the stick."""
     seg = sorted(dest.glob("gen-*/seg-*.pbj"))[-1]
-    with open(seg, "ab") as f:
-        f.write(b"\x01\x00\x00\x00" + version.to_bytes(4, "big") + b"\x00\x00\x10\x00garbage")
+    end = scan_segment(str(seg)).valid_length  # where the next append goes (zeros may follow)
+    with open(seg, "r+b") as f:
+        f.seek(end)
+        f.write(b"\x01\x01\x00\x00" + version.to_bytes(4, "big") + b"\x00\x00\x10\x00garbage")
 
 
 def test_torn_append_from_a_power_cut_is_skipped_and_the_backup_goes_on(traces, make_node, dest, tmp_path):

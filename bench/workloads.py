@@ -1,0 +1,54 @@
+"""The benchmark's workloads: the real recordings, and a long synthetic trace built from
+trace A's real statement shapes (its payments, over and over, with fresh random blobs)."""
+
+from __future__ import annotations
+
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import driver  # noqa: E402
+from driver import Record  # noqa: E402
+
+_BUMP = re.compile(r"\s*UPDATE vars SET intval = intval \+ 1 WHERE name = 'data_version'")
+_BLOB = re.compile(r"x'([0-9a-fA-F]*)'")
+_DDL = re.compile(r"\s*(CREATE|ALTER|DROP|PRAGMA)\b", re.I)
+
+
+def first_run(records: List[Record]) -> List[Record]:
+    for i in range(1, len(records)):
+        if records[i].seq == 1:
+            return records[:i]
+    return records
+
+
+def synthetic(n: int, seed: int = 1) -> Tuple[List[Record], Iterator[Record]]:
+    """(prefix, calls): the prefix is trace A's first run, replayed for real so the live DB
+    exists; then n calls shaped like A's after its channel opened. Blobs (signatures,
+    hashes, onions: most of the bytes, and random in reality) are fresh random bytes of the
+    same length; integers and text repeat, so the stream is a little kinder to compression
+    than a real node's."""
+    records = driver.load_trace("A")
+    prefix = first_run(records)
+    templates = [r for r in prefix[len(prefix) // 3 :] if not r.pre_init and not any(_DDL.match(w) for w in r.writes)]
+    start = prefix[-1].data_version
+
+    def calls() -> Iterator[Record]:
+        rng = random.Random(seed)
+        for k in range(n):
+            t = templates[k % len(templates)]
+            v = start + 1 + k
+            writes = []
+            for w in t.writes:
+                if _BUMP.match(w):
+                    writes.append(f"UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {v - 1}")
+                else:
+                    writes.append(_BLOB.sub(lambda m: "x'" + rng.randbytes(len(m.group(1)) // 2).hex() + "'", w))
+            yield Record(0, False, v, tuple(writes))
+
+    return prefix, calls()
