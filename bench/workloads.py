@@ -20,13 +20,6 @@ _BLOB = re.compile(r"x'([0-9a-fA-F]*)'")
 _DDL = re.compile(r"\s*(CREATE|ALTER|DROP|PRAGMA)\b", re.I)
 
 
-def first_run(records: List[Record]) -> List[Record]:
-    for i in range(1, len(records)):
-        if records[i].seq == 1:
-            return records[:i]
-    return records
-
-
 def synthetic(n: int, seed: int = 1) -> Tuple[List[Record], Iterator[Record]]:
     """(prefix, calls): the prefix is trace A's first run, replayed for real so the live DB
     exists; then n calls shaped like A's after its channel opened. Blobs (signatures,
@@ -34,7 +27,7 @@ def synthetic(n: int, seed: int = 1) -> Tuple[List[Record], Iterator[Record]]:
     same length; integers and text repeat, so the stream is a little kinder to compression
     than a real node's."""
     records = driver.load_trace("A")
-    prefix = first_run(records)
+    prefix = driver.first_run(records)
     templates = [r for r in prefix[len(prefix) // 3 :] if not r.pre_init and not any(_DDL.match(w) for w in r.writes)]
     start = prefix[-1].data_version
 

@@ -48,6 +48,14 @@ def load_trace(name: str) -> List[Record]:
     return out
 
 
+def first_run(records: Sequence[Record]) -> List[Record]:
+    """A recording up to lightningd's first restart."""
+    for i in range(1, len(records)):
+        if records[i].seq == 1:
+            return list(records[:i])
+    return list(records)
+
+
 def trace_names() -> List[str]:
     return sorted(p.stem for p in TRACES.glob("*.jsonl"))
 

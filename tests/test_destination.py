@@ -4,12 +4,12 @@ documented way (its next db_write refused, nothing committed), never a traceback
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from driver import Halted
+from helpers import tmpfs
 
 
 def _expect_refusal(node, traces, fragment: str) -> None:
@@ -73,13 +73,8 @@ def test_filesystem_root_artifacts_are_tolerated(make_node, traces, dest, tmp_pa
 
 @pytest.fixture
 def readonly_mount(tmp_path: Path):
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here (needs root): {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=True)
+    with tmpfs(tmp_path / "ro", "size=1m,ro") as mnt:
+        yield mnt
 
 
 def test_read_only_destination_is_refused(make_node, traces, readonly_mount):

@@ -23,9 +23,9 @@ from pibackup.journal import (
 from pibackup.sequence import Action, classify, reconcile
 
 
-def make_segment(path: Path, frames, flags: int = 0):
+def make_segment(path: Path, frames, flags: int = 0, preallocate: int = 0):
     h = SegmentHeader(generation=1, generation_id=os.urandom(16), segment=1, base_version=0, snapshot_sha256=b"\0" * 32, flags=flags)
-    w = SegmentWriter.create(str(path), h)
+    w = SegmentWriter.create(str(path), h, preallocate)
     ends = []
     for kind, v, stmts in frames:
         w.append(kind, v, stmts)
@@ -116,16 +116,7 @@ def test_a_zeroed_sector_in_the_middle_is_damage_but_zeros_to_the_end_are_unused
 
 
 def make_preallocated(path: Path, frames, chunk: int = 4096):
-    h = SegmentHeader(
-        generation=1, generation_id=os.urandom(16), segment=1, base_version=0, snapshot_sha256=b"\0" * 32, flags=FLAG_DEFLATE
-    )
-    w = SegmentWriter.create(str(path), h, preallocate=chunk)
-    ends = []
-    for kind, v, stmts in frames:
-        w.append(kind, v, stmts)
-        ends.append(w.size)
-    w.close()
-    return ends
+    return make_segment(path, frames, FLAG_DEFLATE, preallocate=chunk)
 
 
 def test_preallocated_segment_reads_clean_and_tears_like_any_other(tmp_path):

@@ -4,39 +4,27 @@ anything unbacked is committed, nothing acknowledged lost, and a clean resume af
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 import dbcompare
+import driver
 from driver import Halted
-from helpers import cli
-
-
-def first_run(records):
-    for i in range(1, len(records)):
-        if records[i].seq == 1:
-            return records[:i]
-    return records
+from helpers import cli, tmpfs
 
 
 @pytest.fixture
 def small_stick(tmp_path: Path):
     """A 160 KiB tmpfs standing in for a nearly full USB stick (needs root)."""
-    mnt = tmp_path / "stick"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=True)
+    with tmpfs(tmp_path / "stick", "size=160k") as mnt:
+        yield mnt
 
 
 def test_full_medium_halts_the_node_and_loses_nothing(small_stick, traces, make_node, tmp_path):
     dest = small_stick / "pibackup"
     dest.mkdir()
-    recs = first_run(traces["A"])
+    recs = driver.first_run(traces["A"])
     node = make_node(pibackup_destination=str(dest), pibackup_preallocate_kb=16)
     node.start(recs[:9])
     halted_at = None
@@ -68,7 +56,7 @@ def test_full_medium_halts_the_node_and_loses_nothing(small_stick, traces, make_
 
 
 def test_backup_directory_deleted_under_the_plugin_halts_the_node(traces, make_node, dest):
-    recs = first_run(traces["A"])
+    recs = driver.first_run(traces["A"])
     node = make_node()
     node.start(recs[:9])
     for r in recs[9:50]:

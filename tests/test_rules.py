@@ -22,14 +22,6 @@ def restored(dest: Path, tmp_path: Path, name: str = "restored.sqlite3") -> Path
     return out
 
 
-def first_run(records):
-    """The recording up to its first restart (a fresh node's first lightningd run)."""
-    for i in range(1, len(records)):
-        if records[i].seq == 1:
-            return records[:i]
-    return records
-
-
 def test_rewind_replaces_the_uncommitted_transaction(traces, make_node, dest, tmp_path):
     recs = traces["A"][:40]
     node = make_node()
@@ -91,7 +83,7 @@ def test_pragma_only_calls_that_repeat_a_version_are_not_rewinds(traces, make_no
 
 
 def test_gap_starts_a_new_generation_from_a_snapshot(traces, make_node, dest, tmp_path):
-    recs = first_run(traces["A"])
+    recs = driver.first_run(traces["A"])
     node = make_node()
     node.start([r for r in recs if r.pre_init])
     for r in recs[9:200]:
@@ -114,7 +106,7 @@ def test_gap_starts_a_new_generation_from_a_snapshot(traces, make_node, dest, tm
 
 
 def test_first_start_on_an_existing_node_snapshots_it(traces, make_node, dest, tmp_path):
-    recs = first_run(traces["A"])
+    recs = driver.first_run(traces["A"])
     node = make_node()
     for r in recs[:400]:
         node.commit_without_plugin(r)
@@ -128,7 +120,7 @@ def test_first_start_on_an_existing_node_snapshots_it(traces, make_node, dest, t
 
 
 def test_live_database_older_than_the_backup_halts_and_leaves_the_backup_untouched(traces, make_node, dest, tmp_path):
-    recs = first_run(traces["A"])
+    recs = driver.first_run(traces["A"])
     node = make_node()
     node.start([r for r in recs if r.pre_init])
     for r in recs[9:100]:
@@ -165,7 +157,7 @@ def test_calls_before_init_are_backed_up(traces, make_node, dest, tmp_path):
 
 
 def test_plugin_killed_before_init_repairs_the_gap_from_the_live_db(traces, make_node, dest, tmp_path):
-    recs = first_run(traces["A"])
+    recs = driver.first_run(traces["A"])
     node = make_node()
     node.start(recs[:9])
     for r in recs[9:100]:
@@ -181,7 +173,7 @@ def test_plugin_killed_before_init_repairs_the_gap_from_the_live_db(traces, make
 
 
 def test_writes_after_shutdown_are_backed_up_until_stdin_closes(traces, make_node, dest, tmp_path):
-    recs = first_run(traces["A"])
+    recs = driver.first_run(traces["A"])
     node = make_node()
     node.start(recs[:9])
     for r in recs[9:100]:
@@ -204,7 +196,7 @@ def _tear(dest, version: int) -> None:
 
 
 def test_torn_append_from_a_power_cut_is_skipped_and_the_backup_goes_on(traces, make_node, dest, tmp_path):
-    recs = first_run(traces["A"])
+    recs = driver.first_run(traces["A"])
     node = make_node()
     node.start(recs[:9])
     for r in recs[9:100]:
@@ -225,7 +217,7 @@ def test_torn_append_from_a_power_cut_is_skipped_and_the_backup_goes_on(traces, 
 
 
 def test_torn_tail_after_a_rewound_transaction_continues_in_a_new_segment(traces, make_node, dest, tmp_path):
-    recs = first_run(traces["A"])
+    recs = driver.first_run(traces["A"])
     node = make_node()
     node.start(recs[:9])
     for r in recs[9:100]:
@@ -246,7 +238,7 @@ def test_a_transaction_that_replaced_ours_before_an_init_that_never_came_is_not_
     """lightningd gets continue for N and dies before committing it; on the next start it
     commits a different N before init, and the plugin never reaches init; on the start
     after that the backup must not keep our never-committed N."""
-    recs = first_run(traces["A"])
+    recs = driver.first_run(traces["A"])
     node = make_node()
     node.start(recs[:9])
     for r in recs[9:100]:
@@ -274,7 +266,7 @@ def test_a_transaction_that_replaced_ours_before_an_init_that_never_came_is_not_
 
 
 def test_developer_mode_argument_is_accepted(traces, make_node, dest, tmp_path):
-    recs = first_run(traces["A"])
+    recs = driver.first_run(traces["A"])
     node = make_node()
     node.plugin_argv = ["--developer"]
     node.start(recs[:9])

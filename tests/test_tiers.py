@@ -15,13 +15,6 @@ from helpers import cli, restore_to
 from pibackup.filter import FilterError, classify, parse_filter
 
 
-def first_run(records):
-    for i in range(1, len(records)):
-        if records[i].seq == 1:
-            return records[:i]
-    return records
-
-
 def is_bulk(r: Record) -> bool:
     return not classify(r.writes, {"utxoset"}).critical
 
@@ -92,7 +85,7 @@ def test_filter_read_violation_halts_the_node_before_commit(make_node, traces):
 
 
 def test_snapshot_keeps_the_schema_of_filtered_tables_but_not_their_rows(make_node, traces, dest, tmp_path):
-    recs = first_run(traces["filler-A"])
+    recs = driver.first_run(traces["filler-A"])
     node = make_node()
     for r in recs[:150]:
         node.commit_without_plugin(r)
@@ -114,7 +107,7 @@ def test_snapshot_keeps_the_schema_of_filtered_tables_but_not_their_rows(make_no
 
 
 def test_a_kill_loses_only_trailing_bulk_transactions_and_the_restart_repairs_it(make_node, traces, dest, tmp_path):
-    recs = first_run(traces["filler-A"])
+    recs = driver.first_run(traces["filler-A"])
     node = make_node()  # defaults: batch-seconds 30, so bulk calls wait in memory
     node.start(recs[:9])
     checked = 0
@@ -146,7 +139,7 @@ def _restore(dest, tmp_path):
 
 
 def test_waiting_bulk_transactions_are_written_after_batch_seconds(make_node, traces, dest, tmp_path):
-    recs = first_run(traces["filler-A"])
+    recs = driver.first_run(traces["filler-A"])
     node = make_node(pibackup_batch_seconds=1)
     node.start(recs[:9])
     i = 9
@@ -161,7 +154,7 @@ def test_waiting_bulk_transactions_are_written_after_batch_seconds(make_node, tr
 
 
 def test_waiting_bulk_transactions_go_out_with_the_next_critical_one(make_node, traces, dest, tmp_path):
-    recs = first_run(traces["filler-A"])
+    recs = driver.first_run(traces["filler-A"])
     node = make_node()
     node.start(recs[:9])
     i = 9
