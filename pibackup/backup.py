@@ -229,8 +229,8 @@ class Backup:
             # A torn tail from a crash mid-append: it was never acknowledged. The new
             # segment's header records where the valid part ended.
             self.log(
-                f"{t.path}: unfinished append after offset {t.valid_length} (a crash during a write; it was "
-                "never acknowledged); continuing in a new segment",
+                f"{t.path}: unfinished append after offset {t.valid_length} (a write cut short by a crash); "
+                "continuing in a new segment",
                 "info",
             )
         self._open_segment(t.header, t.header.segment + 1, t.valid_length, t.final_checksum)
@@ -346,7 +346,10 @@ class Backup:
             self.last, self.last_is_journaled = data_version, True
         else:
             self.last_is_journaled = False
-        if critical or self.batch_seconds <= 0:
+        if critical or a is Action.REWIND or self.batch_seconds <= 0:
+            # A rewind is always synced: the frame it replaces was synced, and until the
+            # replacement is too, the durable journal would end in a transaction
+            # lightningd never committed.
             self._flush()
         elif w.pending_bytes >= self.batch_bytes:
             self._flush(bulk=True)

@@ -36,7 +36,6 @@ _HEAD = re.compile(
 _DDL = re.compile(r"\s*(CREATE|ALTER|DROP)\b", re.IGNORECASE)
 _TRIGGER = re.compile(r"\s*CREATE\s+(?:TEMP\w*\s+)?TRIGGER\b", re.IGNORECASE)
 _PRAGMA = re.compile(r"\s*PRAGMA\b", re.IGNORECASE)
-_SOURCES = re.compile(r"\b(?:FROM|JOIN|INTO|UPDATE)\s+\"?(\w+)", re.IGNORECASE)
 _VARS_NAME = re.compile(r"""name\s*=\s*'([^']*)'|VALUES\s*\(\s*'([^']*)'""", re.IGNORECASE)
 _DATA_VERSION_BUMP = re.compile(r"\s*UPDATE\s+vars\s+SET\s+intval\s*=\s*intval\s*\+\s*1\s+WHERE\s+name\s*=\s*'data_version'", re.I)
 
@@ -108,10 +107,10 @@ def classify(writes: Sequence[str], filtered: Iterable[str]) -> Classified:
             critical = True
             continue
         if filtered:
-            reads = _sources(stmt) - {table}
-            if table not in filtered and reads & filtered:
+            reads = _identifiers(stmt) & filtered
+            if table not in filtered and reads:
                 raise FilterError(
-                    f"a statement on {table} reads the filtered table {sorted(reads & filtered)[0]} "
+                    f"a statement on {table} reads the filtered table {sorted(reads)[0]} "
                     f"({stmt[:120]!r}); its result would differ in the backup. Set pibackup-filter-tables=none "
                     "and restart lightningd"
                 )
@@ -128,10 +127,11 @@ def classify(writes: Sequence[str], filtered: Iterable[str]) -> Classified:
     return Classified(kept, critical, dropped)
 
 
-def _sources(stmt: str) -> FrozenSet[str]:
-    return frozenset(m.lower() for m in _SOURCES.findall(_LITERAL.sub("''", stmt)))
+def _identifiers(stmt: str) -> FrozenSet[str]:
+    """Every word of the statement outside string literals (a filtered table's name among
+    them means the statement reads it: FROM, JOIN, comma joins, subqueries alike)."""
+    return frozenset(re.findall(r"\w+", _LITERAL.sub("''", stmt).lower()))
 
 
 def _mentions(stmt: str, tables: FrozenSet[str]) -> bool:
-    words = set(re.findall(r"\w+", _LITERAL.sub("''", stmt).lower()))
-    return bool(words & tables)
+    return bool(_identifiers(stmt) & tables)

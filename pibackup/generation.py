@@ -102,13 +102,15 @@ def iter_frames(gen: Generation, end: End) -> Iterator[Tuple[Frame, str]]:
             if reader.bad_offset is not None and last:
                 if not reader.torn:
                     raise DamageError(
-                        f"{path}: damaged at offset {reader.bad_offset} ({reader.bad_reason}), with data after it",
+                        f"{path}: damaged at offset {reader.bad_offset} ({reader.bad_reason}), with data after it. "
+                        "If this follows a power cut, it may be a write cut short whose pages reached the stick "
+                        "out of order: `restore --partial` restores everything before it",
                         path,
                         reader.bad_offset,
                     )
                 end.torn_tail = (
-                    f"{path}: unfinished append at offset {reader.bad_offset} ({reader.bad_reason}): a write "
-                    "interrupted by a crash or power cut, never acknowledged to lightningd"
+                    f"{path}: unfinished append at offset {reader.bad_offset} ({reader.bad_reason}): a write cut "
+                    "short by a crash or power cut; no critical transaction in it had been acknowledged"
                 )
             prev = reader
 

@@ -105,6 +105,8 @@ def decode_header(data: bytes, path: str) -> SegmentHeader:
     if zlib.crc32(body) != stored:
         raise JournalError(f"{path}: segment header checksum mismatch (damaged header)")
     f = _HEADER.unpack(body)
+    if f[7] & ~FLAG_DEFLATE:
+        raise JournalError(f"{path}: unknown segment flags {f[7]:#x}: written by a newer pibackup")
     return SegmentHeader(
         generation=f[3],
         generation_id=f[4],

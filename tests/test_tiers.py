@@ -47,6 +47,8 @@ def test_text_that_merely_mentions_a_filtered_table_is_not_mistaken_for_a_read()
 def test_a_statement_reading_a_filtered_table_to_write_another_is_refused():
     with pytest.raises(FilterError, match="reads the filtered table utxoset"):
         classify(["INSERT INTO outputs SELECT txid, outnum FROM utxoset WHERE spendheight IS NULL"], {"utxoset"})
+    with pytest.raises(FilterError, match="reads the filtered table utxoset"):
+        classify(["INSERT INTO outputs SELECT b.height FROM blocks b, utxoset u WHERE u.blockheight = b.height"], {"utxoset"})
     with pytest.raises(FilterError, match="trigger"):
         classify(["CREATE TRIGGER t AFTER INSERT ON utxoset BEGIN DELETE FROM blocks; END"], {"utxoset"})
 
@@ -192,4 +194,33 @@ def test_cascades_from_blocks_into_the_filtered_utxoset_keep_the_backup_consiste
     assert restore_to(dest, out).returncode == 0
     c = sqlite3.connect(out)
     assert c.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert dbcompare.backup_differences(node.live.path, out) == []
+
+
+def test_a_bulk_resend_of_an_uncommitted_critical_transaction_is_synced_at_once(make_node, traces, dest, tmp_path):
+    """Critical N is synced and answered, lightningd dies before committing it, restarts
+    without calls before init and resends N as a bulk transaction: that rewind must be durable
+    before the answer, or a power cut leaves the never-committed N as the journal's end."""
+    recs = driver.first_run(traces["A"])
+    node = make_node()
+    node.start(recs[:9])
+    j = next(i for i in range(60, len(recs)) if not is_bulk(recs[i]))
+    for r in recs[9:j]:
+        node.call(r)
+    node.call_then_crash_before_commit(recs[j])
+    v = recs[j].data_version
+    resend = Record(
+        0,
+        False,
+        v,
+        (
+            "INSERT INTO blocks (height, hash, prev_hash) VALUES (999999, x'00', x'00');",
+            f"UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {v - 1}",
+        ),
+    )
+    assert is_bulk(resend)
+    node.start([])
+    node.call(resend)
+    node.kill()  # power cut
+    out = _restore(dest, tmp_path)
     assert dbcompare.backup_differences(node.live.path, out) == []
