@@ -120,6 +120,7 @@ class Backup:
         self.failure: Optional[str] = None  # set by the flusher thread; every later write refuses
         self._lock = threading.Lock()
         self._pending_since: Optional[float] = None
+        self.last_flush: Optional[float] = None  # time.time() of the last durable write
         self._stop = threading.Event()
         self._flusher: Optional[threading.Thread] = None
 
@@ -364,6 +365,7 @@ class Backup:
         n = w.flush()
         self._pending_since = None
         if n:
+            self.last_flush = time.time()
             self.counters.bytes_written += n
             self.counters.write_calls += 1
             self.counters.syncs += 1
@@ -414,10 +416,29 @@ class Backup:
                     self.failure = io_error_message(e, self.generation or self.destination)
                     self.log(f"pibackup: {self.failure}. lightningd will be halted at its next database write.", "error")
 
+    def generation_count(self) -> int:
+        try:
+            return len(self.dest.generations())
+        except OSError:
+            return 0
+
     def status(self) -> Dict[str, Any]:
+        try:
+            st = os.statvfs(self.destination)
+            free: Optional[int] = st.f_bavail * st.f_frsize
+        except OSError:
+            free = None
         with self._lock:
             w = self.writer
             return {
+                "destinations": [
+                    {
+                        "path": self.destination,
+                        "free_bytes": free,
+                        "generations": self.generation_count(),
+                        "last_write": None if self.last_flush is None else int(self.last_flush),
+                    }
+                ],
                 "destination": self.destination,
                 "live_db": self.live_db,
                 "generation": os.path.basename(self.generation or ""),

@@ -6,13 +6,15 @@ Messages and exit codes are for a person at a Pi's terminal: 0 ok, 1 failed or d
 from __future__ import annotations
 
 import argparse
+import json
 import sqlite3
 import sys
+import time
 from typing import List, Optional
 
 from . import __version__
 from .errors import PibackupError
-from .restore import restore, verify
+from .restore import offline_status, restore, verify
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
         description="Check every snapshot and journal frame; print generations, data_version ranges and damage.",
     )
     v.add_argument("backup_dir", metavar="BACKUP_DIR")
+    s = sub.add_parser(
+        "status",
+        help="show a backup directory's state without lightningd",
+        description="Generations, newest data_version, last write, size and free space of a backup directory, "
+        "and whether a running pibackup is writing it. Reads only the newest segment; `verify` reads everything.",
+    )
+    s.add_argument("backup_dir", metavar="BACKUP_DIR")
+    s.add_argument("--json", action="store_true", help="print JSON")
     return p
 
 
@@ -53,6 +63,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "restore":
             return _restore(args)
+        if args.command == "status":
+            return _status(args)
         return _verify(args)
     except PibackupError as e:
         print(f"pibackup: error: {e}", file=sys.stderr)
@@ -93,6 +105,24 @@ def rescan_advice(height: Optional[int]) -> str:
         "so not a pruned node); otherwise gossip about channels announced before the restore is "
         "checked less strictly until they age out."
     )
+
+
+def _status(args: argparse.Namespace) -> int:
+    st = offline_status(args.backup_dir)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"backup directory {st['path']}: {st['state']}")
+    for g in st["generations"]:
+        base = f"snapshot at data_version {g['base_version']}" if g["snapshot"] else "empty database"
+        print(f"  {g['name']}: {base}, {g['segments']} segment(s), {g['bytes'] // 1024} KiB")
+    if st.get("last_data_version") is not None:
+        print(f"newest data_version: {st['last_data_version']}")
+    if st.get("last_write") is not None:
+        print(f"last write: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(st['last_write']))}")
+    print(f"free space: {st['free_bytes'] // (1024 * 1024)} MiB")
+    print("a running pibackup is writing it" if st["writer_running"] else "no pibackup is writing it now")
+    return 0
 
 
 def _verify(args: argparse.Namespace) -> int:

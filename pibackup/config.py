@@ -26,6 +26,8 @@ BATCH_SECONDS_DEFAULT = 30
 BATCH_SECONDS_MAX = 3600
 BATCH_KB_DEFAULT = 256
 BATCH_KB_MAX = 16 * 1024
+LED_DIR_DEFAULT = "/sys/class/leds"
+MIN_FREE_MB_DEFAULT = 100
 PREALLOCATE_KB_DEFAULT = 1024  # make bench: 2-3x fewer device bytes per sync on ext4
 
 
@@ -38,6 +40,9 @@ class Config:
     batch_seconds: int
     batch_bytes: int
     preallocate_bytes: int
+    led: Optional[str] = None
+    led_dir: str = "/sys/class/leds"
+    min_free_bytes: int = 100 * 1024 * 1024
 
 
 def parse_size(name: str, raw: Any) -> int:
@@ -81,4 +86,16 @@ def parse_options(options: Mapping[str, Any]) -> Config:
         batch_seconds=batch_s,
         batch_bytes=batch_kb * 1024,
         preallocate_bytes=_int(options, "pibackup-preallocate-kb", PREALLOCATE_KB_DEFAULT, 0, 64 * 1024, "KiB") * 1024,
+        led=_led(options.get("pibackup-led")),
+        led_dir=str(options.get("pibackup-led-dir") or LED_DIR_DEFAULT),
+        min_free_bytes=_int(options, "pibackup-min-free-mb", MIN_FREE_MB_DEFAULT, 0, 1 << 20, "MiB") * 1024 * 1024,
     )
+
+
+def _led(value: Any) -> Optional[str]:
+    if value is None or str(value).strip().lower() in ("", "none"):
+        return None
+    name = str(value).strip()
+    if "/" in name or name in (".", ".."):
+        raise ConfigError(f"pibackup-led={value!r}: give the LED's name, e.g. ACT or led0, or none")
+    return name

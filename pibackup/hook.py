@@ -6,6 +6,7 @@ has failed answers every later db_write with a refusal so lightningd halts uncom
 
 from __future__ import annotations
 
+import time
 import traceback
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -13,6 +14,7 @@ from .backup import Backup, Call, Log
 from .config import Config, parse_options
 from .errors import PibackupError
 from .livedb import find_live_db
+from .status import REMINDER_SECONDS, Led, Reporter, StatusError, systemd_notifier
 
 CONTINUE: Dict[str, Any] = {"result": "continue"}
 # Anything but "continue" makes lightningd stop without committing the transaction.
@@ -26,10 +28,16 @@ class HookHandler:
         self.backup: Optional[Backup] = None
         self.failure: Optional[str] = None
         self.shutting_down = False
+        self.reporter: Optional[Reporter] = None
+        self._refusal_logged = 0.0
+        self.started = time.time()
 
     def on_db_write(self, data_version: int, writes: List[str]) -> Dict[str, Any]:
         if self.failure is not None:
-            self.log(f"refusing data_version {data_version} so lightningd halts without committing it: {self.failure}", "error")
+            now = time.time()
+            if now - self._refusal_logged >= REMINDER_SECONDS:  # once, then a reminder
+                self._refusal_logged = now
+                self.log(f"refusing data_version {data_version} so lightningd halts without committing it: {self.failure}", "error")
             return ABORT
         if self.backup is None:
             # Before init the destination is unknown. lightningd commits this call once
@@ -48,7 +56,10 @@ class HookHandler:
 
     def _fail(self, message: str) -> Dict[str, Any]:
         self.failure = message
+        self._refusal_logged = time.time()
         self.log(f"pibackup: {message}. lightningd is being halted so nothing unbacked is committed.", "error")
+        if self.reporter is not None:
+            self.reporter.failed(message)
         return ABORT
 
     def on_init(self, options: Mapping[str, Any], configuration: Mapping[str, Any]) -> None:
@@ -56,8 +67,10 @@ class HookHandler:
         `important-plugin` for a plugin that disables itself, and would go on without us.
         A failure here instead refuses the next db_write, which halts lightningd."""
         backup: Optional[Backup] = None
+        cfg: Optional[Config] = None
         try:
-            cfg: Config = parse_options(options)
+            cfg = parse_options(options)
+            self._start_reporter(cfg)
             lightning_dir = str(configuration.get("lightning-dir") or ".")
             live_db = find_live_db(cfg.live_db, lightning_dir)
             backup = Backup(
@@ -78,11 +91,18 @@ class HookHandler:
                 self.log(traceback.format_exc(), "debug")
                 self.failure = f"internal error at start ({type(e).__name__}: {e}); please report it"
             self.log(f"pibackup cannot back up: {self.failure}. lightningd will be halted at its next database write.", "error")
+            self._refusal_logged = time.time()
             if backup is not None:
                 backup.close()
+            if self.reporter is None:
+                self._start_reporter(None)
+            assert self.reporter is not None
+            self.reporter.failed(self.failure)
             return
         self.early = []
         self.backup = backup
+        if self.reporter is not None:
+            self.reporter.check()
         self.log(
             f"backing up {live_db} to {cfg.destination} (data_version {backup.last}, "
             f"{backup.generation and backup.generation.rsplit('/', 1)[-1]})",
@@ -101,7 +121,18 @@ class HookHandler:
     def status(self) -> Dict[str, Any]:
         """What `lightning-cli pibackup-status` shows (the status issue extends it)."""
         b = self.backup
-        out: Dict[str, Any] = {"state": "failed" if self.failure else ("ok" if b else "starting")}
+        r = self.reporter
+        if r is not None:
+            r.check()
+        state = r.health.state if r is not None else "starting"
+        out: Dict[str, Any] = {
+            "state": "failed" if self.failure else state,
+            "mode": "journal",
+            "uptime_seconds": int(time.time() - self.started),
+            "warnings": list(r.health.warnings) if r is not None else [],
+            "shipping": "not configured",
+            "compaction": "none",
+        }
         if self.failure:
             out["failure"] = self.failure
         if b is None:
@@ -110,6 +141,36 @@ class HookHandler:
         out.update(b.status())
         return out
 
+    def _start_reporter(self, cfg: Optional[Config]) -> None:
+        """systemd status and the LED; a wrong LED name is a warning, not a reason to halt."""
+        led = None
+        if cfg is not None and cfg.led:
+            try:
+                led = Led(cfg.led, cfg.led_dir)
+            except StatusError as e:
+                self.log(str(e), "warn")
+        self.reporter = Reporter(
+            self.log,
+            self._figures,
+            lambda: [cfg.destination] if cfg is not None and cfg.destination and self.backup is not None else [],
+            min_free_bytes=cfg.min_free_bytes if cfg is not None else 0,
+            led=led,
+            notify=systemd_notifier(),
+        )
+        self.reporter.start()
+
+    def _figures(self) -> Dict[str, Any]:
+        b = self.backup
+        if b is None:
+            return {}
+        return {
+            "data_version": b.last,
+            "generations": b.generation_count(),
+            "last_write_age": None if b.last_flush is None else time.time() - b.last_flush,
+        }
+
     def close(self) -> None:
+        if self.reporter is not None:
+            self.reporter.stop()
         if self.backup is not None:
             self.backup.close()

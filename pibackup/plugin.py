@@ -9,7 +9,14 @@ from typing import Any, List
 
 from pyln.client import Plugin
 
-from .config import BATCH_KB_DEFAULT, BATCH_SECONDS_DEFAULT, PREALLOCATE_KB_DEFAULT, SEGMENT_SIZE_DEFAULT
+from .config import (
+    BATCH_KB_DEFAULT,
+    BATCH_SECONDS_DEFAULT,
+    LED_DIR_DEFAULT,
+    MIN_FREE_MB_DEFAULT,
+    PREALLOCATE_KB_DEFAULT,
+    SEGMENT_SIZE_DEFAULT,
+)
 from .filter import DEFAULT_FILTER, FILTERABLE
 from .hook import HookHandler
 
@@ -55,6 +62,23 @@ plugin.add_option(
     opt_type="int",
 )
 plugin.add_option(
+    "pibackup-led",
+    "none",
+    "A board LED to show the backup's health: heartbeat when fine, fast blink on a warning, steady on "
+    "when the backup failed. ACT on current Raspberry Pis, led0 on older ones; none for no LED.",
+)
+plugin.add_option(
+    "pibackup-led-dir",
+    LED_DIR_DEFAULT,
+    "Where the LEDs are (sysfs).",
+)
+plugin.add_option(
+    "pibackup-min-free-mb",
+    MIN_FREE_MB_DEFAULT,
+    "Warn (log, systemd status, LED) when the backup medium has less free space than this.",
+    opt_type="int",
+)
+plugin.add_option(
     "pibackup-segment-size",
     SEGMENT_SIZE_DEFAULT,
     "Size at which a journal segment file is closed and a new one begun: 64K to 1G.",
@@ -68,7 +92,8 @@ def on_db_write(plugin: Plugin, data_version: int, writes: List[str], **kwargs: 
 
 @plugin.method("pibackup-status")
 def pibackup_status(plugin: Plugin, **kwargs: Any) -> Any:
-    """Show pibackup's state: destination, generation, last data_version, counters."""
+    """Show pibackup's state: health, warnings, destinations and free space, generation,
+    last data_version, the writer's counters, uptime."""
     return handler.status()
 
 

@@ -10,11 +10,11 @@ import hashlib
 import os
 import sqlite3
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from . import destination as dst
 from .errors import PibackupError
-from .generation import DamageError, End, generation_info, iter_frames
+from .generation import DamageError, End, generation_info, iter_frames, read_tail
 from .journal import KIND_INFO, KIND_TX, Frame, fsync_dir
 from .sequence import next_version
 from .snapshot import SnapshotError, read_data_version
@@ -327,3 +327,38 @@ def _check_snapshot(path: str, expected: bytes) -> None:
             h.update(b)
     if h.digest() != expected:
         raise DamageError(f"{path}: snapshot is damaged (its SHA-256 does not match the journal's header)", path, None)
+
+
+def offline_status(backup_dir: str) -> Dict[str, Any]:
+    """A backup directory's state as `pibackup status` shows it, without lightningd."""
+    pick_generation(backup_dir)  # the same checks as restore
+    gens = dst.Destination(backup_dir).generations()
+    out: Dict[str, Any] = {"path": os.path.abspath(backup_dir), "generations": []}
+    for g in gens:
+        files = g.snapshots + g.segments
+        try:
+            base: Optional[int] = generation_info(g).base_version
+        except DamageError:
+            base = None
+        out["generations"].append(
+            {
+                "name": g.name,
+                "base_version": base,
+                "snapshot": g.snapshot is not None,
+                "segments": len(g.segments),
+                "bytes": sum(os.path.getsize(f) for f in files),
+            }
+        )
+    newest = gens[-1]
+    try:
+        t = read_tail(newest)
+        out["last_data_version"] = t.last_frame.data_version if t.last_frame else generation_info(newest).base_version
+        out["state"] = "ok" if t.bad_offset is None or t.torn else f"DAMAGED at {t.path} offset {t.bad_offset}"
+    except DamageError as e:
+        out["last_data_version"] = None
+        out["state"] = f"DAMAGED: {e}"
+    out["last_write"] = int(max(os.path.getmtime(f) for f in newest.segments)) if newest.segments else None
+    st = os.statvfs(backup_dir)
+    out["free_bytes"] = st.f_bavail * st.f_frsize
+    out["writer_running"] = dst.writer_running(backup_dir)
+    return out

@@ -238,12 +238,15 @@ class Node:
         self.plugin_prefix: Sequence[str] = ()  # e.g. strace, for the benchmarks
         self.commit_to_live = True  # the synthetic benchmark trace is not applied to a DB
         self.latencies: List[float] = []  # db_write round trips, seconds
+        self.plugin_env: Dict[str, str] = {}  # e.g. NOTIFY_SOCKET, as systemd gives lightningd
 
     # --- lifecycle -----------------------------------------------------------
     def start(self, early: Sequence[Record] = (), init: bool = True) -> None:
         """Start the plugin: getmanifest, the calls lightningd makes before init, init."""
         assert self.plugin is None
-        self.plugin = PluginProcess(self.netdir, argv=self.plugin_argv, plugin=self.plugin_path, prefix=self.plugin_prefix)
+        self.plugin = PluginProcess(
+            self.netdir, extra_env=self.plugin_env, argv=self.plugin_argv, plugin=self.plugin_path, prefix=self.plugin_prefix
+        )
         manifest = self.plugin.request("getmanifest", {"allow-deprecated-apis": False})["result"]
         assert any(h["name"] == "db_write" for h in manifest["hooks"]), manifest
         self.manifest = manifest

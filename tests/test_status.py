@@ -1,0 +1,140 @@
+"""What a Pi owner sees: systemd's STATUS line over a real unix datagram socket, the LED in
+a directory tree standing in for /sys/class/leds, the status RPC and command, the logs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+import driver
+from driver import Halted
+from helpers import cli
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path):
+    path = tmp_path / "notify.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(path))
+    s.settimeout(10)
+    yield s, str(path)
+    s.close()
+
+
+def received(sock: socket.socket, until: str, timeout: float = 10.0) -> list:
+    """Datagrams up to the first that contains `until`."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            got.append(sock.recv(4096).decode())
+        except socket.timeout:
+            break
+        if until in got[-1]:
+            return got
+    raise AssertionError(f"no datagram with {until!r}; got {got}")
+
+
+@pytest.fixture
+def leds(tmp_path: Path) -> Path:
+    root = tmp_path / "leds"
+    act = root / "ACT"
+    act.mkdir(parents=True)
+    (act / "trigger").write_text("none timer [mmc0] heartbeat\n")
+    (act / "brightness").write_text("0\n")
+    (act / "max_brightness").write_text("255\n")
+    return root
+
+
+def test_systemd_status_line_says_ok_then_failed(make_node, traces, notify_socket, tmp_path):
+    sock, path = notify_socket
+    node = make_node()
+    node.plugin_env = {"NOTIFY_SOCKET": path}
+    recs = traces["A"]
+    node.start(recs[:9])
+    ok = received(sock, "pibackup: ok")
+    assert any("v7" in m and "1 generation" in m for m in ok), ok
+    node.stop()
+    bad = make_node(pibackup_destination=str(tmp_path / "not-mounted"))
+    bad.plugin_env = {"NOTIFY_SOCKET": path}
+    bad.start(recs[:9])
+    failed = received(sock, "FAILED")
+    assert "does not exist: is the USB stick mounted?" in failed[-1]
+
+
+def test_led_heartbeat_when_healthy_and_previous_trigger_restored(make_node, traces, leds):
+    node = make_node(pibackup_led="ACT", pibackup_led_dir=str(leds))
+    node.start(traces["A"][:9])
+    assert (leds / "ACT" / "trigger").read_text() == "heartbeat"
+    node.stop()
+    assert (leds / "ACT" / "trigger").read_text() == "mmc0"
+
+
+def test_led_blinks_fast_on_a_warning(make_node, traces, leds):
+    node = make_node(pibackup_led="ACT", pibackup_led_dir=str(leds), pibackup_min_free_mb=1 << 20)
+    node.start(traces["A"][:9])
+    assert (leds / "ACT" / "trigger").read_text() == "timer"
+    assert (leds / "ACT" / "delay_on").read_text() == "100"
+    st = node.rpc("pibackup-status")
+    assert st["state"] == "warning" and "free space" in st["warnings"][0]
+    assert sum(1 for lvl, m in node.plugin.logs if "MiB free" in m) == 1
+    node.stop()
+
+
+def test_led_steady_on_when_the_backup_failed(make_node, traces, leds, tmp_path):
+    node = make_node(pibackup_led="ACT", pibackup_led_dir=str(leds), pibackup_destination="relative/path")
+    node.start(traces["A"][:9])
+    assert (leds / "ACT" / "trigger").read_text() == "none"
+    assert (leds / "ACT" / "brightness").read_text() == "255"
+    with pytest.raises(Halted):
+        node.call(traces["A"][9])
+    assert (leds / "ACT" / "trigger").read_text() == "none", "a failed backup keeps the LED on"
+
+
+def test_a_wrong_led_name_is_a_warning_not_a_halt(make_node, traces, leds):
+    node = make_node(pibackup_led="PWR", pibackup_led_dir=str(leds))
+    node.start(traces["A"][:9])
+    assert "pibackup-led=PWR: cannot read" in node.plugin.log_text()
+    node.call(traces["A"][9])
+    node.stop()
+
+
+def test_status_rpc_shows_what_the_owner_needs(make_node, traces, dest):
+    node = make_node()
+    node.start(traces["A"][:9])
+    for r in traces["A"][9:40]:
+        node.call(r)
+    st = node.rpc("pibackup-status")
+    assert st["state"] == "ok" and st["mode"] == "journal" and st["warnings"] == []
+    assert st["data_version"] == traces["A"][39].data_version
+    d = st["destinations"][0]
+    assert d["path"] == str(dest) and d["free_bytes"] > 0 and d["generations"] == 1
+    assert st["counters"]["frames"] >= 31 and st["counters"]["syncs"] > 0
+    assert st["uptime_seconds"] >= 0 and st["shipping"] == "not configured"
+    node.stop()
+
+
+def test_a_persisting_failure_is_logged_once(make_node, traces, tmp_path):
+    node = make_node(pibackup_destination=str(tmp_path / "gone"))
+    node.start(traces["A"][:9])
+    for r in traces["A"][9:12]:  # lightningd would stop at the first; the plugin must not flood anyway
+        resp = node.plugin.request("db_write", {"data_version": r.data_version, "writes": list(r.writes)})
+        assert resp["result"] != {"result": "continue"}
+    errors = [m for lvl, m in node.plugin.logs if lvl == "error"]
+    assert len(errors) == 1, errors
+
+
+def test_offline_status_command(make_node, traces, dest):
+    node = make_node()
+    driver.run_sessions(node, traces["A"])
+    r = cli("status", str(dest), "--json")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["state"] == "ok" and st["last_data_version"] == traces["A"][-1].data_version
+    assert st["generations"][0]["name"] == "gen-000001" and not st["writer_running"]
+    r = cli("status", str(dest))
+    assert "newest data_version" in r.stdout and "no pibackup is writing it now" in r.stdout
