@@ -138,3 +138,16 @@ def test_offline_status_command(make_node, traces, dest):
     assert st["generations"][0]["name"] == "gen-000001" and not st["writer_running"]
     r = cli("status", str(dest))
     assert "newest data_version" in r.stdout and "no pibackup is writing it now" in r.stdout
+
+
+def test_a_read_only_medium_is_a_warning(tmp_path):
+    """The kernel remounts a failing stick read-only; the monitor says so before a write fails.
+    (A tmpfs with a writer's files open cannot be remounted read-only here, so the check is
+    shown on a read-only mount directly.)"""
+    from helpers import tmpfs
+    from pibackup.status import check_destination
+
+    with tmpfs(tmp_path / "ro", "size=1m,ro") as mnt:
+        warnings = check_destination(str(mnt), 0)
+    assert len(warnings) == 1 and "read-only" in warnings[0] and "replace it" in warnings[0]
+    assert "unplugged" in check_destination(str(tmp_path / "gone"), 0)[0]
