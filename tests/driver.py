@@ -287,6 +287,10 @@ class Node:
             self.live.commit(r.writes)
         self.acknowledged += 1
 
+    def calls(self, records: Sequence[Record]) -> None:
+        for r in records:
+            self.call(r)
+
     def call_and_kill(self, r: Record, delay: float) -> bool:
         """Send a call, SIGKILL the plugin `delay` seconds later. Returns whether lightningd
         got `continue` (then it commits), as it would read whatever reached the pipe."""

@@ -47,8 +47,7 @@ def test_full_medium_halts_the_node_and_loses_nothing(small_stick, traces, make_
     shutil.copytree(dest, bigger)
     node.options["pibackup-destination"] = str(bigger)
     node.start([recs[halted_at], recs[halted_at + 1]])
-    for r in recs[halted_at + 2 : halted_at + 40]:
-        node.call(r)
+    node.calls(recs[halted_at + 2 : halted_at + 40])
     node.stop()
     out2 = tmp_path / "restored2.sqlite3"
     assert cli("restore", str(bigger), str(out2)).returncode == 0
@@ -59,8 +58,7 @@ def test_backup_directory_deleted_under_the_plugin_halts_the_node(traces, make_n
     recs = driver.first_run(traces["A"])
     node = make_node()
     node.start(recs[:9])
-    for r in recs[9:50]:
-        node.call(r)
+    node.calls(recs[9:50])
     before = node.live.version()
     shutil.rmtree(dest)
     with pytest.raises(Halted):

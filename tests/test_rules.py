@@ -26,8 +26,7 @@ def test_rewind_replaces_the_uncommitted_transaction(traces, make_node, dest, tm
     recs = traces["A"][:40]
     node = make_node()
     node.start([r for r in recs if r.pre_init])
-    for r in recs[9:30]:
-        node.call(r)
+    node.calls(recs[9:30])
     nxt = recs[30]
     # lightningd gets continue for a different transaction with the next data_version,
     # then dies before committing it.
@@ -43,8 +42,7 @@ def test_rewind_replaces_the_uncommitted_transaction(traces, make_node, dest, tm
     node.call_then_crash_before_commit(bogus)
     # At the restart the same data_version comes again, with what lightningd really commits.
     node.start([nxt])
-    for r in recs[31:]:
-        node.call(r)
+    node.calls(recs[31:])
     node.stop()
     out = restored(dest, tmp_path)
     assert dbcompare.backup_differences(node.live.path, out) == []
@@ -57,12 +55,10 @@ def test_rewind_of_an_identical_resend_keeps_one_copy(traces, make_node, dest, t
     recs = traces["A"][:60]
     node = make_node()
     node.start([r for r in recs if r.pre_init])
-    for r in recs[9:50]:
-        node.call(r)
+    node.calls(recs[9:50])
     node.call_then_crash_before_commit(recs[50])
     node.start([recs[50], recs[51]])
-    for r in recs[52:]:
-        node.call(r)
+    node.calls(recs[52:])
     node.stop()
     assert dbcompare.backup_differences(node.live.path, restored(dest, tmp_path)) == []
 
@@ -86,15 +82,13 @@ def test_gap_starts_a_new_generation_from_a_snapshot(traces, make_node, dest, tm
     recs = driver.first_run(traces["A"])
     node = make_node()
     node.start([r for r in recs if r.pre_init])
-    for r in recs[9:200]:
-        node.call(r)
+    node.calls(recs[9:200])
     node.stop()
     # lightningd runs with the plugin dead (plain plugin=): these commits bypass it.
     for r in recs[200:230]:
         node.commit_without_plugin(r)
     node.start([recs[230], recs[231]])
-    for r in recs[232:300]:
-        node.call(r)
+    node.calls(recs[232:300])
     node.stop()
     assert "committed transactions without pibackup" in node.log_text()
     report = cli("verify", str(dest)).stdout
@@ -111,8 +105,7 @@ def test_first_start_on_an_existing_node_snapshots_it(traces, make_node, dest, t
     for r in recs[:400]:
         node.commit_without_plugin(r)
     node.start([recs[400], recs[401], recs[402]])
-    for r in recs[403:450]:
-        node.call(r)
+    node.calls(recs[403:450])
     node.stop()
     snaps = list(dest.glob("gen-000001/snapshot-v*.sqlite3"))
     assert [s.name for s in snaps] == [f"snapshot-v{recs[402].data_version}.sqlite3"]
@@ -123,14 +116,12 @@ def test_live_database_older_than_the_backup_halts_and_leaves_the_backup_untouch
     recs = driver.first_run(traces["A"])
     node = make_node()
     node.start([r for r in recs if r.pre_init])
-    for r in recs[9:100]:
-        node.call(r)
+    node.calls(recs[9:100])
     node.stop()
     old_copy = tmp_path / "old.sqlite3"
     shutil.copy(node.live.path, old_copy)
     node.start([])
-    for r in recs[100:150]:
-        node.call(r)
+    node.calls(recs[100:150])
     node.stop()
     before = tree_digest(dest)
     # The user puts an old copy of the database back.
@@ -160,14 +151,12 @@ def test_plugin_killed_before_init_repairs_the_gap_from_the_live_db(traces, make
     recs = driver.first_run(traces["A"])
     node = make_node()
     node.start(recs[:9])
-    for r in recs[9:100]:
-        node.call(r)
+    node.calls(recs[9:100])
     node.stop()
     node.start(recs[100:104], init=False)  # answered, so committed by lightningd ...
     node.kill()  # ... and the plugin dies before init ever names the destination
     node.start(recs[104:106])
-    for r in recs[106:150]:
-        node.call(r)
+    node.calls(recs[106:150])
     node.stop()
     assert dbcompare.backup_differences(node.live.path, restored(dest, tmp_path)) == []
 
@@ -176,8 +165,7 @@ def test_writes_after_shutdown_are_backed_up_until_stdin_closes(traces, make_nod
     recs = driver.first_run(traces["A"])
     node = make_node()
     node.start(recs[:9])
-    for r in recs[9:100]:
-        node.call(r)
+    node.calls(recs[9:100])
     rc = node.stop(after_shutdown=recs[100:103])
     assert rc == 0
     out = restored(dest, tmp_path)
@@ -199,15 +187,13 @@ def test_torn_append_from_a_power_cut_is_skipped_and_the_backup_goes_on(traces, 
     recs = driver.first_run(traces["A"])
     node = make_node()
     node.start(recs[:9])
-    for r in recs[9:100]:
-        node.call(r)
+    node.calls(recs[9:100])
     node.kill()
     _tear(dest, recs[100].data_version)
     r = cli("restore", str(dest), str(tmp_path / "mid.sqlite3"))
     assert r.returncode == 0 and "unfinished append" in r.stderr, r.stderr
     node.start(recs[100:102])
-    for r in recs[102:160]:
-        node.call(r)
+    node.calls(recs[102:160])
     node.stop()
     # The plugin died before it could confirm its last transaction: a new generation.
     assert "cannot be continued" in node.log_text()
@@ -220,13 +206,11 @@ def test_torn_tail_after_a_rewound_transaction_continues_in_a_new_segment(traces
     recs = driver.first_run(traces["A"])
     node = make_node()
     node.start(recs[:9])
-    for r in recs[9:100]:
-        node.call(r)
+    node.calls(recs[9:100])
     node.call_then_crash_before_commit(recs[100])
     _tear(dest, recs[101].data_version)
     node.start(recs[100:102])  # the resend: the same generation goes on
-    for r in recs[102:160]:
-        node.call(r)
+    node.calls(recs[102:160])
     node.stop()
     assert "continuing in a new segment" in node.log_text()
     assert "gen-000002" not in cli("verify", str(dest)).stdout
@@ -241,8 +225,7 @@ def test_a_transaction_that_replaced_ours_before_an_init_that_never_came_is_not_
     recs = driver.first_run(traces["A"])
     node = make_node()
     node.start(recs[:9])
-    for r in recs[9:100]:
-        node.call(r)
+    node.calls(recs[9:100])
     v = recs[100].data_version
     ours = Record(
         0,
@@ -257,8 +240,7 @@ def test_a_transaction_that_replaced_ours_before_an_init_that_never_came_is_not_
     node.start([recs[100]], init=False)  # committed by lightningd ...
     node.kill()  # ... and the plugin dies before init
     node.start([recs[101], recs[102]])  # starts at N+1, exactly where our journal would go on
-    for r in recs[103:140]:
-        node.call(r)
+    node.calls(recs[103:140])
     node.stop()
     out = restored(dest, tmp_path)
     assert dbcompare.backup_differences(node.live.path, out) == []
@@ -270,7 +252,6 @@ def test_developer_mode_argument_is_accepted(traces, make_node, dest, tmp_path):
     node = make_node()
     node.plugin_argv = ["--developer"]
     node.start(recs[:9])
-    for r in recs[9:40]:
-        node.call(r)
+    node.calls(recs[9:40])
     node.stop()
     assert dbcompare.backup_differences(node.live.path, restored(dest, tmp_path)) == []

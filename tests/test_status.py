@@ -106,8 +106,7 @@ def test_a_wrong_led_name_is_a_warning_not_a_halt(make_node, traces, leds):
 def test_status_rpc_shows_what_the_owner_needs(make_node, traces, dest):
     node = make_node()
     node.start(traces["A"][:9])
-    for r in traces["A"][9:40]:
-        node.call(r)
+    node.calls(traces["A"][9:40])
     st = node.rpc("pibackup-status")
     assert st["state"] == "ok" and st["mode"] == "journal" and st["warnings"] == []
     assert st["data_version"] == traces["A"][39].data_version

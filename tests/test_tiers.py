@@ -93,8 +93,7 @@ def test_snapshot_keeps_the_schema_of_filtered_tables_but_not_their_rows(make_no
         node.commit_without_plugin(r)
     assert node.live.conn.execute("SELECT count(*) FROM utxoset").fetchone()[0] > 100
     node.start(recs[150:152])
-    for r in recs[152:]:
-        node.call(r)
+    node.calls(recs[152:])
     node.stop()
     snap = next(dest.glob("gen-000001/snapshot-v*.sqlite3"))
     c = sqlite3.connect(snap)
@@ -205,8 +204,7 @@ def test_a_bulk_resend_of_an_uncommitted_critical_transaction_is_synced_at_once(
     node = make_node()
     node.start(recs[:9])
     j = next(i for i in range(60, len(recs)) if not is_bulk(recs[i]))
-    for r in recs[9:j]:
-        node.call(r)
+    node.calls(recs[9:j])
     node.call_then_crash_before_commit(recs[j])
     v = recs[j].data_version
     resend = Record(
