@@ -14,7 +14,7 @@ from typing import List, Optional
 
 from . import __version__
 from .errors import PibackupError
-from .restore import offline_status, restore, verify
+from .restore import Outcome, offline_status, restore, verify
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,8 +77,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
 
+def _progress(out: Outcome, fraction: float, rate: float) -> None:
+    sys.stderr.write(
+        f"\rrestoring {out.generation}: {min(99, int(100 * fraction))}%, {out.transactions:,} transactions, {rate:,.0f}/s   "
+    )
+    sys.stderr.flush()
+
+
 def _restore(args: argparse.Namespace) -> int:
-    out = restore(args.backup_dir, args.output, force=args.force, generation=args.generation, partial=args.partial)
+    tty = sys.stderr.isatty()  # progress for a person at a terminal, nothing in scripts and logs
+    out = restore(
+        args.backup_dir,
+        args.output,
+        force=args.force,
+        generation=args.generation,
+        partial=args.partial,
+        progress=_progress if tty else None,
+    )
+    if tty:
+        sys.stderr.write("\r" + " " * 78 + "\r")
     if out.torn_tail:
         print(f"pibackup: note: {out.torn_tail}", file=sys.stderr)
         print(f"pibackup: note: everything up to data_version {out.last_version} is restored", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -180,8 +181,11 @@ def restore(
     force: bool = False,
     generation: Optional[int] = None,
     partial: bool = False,
-    progress: Optional[Callable[[Outcome], None]] = None,
+    progress: Optional[Callable[[Outcome, float, float], None]] = None,
+    progress_interval: float = 0.5,
 ) -> Outcome:
+    """Rebuild OUTPUT from the backup. `progress(outcome, fraction done, transactions per
+    second)` is called about twice a second while replaying."""
     gen = pick_generation(backup_dir, generation)
     info = generation_info(gen)
     output = os.path.abspath(output)
@@ -212,10 +216,18 @@ def restore(
             conn.execute("PRAGMA journal_mode = MEMORY")  # tmp is thrown away on failure anyway
             conn.execute("PRAGMA synchronous = OFF")  # one fsync at the end instead
             replayer = Replayer(conn, info.base_version, out)
+            sizes = {p: os.path.getsize(p) for p in gen.segments}
+            before, total = {}, 0
+            for p in gen.segments:
+                before[p], total = total, total + sizes[p]
+            started = last_report = time.monotonic()
             for frame, where in _frames(gen, out, partial):
                 replayer.feed(frame, where)
-                if progress is not None and out.frames % 1000 == 0:
-                    progress(out)
+                now = time.monotonic()
+                if progress is not None and now - last_report >= progress_interval:
+                    last_report = now
+                    done = before.get(where.rsplit(" offset ", 1)[0], 0) + frame.offset
+                    progress(out, done / max(1, total), out.transactions / max(1e-9, now - started))
             replayer.finish()
             out.last_version = replayer.current
             _check_result(conn, out)

@@ -173,3 +173,15 @@ def test_force_is_refused_while_lightningd_runs_on_the_backup(traces, make_node,
     assert existing.read_bytes() == b"x"
     assert cli("restore", str(dest), str(tmp_path / "new.sqlite3")).returncode == 0  # a new file is fine
     node.stop()
+
+
+def test_restore_reports_progress_to_a_person_and_stays_quiet_in_scripts(copy, tmp_path):
+    from pibackup.restore import restore
+
+    d, live = copy
+    seen = []
+    out = restore(str(d), str(tmp_path / "p.sqlite3"), progress=lambda o, f, r: seen.append((f, o.transactions)), progress_interval=0)
+    assert len(seen) > 100 and all(0 <= f <= 1 for f, _ in seen)
+    assert [f for f, _ in seen] == sorted(f for f, _ in seen) and seen[-1][1] <= out.transactions
+    r = cli("restore", str(d), str(tmp_path / "q.sqlite3"))  # stderr is a pipe here, not a terminal
+    assert r.returncode == 0 and "restoring" not in r.stderr
