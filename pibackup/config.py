@@ -60,7 +60,7 @@ def _int(options: Mapping[str, Any], name: str, default: int, low: int, high: in
     raw = options.get(name, default)
     try:
         value = int(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{name}={raw!r} is not a whole number of {unit} (default {default})")
     if not low <= value <= high:
         raise ConfigError(f"{name}={value} is out of range: give {low} to {high} {unit} (default {default})")
