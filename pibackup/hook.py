@@ -56,6 +56,10 @@ class HookHandler:
 
     def _fail(self, message: str) -> Dict[str, Any]:
         self.failure = message
+        if self.backup is not None:
+            # Nothing more reaches the medium, not even at exit: the refused transaction
+            # may still be pending in the writer, and lightningd never commits it.
+            self.backup.failure = message
         self._refusal_logged = time.time()
         self.log(f"pibackup: {message}. lightningd is being halted so nothing unbacked is committed.", "error")
         if self.reporter is not None:

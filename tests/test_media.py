@@ -3,6 +3,7 @@ anything unbacked is committed, nothing acknowledged lost, and a clean resume af
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -65,3 +66,30 @@ def test_backup_directory_deleted_under_the_plugin_halts_the_node(traces, make_n
         node.call(recs[50])
     assert node.live.version() == before
     assert "the backup directory vanished" in node.log_text()
+
+
+def test_a_refused_transaction_never_reaches_the_stick_even_if_it_recovers(small_stick, traces, make_node, tmp_path):
+    """The stick is full, a call is refused (lightningd never commits it), then space comes
+    back before lightningd closes the pipe: the refused frame must not be written at exit."""
+    dest = small_stick / "pibackup"
+    dest.mkdir()
+    filler = small_stick / "filler"
+    recs = driver.first_run(traces["A"])
+    node = make_node(pibackup_destination=str(dest), pibackup_preallocate_kb=16)
+    node.start(recs[:9])
+    i = 9
+    while True:
+        if not filler.exists():
+            free = os.statvfs(small_stick).f_bavail * os.statvfs(small_stick).f_frsize
+            filler.write_bytes(b"x" * max(0, free - 24 * 1024))  # leave room for a few appends only
+        r = recs[i]
+        resp = node.plugin.request("db_write", {"data_version": r.data_version, "writes": list(r.writes)})
+        if resp.get("result") != {"result": "continue"}:
+            break
+        node.live.commit(r.writes)
+        i += 1
+    filler.unlink()  # space again, before lightningd's stdin closes
+    node.halt()
+    out = tmp_path / "restored.sqlite3"
+    assert cli("restore", str(dest), str(out)).returncode == 0
+    assert dbcompare.backup_differences(node.live.path, out) == []
