@@ -24,10 +24,6 @@ from .snapshot import live_data_version, take_snapshot
 
 Log = Callable[[str, str], None]
 
-DEFAULT_SEGMENT_BYTES = 32 * 1024 * 1024
-DEFAULT_BATCH_SECONDS = 30.0
-DEFAULT_BATCH_BYTES = 256 * 1024
-
 
 class BehindError(PibackupError):
     """The live database is older than the backup."""
@@ -95,13 +91,15 @@ class Backup:
         destination: str,
         live_db: str,
         log: Log,
-        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
-        filter_tables: FrozenSet[str] = frozenset(flt.DEFAULT_FILTER),
-        batch_seconds: float = DEFAULT_BATCH_SECONDS,
-        batch_bytes: int = DEFAULT_BATCH_BYTES,
+        *,
+        segment_bytes: int,
+        filter_tables: FrozenSet[str],
+        batch_seconds: float,
+        batch_bytes: int,
+        preallocate: int,
         compress: bool = True,
-        preallocate: int = 1024 * 1024,
     ):
+        # Defaults live in config.py only; hook.py passes every value it parsed.
         self.destination = destination
         self.live_db = live_db
         self.log = log

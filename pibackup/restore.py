@@ -18,10 +18,9 @@ from .errors import PibackupError
 from .generation import DamageError, End, generation_info, iter_frames, read_tail
 from .journal import KIND_INFO, KIND_TX, Frame, fsync_dir
 from .sequence import next_version
-from .snapshot import SnapshotError, read_data_version
+from .snapshot import SnapshotError, read_data_version, sha256_file
 
 _CHUNK = 1 << 20
-_ZERO_SHA = b"\0" * 32
 
 
 class RestoreError(PibackupError):
@@ -330,14 +329,7 @@ def verify(backup_dir: str) -> VerifyReport:
 
 
 def _check_snapshot(path: str, expected: bytes) -> None:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(_CHUNK)
-            if not b:
-                break
-            h.update(b)
-    if h.digest() != expected:
+    if sha256_file(path) != expected:
         raise DamageError(f"{path}: snapshot is damaged (its SHA-256 does not match the journal's header)", path, None)
 
 
