@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES = python3 python3-venv python3-pip sqlite3 make strace xz-utils e2fsprogs util-linux
+APT_PACKAGES = python3 python3-venv python3-pip sqlite3 make strace xz-utils e2fsprogs util-linux rsync openssh-client openssh-server
 
 .PHONY: setup test test-long lint bench clean
 

@@ -414,6 +414,12 @@ class Backup:
                     self.failure = io_error_message(e, self.generation or self.destination)
                     self.log(f"pibackup: {self.failure}. lightningd will be halted at its next database write.", "error")
 
+    def open_segment(self) -> Optional[tuple]:
+        """(path, bytes of valid content) of the segment being appended to, for shipping."""
+        with self._lock:
+            w = self.writer
+            return None if w is None else (w.path, w.size)
+
     def generation_count(self) -> int:
         try:
             return len(self.dest.generations())

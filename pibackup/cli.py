@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import sys
 import time
 from typing import List, Optional
 
 from . import __version__
+from .crypt import key_id, write_key_file
 from .errors import PibackupError
-from .restore import Outcome, offline_status, restore, verify
+from .remote import readable_copy
+from .restore import Outcome, check_output, offline_status, restore, verify
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pibackup",
-        description="Restore or check a pibackup backup of Core Lightning's database.",
+        description="Restore or check a pibackup backup of Core Lightning's database. BACKUP_DIR is the "
+        "pibackup-destination directory, a copy of it, or a remote copy made by pibackup-ship: [user@]host:/path.",
         epilog="Exit status: 0 success, 1 failure or damage found, 2 wrong usage.",
     )
     p.add_argument("--version", action="version", version=f"pibackup {__version__}")
@@ -32,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Rebuild a database from the newest generation: its snapshot, then every journalled "
         "transaction in order. Writes OUTPUT_DB.pibackup-tmp, syncs it, then renames it.",
     )
-    r.add_argument("backup_dir", metavar="BACKUP_DIR", help="the pibackup-destination directory (or a copy)")
+    r.add_argument("backup_dir", metavar="BACKUP_DIR", help="the pibackup-destination directory, a copy, or [user@]host:/path")
     r.add_argument("output", metavar="OUTPUT_DB", help="database file to create, e.g. ~/.lightning/bitcoin/lightningd.sqlite3")
     r.add_argument("--force", action="store_true", help="replace OUTPUT_DB if it exists (stop lightningd first!)")
     r.add_argument("--generation", type=int, metavar="N", help="restore generation N instead of the newest")
@@ -46,7 +50,20 @@ def _parser() -> argparse.ArgumentParser:
         help="read and check everything in a backup directory",
         description="Check every snapshot and journal frame; print generations, data_version ranges and damage.",
     )
-    v.add_argument("backup_dir", metavar="BACKUP_DIR")
+    v.add_argument("backup_dir", metavar="BACKUP_DIR", help="the pibackup-destination directory, a copy, or [user@]host:/path")
+    for sp in (r, v):
+        g = sp.add_argument_group("shipped copies (pibackup-ship)")
+        g.add_argument("--key", metavar="FILE", help="the pibackup-ship-encrypt-key file, for an encrypted copy")
+        g.add_argument("--ssh-port", type=int, default=22, metavar="N", help="ssh port of the remote host (default 22)")
+        g.add_argument("--ssh-identity", metavar="FILE", help="ssh private key for the remote host")
+        g.add_argument("--known-hosts", metavar="FILE", help="known_hosts file with the remote host's key")
+    k = sub.add_parser(
+        "keygen",
+        help="create a key file for pibackup-ship-encrypt-key",
+        description="Write a new random 256-bit key to FILE (mode 600; never overwrites). Keep a copy away from "
+        "the Pi and the remote host: without it an encrypted remote copy cannot be restored.",
+    )
+    k.add_argument("key_file", metavar="FILE")
     s = sub.add_parser(
         "status",
         help="show a backup directory's state without lightningd",
@@ -65,6 +82,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _restore(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "keygen":
+            return _keygen(args)
         return _verify(args)
     except PibackupError as e:
         print(f"pibackup: error: {e}", file=sys.stderr)
@@ -86,14 +105,16 @@ def _progress(out: Outcome, fraction: float, rate: float) -> None:
 
 def _restore(args: argparse.Namespace) -> int:
     tty = sys.stderr.isatty()  # progress for a person at a terminal, nothing in scripts and logs
-    out = restore(
-        args.backup_dir,
-        args.output,
-        force=args.force,
-        generation=args.generation,
-        partial=args.partial,
-        progress=_progress if tty else None,
-    )
+    check_output(args.output, args.force)  # before fetching anything
+    with readable_copy(args.backup_dir, args.output, args.key, args.ssh_port, args.ssh_identity, args.known_hosts) as src:
+        out = restore(
+            src,
+            args.output,
+            force=args.force,
+            generation=args.generation,
+            partial=args.partial,
+            progress=_progress if tty else None,
+        )
     if tty:
         sys.stderr.write("\r" + " " * 78 + "\r")
     if out.torn_tail:
@@ -142,8 +163,17 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    key = write_key_file(args.key_file)
+    print(f"wrote {args.key_file} (key id {key_id(key.secret).hex()})")
+    print("Now copy it somewhere safe away from this Pi and from the remote host: without it the encrypted")
+    print(f"copy cannot be restored. Then add to lightningd's config: pibackup-ship-encrypt-key={os.path.abspath(args.key_file)}")
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
-    rep = verify(args.backup_dir)
+    with readable_copy(args.backup_dir, None, args.key, args.ssh_port, args.ssh_identity, args.known_hosts) as src:
+        rep = verify(src)
     for line in rep.lines:
         print(line)
     print("DAMAGE FOUND" if rep.damaged else "ok")

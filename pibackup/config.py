@@ -6,11 +6,14 @@ Option names and help texts live in plugin.py; values are judged here.
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from typing import Any, FrozenSet, Mapping, Optional
 
+from .crypt import load_key
 from .errors import PibackupError
 from .filter import parse_filter
+from .ship import ShipConfig, check_local_file, parse_target
 
 SEGMENT_SIZE_DEFAULT = "32M"
 SEGMENT_MIN = 64 * 1024
@@ -29,6 +32,17 @@ BATCH_KB_MAX = 16 * 1024
 LED_DIR_DEFAULT = "/sys/class/leds"
 MIN_FREE_MB_DEFAULT = 100
 PREALLOCATE_KB_DEFAULT = 1024  # make bench: 2-3x fewer device bytes per sync on ext4
+SHIP_PORT_DEFAULT = 22
+SHIP_INTERVAL_DEFAULT = 60  # a remote copy at most a minute behind; one ssh login a minute
+SHIP_WARN_AFTER_DEFAULT = 900  # 15 min: a few missed rounds (a router reboot) stay quiet
+SHIP_OPTIONS = (
+    "pibackup-ship-port",
+    "pibackup-ship-identity",
+    "pibackup-ship-known-hosts",
+    "pibackup-ship-interval",
+    "pibackup-ship-warn-after",
+    "pibackup-ship-encrypt-key",
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,7 @@ class Config:
     led: Optional[str] = None
     led_dir: str = "/sys/class/leds"
     min_free_bytes: int = 100 * 1024 * 1024
+    ship: Optional[ShipConfig] = None
 
 
 def parse_size(name: str, raw: Any) -> int:
@@ -89,7 +104,50 @@ def parse_options(options: Mapping[str, Any]) -> Config:
         led=_led(options.get("pibackup-led")),
         led_dir=str(options.get("pibackup-led-dir") or LED_DIR_DEFAULT),
         min_free_bytes=_int(options, "pibackup-min-free-mb", MIN_FREE_MB_DEFAULT, 0, 1 << 20, "MiB") * 1024 * 1024,
+        ship=parse_ship(options),
     )
+
+
+def _given(options: Mapping[str, Any], name: str) -> Optional[str]:
+    value = options.get(name)
+    if value is None or str(value).strip().lower() in ("", "none"):
+        return None
+    return str(value).strip()
+
+
+def parse_ship(options: Mapping[str, Any]) -> Optional[ShipConfig]:
+    """pibackup-ship and its companions; None when shipping is off."""
+    spec = _given(options, "pibackup-ship")
+    if spec is None:
+        stray = [n for n in SHIP_OPTIONS if _given(options, n) is not None and str(options.get(n)) != str(_SHIP_DEFAULTS.get(n))]
+        if stray:
+            raise ConfigError(f"{stray[0]} is set but pibackup-ship is not: add pibackup-ship=[user@]host:/path, or remove it")
+        return None
+    target = parse_target(spec)
+    for tool, package in (("rsync", "rsync"), ("ssh", "openssh-client")):
+        if shutil.which(tool) is None:
+            raise ConfigError(f"pibackup-ship needs {tool}, which is not on lightningd's PATH: apt install {package}")
+    identity = _given(options, "pibackup-ship-identity")
+    known_hosts = _given(options, "pibackup-ship-known-hosts")
+    key_file = _given(options, "pibackup-ship-encrypt-key")
+    if key_file is not None and not key_file.startswith("/"):
+        raise ConfigError(f"pibackup-ship-encrypt-key={key_file} is a relative path; give an absolute path")
+    return ShipConfig(
+        target=target,
+        port=_int(options, "pibackup-ship-port", SHIP_PORT_DEFAULT, 1, 65535, "(a TCP port)"),
+        identity=check_local_file("pibackup-ship-identity", identity) if identity else None,
+        known_hosts=check_local_file("pibackup-ship-known-hosts", known_hosts) if known_hosts else None,
+        interval=_int(options, "pibackup-ship-interval", SHIP_INTERVAL_DEFAULT, 1, 86400, "seconds"),
+        warn_after=_int(options, "pibackup-ship-warn-after", SHIP_WARN_AFTER_DEFAULT, 1, 7 * 86400, "seconds"),
+        key=load_key(key_file) if key_file else None,
+    )
+
+
+_SHIP_DEFAULTS = {
+    "pibackup-ship-port": SHIP_PORT_DEFAULT,
+    "pibackup-ship-interval": SHIP_INTERVAL_DEFAULT,
+    "pibackup-ship-warn-after": SHIP_WARN_AFTER_DEFAULT,
+}
 
 
 def _led(value: Any) -> Optional[str]:

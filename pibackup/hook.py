@@ -14,6 +14,7 @@ from .backup import Backup, Call, Log
 from .config import Config, parse_options
 from .errors import PibackupError
 from .livedb import find_live_db
+from .ship import Shipper
 from .status import REMINDER_SECONDS, Led, Reporter, StatusError, systemd_notifier
 
 CONTINUE: Dict[str, Any] = {"result": "continue"}
@@ -29,6 +30,7 @@ class HookHandler:
         self.failure: Optional[str] = None
         self.shutting_down = False
         self.reporter: Optional[Reporter] = None
+        self.shipper: Optional[Shipper] = None
         self._refusal_logged = 0.0
         self.started = time.time()
 
@@ -105,6 +107,8 @@ class HookHandler:
             return
         self.early = []
         self.backup = backup
+        if cfg.ship is not None:
+            self._start_shipper(cfg, backup)
         if self.reporter is not None:
             self.reporter.check()
         self.log(
@@ -134,7 +138,7 @@ class HookHandler:
             "mode": "journal",
             "uptime_seconds": int(time.time() - self.started),
             "warnings": list(r.health.warnings) if r is not None else [],
-            "shipping": "not configured",
+            "shipping": self.shipper.status() if self.shipper is not None else "not configured",
             "compaction": "none",
         }
         if self.failure:
@@ -144,6 +148,19 @@ class HookHandler:
             return out
         out.update(b.status())
         return out
+
+    def _start_shipper(self, cfg: Config, backup: Backup) -> None:
+        """Shipping runs beside the backup; it can fail without touching it."""
+        assert cfg.ship is not None
+        shipper = Shipper(cfg.ship, cfg.destination, backup.open_segment, self.log)
+        try:
+            shipper.start()
+        except OSError as e:
+            self.log(f"pibackup-ship cannot start: {e.filename or ''}: {e.strerror}; the local backup goes on", "warn")
+            return
+        self.shipper = shipper
+        what = "encrypted " if cfg.ship.key is not None else ""
+        self.log(f"shipping an {what}copy to {cfg.ship.target} every {cfg.ship.interval} s".replace("an copy", "a copy"), "info")
 
     def _start_reporter(self, cfg: Optional[Config]) -> None:
         """systemd status and the LED; a wrong LED name is a warning, not a reason to halt."""
@@ -157,6 +174,7 @@ class HookHandler:
             self.log,
             self._figures,
             lambda: [cfg.destination] if cfg is not None and cfg.destination and self.backup is not None else [],
+            extra_warnings=lambda: self.shipper.warnings() if self.shipper is not None else [],
             min_free_bytes=cfg.min_free_bytes if cfg is not None else 0,
             led=led,
             notify=systemd_notifier(),
@@ -171,9 +189,12 @@ class HookHandler:
             "data_version": b.last,
             "generations": b.generation_count(),
             "last_write_age": None if b.last_flush is None else time.time() - b.last_flush,
+            "shipped_age": None if self.shipper is None else self.shipper.lag(),
         }
 
     def close(self) -> None:
+        if self.shipper is not None:
+            self.shipper.stop()
         if self.reporter is not None:
             self.reporter.stop()
         if self.backup is not None:

@@ -16,6 +16,9 @@ from .config import (
     MIN_FREE_MB_DEFAULT,
     PREALLOCATE_KB_DEFAULT,
     SEGMENT_SIZE_DEFAULT,
+    SHIP_INTERVAL_DEFAULT,
+    SHIP_PORT_DEFAULT,
+    SHIP_WARN_AFTER_DEFAULT,
 )
 from .filter import DEFAULT_FILTER, FILTERABLE
 from .hook import HookHandler
@@ -82,6 +85,42 @@ plugin.add_option(
     "pibackup-segment-size",
     SEGMENT_SIZE_DEFAULT,
     "Size at which a journal segment file is closed and a new one begun: 64K to 1G.",
+)
+plugin.add_option(
+    "pibackup-ship",
+    None,
+    "Also keep a copy on another host, sent with rsync over ssh in the background: [user@]host:/path "
+    "(a directory of its own). Off when not set.",
+)
+plugin.add_option("pibackup-ship-port", SHIP_PORT_DEFAULT, "The ssh port of the pibackup-ship host.", opt_type="int")
+plugin.add_option(
+    "pibackup-ship-identity",
+    None,
+    "The ssh private key to log in with (absolute path). Default: ssh's own (~/.ssh/id_* of lightningd's user).",
+)
+plugin.add_option(
+    "pibackup-ship-known-hosts",
+    None,
+    "The known_hosts file holding the ship host's key (ssh never accepts an unknown key). "
+    "Default: ~/.ssh/known_hosts of lightningd's user.",
+)
+plugin.add_option(
+    "pibackup-ship-interval",
+    SHIP_INTERVAL_DEFAULT,
+    "Seconds between shipping rounds: the remote copy is at most this far behind.",
+    opt_type="int",
+)
+plugin.add_option(
+    "pibackup-ship-warn-after",
+    SHIP_WARN_AFTER_DEFAULT,
+    "Warn (log, systemd status, LED) when the remote copy has been behind this many seconds.",
+    opt_type="int",
+)
+plugin.add_option(
+    "pibackup-ship-encrypt-key",
+    None,
+    "Encrypt everything shipped with this key file (create it with: pibackup keygen FILE, and keep a "
+    "copy away from the Pi). The remote host can then neither read nor undetectably alter the copy.",
 )
 
 

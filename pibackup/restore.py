@@ -174,6 +174,18 @@ def _copy_snapshot(src: str, target: str, expected: bytes) -> None:
         raise DamageError(f"{src}: snapshot is damaged (its SHA-256 does not match the journal's header)", src, None)
 
 
+def check_output(output: str, force: bool) -> None:
+    """OUTPUT_DB can be written: its directory exists, and it does not (or --force)."""
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise RestoreError(f"{out_dir} does not exist; create it or choose another OUTPUT_DB")
+    if os.path.lexists(output) and not force:
+        raise RestoreError(
+            f"{output} already exists; pibackup never overwrites a database unless told to. Stop lightningd, "
+            "move the file away, or pass --force"
+        )
+
+
 def restore(
     backup_dir: str,
     output: str,
@@ -188,18 +200,11 @@ def restore(
     gen = pick_generation(backup_dir, generation)
     info = generation_info(gen)
     output = os.path.abspath(output)
-    out_dir = os.path.dirname(output)
-    if not os.path.isdir(out_dir):
-        raise RestoreError(f"{out_dir} does not exist; create it or choose another OUTPUT_DB")
+    check_output(output, force)
     if os.path.lexists(output) and force and dst.writer_running(backup_dir):
         raise RestoreError(
             f"a running pibackup (inside lightningd) is writing {backup_dir}: stop lightningd before you replace "
             f"{output} (restoring to a new file is fine while it runs)"
-        )
-    if os.path.lexists(output) and not force:
-        raise RestoreError(
-            f"{output} already exists; pibackup never overwrites a database unless told to. Stop lightningd, "
-            "move the file away, or pass --force"
         )
     tmp = output + ".pibackup-tmp"
     for stale in (tmp, tmp + "-journal"):
@@ -242,7 +247,7 @@ def restore(
         finally:
             os.close(fd)
         os.replace(tmp, output)
-        fsync_dir(out_dir)
+        fsync_dir(os.path.dirname(output))
     except sqlite3.Error as e:
         _remove(tmp)
         raise RestoreError(f"cannot build {output}: SQLite says {e}") from e

@@ -108,6 +108,7 @@ class Reporter:
         snapshot: Callable[[], Dict[str, Any]],
         destinations: Callable[[], List[str]],
         min_free_bytes: int,
+        extra_warnings: Callable[[], List[str]] = list,
         led: Optional[Led] = None,
         notify: Optional[Callable[[str], None]] = None,
         interval: float = 10.0,
@@ -116,6 +117,7 @@ class Reporter:
         self.snapshot = snapshot
         self.destinations = destinations
         self.min_free_bytes = min_free_bytes
+        self.extra_warnings = extra_warnings
         self.led = led
         self.notify = notify
         self.interval = interval
@@ -140,6 +142,7 @@ class Reporter:
             warnings: List[str] = []
             for d in self.destinations():
                 warnings += check_destination(d, self.min_free_bytes)
+            warnings += self.extra_warnings()
             self.health.warnings = warnings
             self._refresh_locked()
 
@@ -182,6 +185,8 @@ class Reporter:
             parts.append(f"{s['generations']} generation{'s' if s['generations'] != 1 else ''}")
         if s.get("last_write_age") is not None:
             parts.append(f"last write {int(s['last_write_age'])} s ago")
+        if s.get("shipped_age") is not None:
+            parts.append(f"shipped {int(s['shipped_age'])} s ago")
         if h.warnings:
             parts.append("WARNING: " + h.warnings[0])
         return ("STATUS=" + ", ".join(parts))[:400]

@@ -114,3 +114,88 @@ def test_option_parsing_never_fails_with_anything_but_a_clear_error(options):
         parse_options({"pibackup-destination": "/media/usb/pibackup", **options})
     except PibackupError as e:  # ConfigError, FilterError, LiveDbError: each names the option
         assert str(e).startswith("pibackup-"), str(e)
+
+
+SHIP = "pi@backup.example.org:/srv/pibackup/node1"
+
+
+def _ship_cases(tmp: Path):
+    key = tmp / "ship.key"
+    key.write_text("pibackup encryption key v1 " + "ab" * 32 + "\n")
+    key.chmod(0o600)
+    loose = tmp / "loose.key"
+    loose.write_text(key.read_text())
+    loose.chmod(0o644)
+    short = tmp / "short.key"
+    short.write_text("pibackup encryption key v1 abcd\n")
+    short.chmod(0o600)
+    ident = tmp / "id_ed25519"
+    ident.write_text("x")
+    spaced = tmp / "my key"
+    spaced.write_text("x")
+    return [
+        ({"pibackup-ship": "host;reboot:/srv/x"}, "pibackup-ship: host 'host;reboot' is not a plain host name"),
+        ({"pibackup-ship": "-oProxyCommand=sh:/srv/x"}, "is not a plain host name"),
+        ({"pibackup-ship": "$(reboot)@host:/srv/x"}, "user name '$(reboot)' has characters that are not allowed"),
+        ({"pibackup-ship": "host:/srv/my backup"}, "remote path '/srv/my backup' has characters that are not allowed"),
+        ({"pibackup-ship": "host:/srv/`id`"}, "has characters that are not allowed"),
+        ({"pibackup-ship": "host:/srv/x;rm -rf ~"}, "has characters that are not allowed"),
+        ({"pibackup-ship": "host:/srv/../etc"}, "contains '..'"),
+        ({"pibackup-ship": "host:/"}, "give a directory of its own for the copy, not '/'"),
+        ({"pibackup-ship": "host:"}, "is not [user@]host:/path"),
+        ({"pibackup-ship": "/srv/local"}, "is not [user@]host:/path"),
+        ({"pibackup-ship": "host:/srv/x\ny"}, "contains control characters"),
+        ({"pibackup-ship": SHIP, "pibackup-ship-port": 0}, "pibackup-ship-port=0 is out of range: give 1 to 65535"),
+        ({"pibackup-ship": SHIP, "pibackup-ship-port": "ssh"}, "pibackup-ship-port='ssh' is not a whole number"),
+        ({"pibackup-ship": SHIP, "pibackup-ship-interval": 0}, "pibackup-ship-interval=0 is out of range: give 1 to 86400"),
+        ({"pibackup-ship": SHIP, "pibackup-ship-identity": str(tmp / "missing")}, "pibackup-ship-identity: cannot read"),
+        ({"pibackup-ship": SHIP, "pibackup-ship-identity": "id_ed25519"}, "='id_ed25519': give an absolute path"),
+        ({"pibackup-ship": SHIP, "pibackup-ship-identity": str(spaced)}, "no spaces or quotes"),
+        ({"pibackup-ship": SHIP, "pibackup-ship-known-hosts": str(tmp / "kh")}, "pibackup-ship-known-hosts: cannot read"),
+        ({"pibackup-ship": SHIP, "pibackup-ship-encrypt-key": "ship.key"}, "pibackup-ship-encrypt-key=ship.key is a relative path"),
+        ({"pibackup-ship": SHIP, "pibackup-ship-encrypt-key": str(tmp / "nokey")}, "cannot read the encryption key"),
+        ({"pibackup-ship": SHIP, "pibackup-ship-encrypt-key": str(ident)}, "is not a pibackup key file"),
+        ({"pibackup-ship": SHIP, "pibackup-ship-encrypt-key": str(short)}, "the key is damaged"),
+        ({"pibackup-ship": SHIP, "pibackup-ship-encrypt-key": str(loose)}, "can be read by other users; make it private: chmod 600"),
+        ({"pibackup-ship-identity": str(ident)}, "pibackup-ship-identity is set but pibackup-ship is not"),
+    ]
+
+
+def test_bad_shipping_options_get_a_clear_message(tmp_path):
+    for options, message in _ship_cases(tmp_path):
+        with pytest.raises(PibackupError) as e:
+            parse_options({"pibackup-destination": "/media/usb/pibackup", **options})
+        assert message in str(e.value), (options, str(e.value))
+
+
+def test_good_shipping_options_are_taken_as_given(tmp_path):
+    ident = tmp_path / "id_ed25519"
+    ident.write_text("x")
+    cfg = parse_options(
+        {
+            "pibackup-destination": "/media/usb/pibackup",
+            "pibackup-ship": "pi@[::1]:backups/node1/",
+            "pibackup-ship-port": 2222,
+            "pibackup-ship-identity": str(ident),
+            "pibackup-ship-interval": 300,
+        }
+    )
+    assert cfg.ship is not None
+    assert (cfg.ship.target.user, cfg.ship.target.host, cfg.ship.target.path) == ("pi", "[::1]", "backups/node1")
+    assert (cfg.ship.port, cfg.ship.identity, cfg.ship.interval, cfg.ship.key) == (2222, str(ident), 300, None)
+    assert parse_options({"pibackup-destination": "/x", "pibackup-ship": "none", "pibackup-ship-port": 22}).ship is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_any_ship_target_is_either_safe_or_refused(spec):
+    from pibackup.ship import ShipError, parse_target
+
+    try:
+        t = parse_target(spec)
+    except ShipError as e:
+        assert str(e).startswith("pibackup-ship"), str(e)
+        return
+    for part in (t.user or "", t.host, t.path):
+        assert not set(part) & set(" \t\n\r'\"`$;&|<>()*?!\\{}#"), t
+    assert not t.host.startswith("-") and not (t.user or "").startswith("-")

@@ -1,0 +1,287 @@
+"""Shipping to another host with the real rsync over a real sshd on 127.0.0.1, then
+restoring from the remote copy (issue #6)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator
+
+import pytest
+
+import dbcompare
+import driver
+from helpers import cli, tmpfs
+from sshd import Sshd
+
+CRYPT_MAGIC = b"PBKCRYPT"
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[Sshd]:
+    s = Sshd(tmp_path / "sshd")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def keyfile(tmp_path: Path) -> Path:
+    k = tmp_path / "ship.key"
+    r = cli("keygen", str(k))
+    assert r.returncode == 0, r.stderr
+    return k
+
+
+def shipping(node: driver.Node) -> Dict[str, Any]:
+    return node.rpc("pibackup-status")["shipping"]
+
+
+def wait_in_step(node: driver.Node, since: float, timeout: float = 90.0) -> Dict[str, Any]:
+    """Until a shipping round that began after `since` succeeded."""
+    deadline = time.monotonic() + timeout
+    st: Dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        st = shipping(node)
+        if st["last_success"] is not None and st["last_success"] >= since:
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"the remote copy never caught up: {st}\n{node.log_text()}")
+
+
+def wait_failing(node: driver.Node, timeout: float = 60.0) -> Dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    st: Dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        st = shipping(node)
+        if st["state"] == "failing":
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"shipping never reported a failure: {st}")
+
+
+def remote_restore(sshd: Sshd, remote: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return cli("restore", sshd.target(remote), str(out), *sshd.cli_args(), *extra)
+
+
+def assert_remote_equals_live(sshd: Sshd, remote: Path, node: driver.Node, tmp_path: Path, *extra: str) -> None:
+    out = tmp_path / f"from-remote-{time.monotonic_ns()}.sqlite3"
+    r = remote_restore(sshd, remote, out, *extra)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert dbcompare.backup_differences(node.live.path, out, ("utxoset",)) == []
+    v = cli("verify", sshd.target(remote), *sshd.cli_args(), *extra)
+    assert v.returncode == 0, v.stdout + v.stderr
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_the_shipped_copy_restores_to_the_live_db(encrypted, sshd, keyfile, traces, make_node, dest, tmp_path):
+    remote = tmp_path / "remote" / "node1"
+    remote.parent.mkdir()
+    extra = {"pibackup-ship-encrypt-key": str(keyfile)} if encrypted else {}
+    key_args = ("--key", str(keyfile)) if encrypted else ()
+    node = make_node(pibackup_batch_seconds=0, **sshd.options(remote, **extra))
+    recs = driver.first_run(traces["A"])
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    half = len(recs) // 2
+    node.calls(recs[len(early) : half])
+    wait_in_step(node, time.time())
+    assert_remote_equals_live(sshd, remote, node, tmp_path, *key_args)
+    node.calls(recs[half:])
+    st = wait_in_step(node, time.time())
+    assert st["state"] == "ok" and st["encrypted"] is encrypted and st["rounds"] >= 2
+    assert_remote_equals_live(sshd, remote, node, tmp_path, *key_args)
+    assert len(list(dest.glob("gen-*/seg-*.pbj"))) > 1, "the test must cover closed segments"
+
+    # The remote directory has the local layout.
+    local_files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and ".ship" not in p.parts)
+    remote_files = sorted(str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file())
+    assert remote_files == local_files
+    if encrypted:
+        for p in remote.rglob("gen-*/*"):
+            data = p.read_bytes()
+            assert data.startswith(CRYPT_MAGIC), p
+            for plain in (b"PBJ", b"SQLite format 3", b"CREATE TABLE", b"channels"):
+                assert plain not in data[8:], f"{p} shows {plain!r}: the remote host must learn nothing"
+        r = remote_restore(sshd, remote, tmp_path / "nokey.sqlite3")
+        assert r.returncode == 1 and "encrypted copy: give the key file with --key" in r.stderr
+    else:
+        open_seg = node.rpc("pibackup-status")["generation"]
+        for p in remote.rglob("gen-*/*"):
+            local = (dest / p.relative_to(remote)).read_bytes()
+            if p.parent.name == open_seg and p == sorted(remote.glob(f"{open_seg}/seg-*.pbj"))[-1]:
+                assert local.startswith(p.read_bytes()), "the open segment's copy is a prefix of it"
+            else:
+                assert p.read_bytes() == local, f"{p} differs from the closed local file"
+    node.stop()
+    assert "error" not in [lvl for lvl, _ in node.all_logs], node.log_text()
+
+
+def test_ssh_host_hanging_then_gone_then_back_loses_nothing_and_never_holds_a_hook(sshd, traces, make_node, tmp_path):
+    remote = tmp_path / "remote"
+    node = make_node(pibackup_batch_seconds=0, **sshd.options(remote))
+    recs = driver.first_run(traces["A"])
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    rest = recs[len(early) :]
+    a, b, c = len(rest) // 4, len(rest) // 2, 3 * len(rest) // 4
+    node.calls(rest[:a])
+    wait_in_step(node, time.time())
+    before = list(node.latencies)
+
+    # The host hangs mid-run: rsync waits on it (up to its I/O timeout, 120 s). Every call is
+    # still answered (the driver gives up after 60 s): the hook never waits on the network.
+    sshd.pause()
+    time.sleep(1.5)  # let a round start and hang
+    hung_rounds = shipping(node)["rounds"]
+    node.calls(rest[a:b])
+    during = node.latencies[len(before) :]
+    assert shipping(node)["rounds"] == hung_rounds, "no round can have succeeded against a hung host"
+    sshd.resume()
+    wait_in_step(node, time.time())
+
+    # The host goes away altogether: refused connections, retried with backoff, one warning.
+    sshd.stop()
+    node.calls(rest[b:c])
+    st = wait_failing(node)
+    assert "refuses connections" in st["last_error"], st
+    node.calls(rest[c:])
+    sshd.start()
+    wait_in_step(node, time.time())
+    assert_remote_equals_live(sshd, remote, node, tmp_path)
+    warnings = [m for lvl, m in node.plugin.logs if lvl == "warn" and "pibackup-ship" in m]
+    assert len(warnings) == 1, warnings  # logged once, not once per retry
+    assert any("reachable again" in m for _, m in node.plugin.logs)
+    node.stop()
+    print(
+        f"\nhook latency while the ssh host hung: max {max(during) * 1000:.1f} ms over {len(during)} calls "
+        f"(before: max {max(before) * 1000:.1f} ms)"
+    )
+
+
+def test_an_unknown_host_key_is_refused_and_the_node_goes_on(sshd, traces, make_node, tmp_path):
+    remote = tmp_path / "remote"
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    node = make_node(**sshd.options(remote, pibackup_ship_known_hosts=str(empty)))
+    recs = driver.first_run(traces["A"])
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    st = wait_failing(node)
+    assert "host key" in st["last_error"] and f"ssh-keyscan -p {sshd.port} 127.0.0.1 >> {empty}" in st["last_error"], st
+    node.calls(recs[len(early) :])  # the node is not halted
+    assert not remote.exists(), "nothing may reach a host whose key is not known"
+    assert node.live.version() == recs[-1].data_version
+    node.stop()
+
+
+def test_a_remote_directory_that_is_not_ours_is_left_alone(sshd, traces, make_node, tmp_path):
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "notes.txt").write_text("someone else's\n")
+    node = make_node(**sshd.options(remote))
+    node.start([r for r in traces["A"] if r.pre_init][:9])
+    st = wait_failing(node)
+    assert "holds files this pibackup did not ship (notes.txt)" in st["last_error"], st
+    assert sorted(os.listdir(remote)) == ["notes.txt"]
+    node.stop()
+
+
+def test_tampered_truncated_or_swapped_remote_files_are_detected(sshd, keyfile, traces, make_node, dest, tmp_path):
+    remote = tmp_path / "remote"
+    node = make_node(pibackup_batch_seconds=0, **sshd.options(remote, pibackup_ship_encrypt_key=str(keyfile)))
+    recs = driver.first_run(traces["A"])
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    node.calls(recs[len(early) :])
+    wait_in_step(node, time.time())
+    node.stop()
+    key = ("--key", str(keyfile))
+    assert_remote_equals_live(sshd, remote, node, tmp_path, *key)
+    segs = sorted(remote.glob("gen-*/seg-*.pbj"))
+    assert len(segs) >= 3
+    pristine = {p: p.read_bytes() for p in remote.rglob("gen-*/*")}
+
+    def attempt(what: str) -> str:
+        r = remote_restore(sshd, remote, tmp_path / f"{what}.sqlite3", *key)
+        assert r.returncode == 1, f"{what}: {r.stdout}{r.stderr}"
+        assert not (tmp_path / f"{what}.sqlite3").exists()
+        for p, data in pristine.items():
+            p.write_bytes(data)
+        return r.stderr
+
+    data = bytearray(pristine[segs[0]])
+    data[len(data) // 2] ^= 0x10
+    segs[0].write_bytes(bytes(data))
+    assert "fails authentication: the file was altered" in attempt("flip")
+
+    segs[1].write_bytes(pristine[segs[1]][:-40])
+    assert "cut short" in attempt("truncate")
+
+    segs[0].write_bytes(pristine[segs[1]])
+    assert "fails authentication" in attempt("swap")
+
+    other = tmp_path / "other.key"
+    assert cli("keygen", str(other)).returncode == 0
+    r = remote_restore(sshd, remote, tmp_path / "otherkey.sqlite3", "--key", str(other))
+    assert r.returncode == 1 and "was encrypted with another key" in r.stderr
+
+
+def test_a_full_remote_disk_is_reported_and_the_node_goes_on(sshd, traces, make_node, tmp_path):
+    mnt = tmp_path / "remote-disk"
+    with tmpfs(mnt, "size=64k"):
+        remote = mnt / "copy"
+        node = make_node(pibackup_batch_seconds=0, **sshd.options(remote))
+        recs = driver.first_run(traces["A"])
+        early = [r for r in recs if r.pre_init]
+        node.start(early)
+        node.calls(recs[len(early) :])
+        st = wait_failing(node)
+        assert "out of space" in st["last_error"], st
+        assert node.live.version() == recs[-1].data_version  # never halted
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+        wait_in_step(node, time.time())
+        assert_remote_equals_live(sshd, remote, node, tmp_path)
+        node.stop()
+
+
+def test_shipping_resumes_after_a_restart_without_sending_closed_files_again(sshd, keyfile, traces, make_node, dest, tmp_path):
+    remote = tmp_path / "remote"
+    node = make_node(pibackup_batch_seconds=0, **sshd.options(remote, pibackup_ship_encrypt_key=str(keyfile)))
+    recs = driver.first_run(traces["A"])
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    half = len(recs) // 2
+    node.calls(recs[len(early) : half])
+    wait_in_step(node, time.time())
+    node.stop()
+    closed = {p: p.stat().st_mtime_ns for p in sorted(remote.glob("gen-*/*"))[:-1]}
+    node.start([])
+    node.calls(recs[half:])
+    st = wait_in_step(node, time.time())
+    assert {p: p.stat().st_mtime_ns for p in closed} == closed, "closed files were sent again"
+    assert_remote_equals_live(sshd, remote, node, tmp_path, "--key", str(keyfile))
+    assert st["files_sent"] < len(list(remote.glob("gen-*/*"))) + 3
+    node.stop()
+
+
+def test_a_generation_removed_locally_is_removed_remotely(sshd, traces, make_node, dest, tmp_path):
+    remote = tmp_path / "remote"
+    node = make_node(pibackup_batch_seconds=0, **sshd.options(remote))
+    recs = driver.first_run(traces["A"])
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    node.calls(recs[len(early) : 40])
+    node.stop()
+    node.commit_without_plugin(recs[40])  # lightningd ran without the plugin: a new generation
+    node.start([])
+    node.calls(recs[41:60])
+    wait_in_step(node, time.time())
+    assert sorted(p.name for p in remote.glob("gen-*")) == ["gen-000001", "gen-000002"]
+    shutil.rmtree(dest / "gen-000001")  # what retention does once gen-000002 is complete
+    wait_in_step(node, time.time())
+    assert sorted(p.name for p in remote.glob("gen-*")) == ["gen-000002"]
+    assert_remote_equals_live(sshd, remote, node, tmp_path)
+    node.stop()
