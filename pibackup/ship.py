@@ -37,7 +37,7 @@ OpenSegment = Callable[[], Optional[Tuple[str, int]]]
 STAGING = ".ship"
 STATE_FILE = "state.json"
 WRITE_CHUNK = 64 * 1024  # encrypt in small pieces: the hook thread never waits long for the GIL
-BACKOFF_MAX = 1800.0
+BACKOFF_INTERVALS = 10  # retries back off to at most ten intervals (10 min by default)
 RSYNC_IO_TIMEOUT = 120  # seconds without progress before rsync gives up
 
 _USER = re.compile(r"^[A-Za-z_][A-Za-z0-9._-]{0,31}$")
@@ -169,6 +169,8 @@ def explain_rsync_failure(code: int, stderr: str, target: Target, port: int, kno
         return f"no permission to write {target.path} on {target.host}: fix its owner or permissions"
     if "no such file or directory" in low and "mkdir" in low:
         return f"the parent directory of {target.path} does not exist on {target.host}: create it"
+    if code == 11 and not text:  # rsync sometimes loses the receiver's message as it dies
+        return f"file I/O error on {target.host} in {target.path} (rsync code 11): is its disk full or failing?"
     last = text.splitlines()[-1] if text else f"rsync exited with code {code}"
     return f"shipping to {target} failed: {last}"
 
@@ -271,7 +273,7 @@ class Shipper:
         if message != self._logged_error:
             self._logged_error = message
             self.log(f"pibackup-ship: {message}. The local backup goes on; retrying.", "warn")
-        return min(BACKOFF_MAX, self.cfg.interval * (2 ** min(s.failures_in_a_row, 12)))
+        return float(self.cfg.interval * min(BACKOFF_INTERVALS, 2 ** min(s.failures_in_a_row, 12)))
 
     # --- one round ------------------------------------------------------------------------
     def round(self) -> None:
