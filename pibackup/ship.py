@@ -181,7 +181,8 @@ class FileState:
     staged_size: int = 0  # the staging copy's length
     file_id: str = ""  # encrypted copies: hex file id
     next_index: int = 0  # encrypted copies: the next chunk's index
-    sent: bool = False  # the remote holds what was staged by the last successful round
+    sent: bool = False  # the remote holds some of this staging copy: append to it
+    unsent: bool = False  # the staging copy grew since the last successful round
     final: bool = False  # the local file is closed and fully staged
     done: bool = False  # final and sent: never looked at again
 
@@ -286,32 +287,32 @@ class Shipper:
         if not self.remote_checked:
             self._check_remote()
         inventory = self._inventory()
-        direct: List[str] = []  # plain closed files, sent from the backup directory itself
-        staged: List[str] = []
-        fresh: List[str] = []  # staging copies the remote has nothing of (sent whole)
+        # (closed, root, append) -> files. Closed files go first, so the remote never holds
+        # a newer segment after an unfinished older one, whatever call fails.
+        batches: Dict[Tuple[bool, str, bool], List[str]] = {}
         for rel, path, length, closed in inventory:
             st = self.files.setdefault(rel, FileState())
             if st.done:
                 continue
             if closed and (self.cfg.key is None or rel == dst.MARKER):  # the marker is never encrypted
-                st.staged, st.final = length, True
-                direct.append(rel)
+                # A closed plain file is sent from the backup directory itself; the remote
+                # holds a prefix of it if it was staged while open.
+                st.staged, st.final, st.unsent = length, True, True
+                batches.setdefault((True, self.destination, True), []).append(rel)
                 continue
-            if self._stage(rel, path, length, closed, st):
-                (staged if st.sent else fresh).append(rel)
-        if fresh:
-            self._rsync(self.staging, fresh, append=False)
-        if staged:
-            self._rsync(self.staging, staged, append=True)
-        if direct:
-            self._rsync(self.destination, direct, append=True)
-        for rel in direct + staged + fresh:
-            st = self.files[rel]
-            st.sent = True
-            s.files_sent += 1
-            if st.final:
-                st.done = True
-                self._drop_staging(rel)
+            self._stage(rel, path, length, closed, st)
+            if st.unsent:  # new now, or left over from a round that failed
+                batches.setdefault((closed, self.staging, st.sent), []).append(rel)
+        for key in sorted(batches, key=lambda k: (not k[0], k[1] != self.destination, k[2])):
+            rels = batches[key]
+            self._rsync(key[1], rels, append=key[2])
+            for rel in rels:
+                st = self.files[rel]
+                st.sent, st.unsent = True, False
+                s.files_sent += 1
+                if st.final:
+                    st.done = True
+                    self._drop_staging(rel)
         self._forget_old(inventory)
         self._save_state()
         if s.state == "failing":
@@ -386,6 +387,7 @@ class Shipper:
         self.status_.bytes_staged += length - st.staged
         st.staged = length
         st.final = closed
+        st.unsent = True
         if enc is not None:
             st.next_index = enc.index
         return True
@@ -520,11 +522,16 @@ class Shipper:
         return time.time() - (last if last is not None else self.started)
 
     def warnings(self) -> List[str]:
+        """A lag past pibackup-ship-warn-after. The text stays the same while the cause does,
+        so the log gets it once (status.py), not at every check."""
         lag = self.lag()
         if lag is None or lag < self.cfg.warn_after:
             return []
+        since = self.status_.last_success
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since if since is not None else self.started))
+        what = "last in step at" if since is not None else "never in step since the start at"
         reason = self.status_.last_error or "no successful round yet"
-        return [f"shipping to {self.cfg.target} is {int(lag)} s behind ({reason})"]
+        return [f"shipping to {self.cfg.target} is behind: the remote copy was {what} {when} ({reason})"]
 
     def status(self) -> Dict[str, Any]:
         out: Dict[str, Any] = asdict(self.status_)

@@ -232,4 +232,9 @@ def systemd_notifier() -> Optional[Callable[[str], None]]:
     import sdnotify  # only needed under systemd
 
     n = sdnotify.SystemdNotifier()
+    if n.socket is not None:
+        # Never wait for systemd: with its queue full a blocking send would stall the
+        # monitor, the status RPC, and a failure report on the hook's path. A dropped
+        # STATUS line is replaced by the next one.
+        n.socket.setblocking(False)
     return n.notify

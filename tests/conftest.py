@@ -1,4 +1,5 @@
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -50,3 +51,24 @@ def traces() -> dict:
 
 def kill_points() -> int:
     return int(os.environ.get("PIBACKUP_KILL_POINTS", "20"))
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path):
+    path = tmp_path / "notify.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(path))
+    s.settimeout(10)
+    yield s, str(path)
+    s.close()
+
+
+@pytest.fixture
+def leds(tmp_path: Path) -> Path:
+    root = tmp_path / "leds"
+    act = root / "ACT"
+    act.mkdir(parents=True)
+    (act / "trigger").write_text("none timer [mmc0] heartbeat\n")
+    (act / "brightness").write_text("0\n")
+    (act / "max_brightness").write_text("255\n")
+    return root

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, Iterator, List
 
@@ -49,3 +51,17 @@ def tmpfs(mnt: Path, options: str) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def received(sock: socket.socket, until: str, timeout: float = 10.0) -> list:
+    """Datagrams up to the first that contains `until`."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            got.append(sock.recv(4096).decode())
+        except socket.timeout:
+            break
+        if until in got[-1]:
+            return got
+    raise AssertionError(f"no datagram with {until!r}; got {got}")

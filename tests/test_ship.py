@@ -14,7 +14,7 @@ import pytest
 
 import dbcompare
 import driver
-from helpers import cli, tmpfs
+from helpers import cli, received, tmpfs
 from sshd import Sshd
 
 CRYPT_MAGIC = b"PBKCRYPT"
@@ -282,5 +282,54 @@ def test_a_generation_removed_locally_is_removed_remotely(sshd, traces, make_nod
     shutil.rmtree(dest / "gen-000001")  # what retention does once gen-000002 is complete
     wait_in_step(node, time.time())
     assert sorted(p.name for p in remote.glob("gen-*")) == ["gen-000002"]
+    assert_remote_equals_live(sshd, remote, node, tmp_path)
+    node.stop()
+
+
+def test_a_remote_copy_behind_warns_in_status_led_and_log_then_clears(sshd, traces, make_node, tmp_path, leds, notify_socket):
+    sock, path = notify_socket
+    remote = tmp_path / "remote"
+    node = make_node(
+        pibackup_batch_seconds=0, pibackup_led="ACT", pibackup_led_dir=str(leds), **sshd.options(remote, pibackup_ship_warn_after=3)
+    )
+    node.plugin_env = {"NOTIFY_SOCKET": path}
+    recs = driver.first_run(traces["A"])
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    rest = recs[len(early) :]
+    node.calls(rest[:50])
+    wait_in_step(node, time.time())
+    assert (leds / "ACT" / "trigger").read_text() == "heartbeat"
+    received(sock, "shipped ")
+
+    sshd.stop()
+    node.calls(rest[50:100])
+    deadline = time.monotonic() + 60
+    st = node.rpc("pibackup-status")
+    while not st["warnings"] and time.monotonic() < deadline:
+        time.sleep(0.3)
+        st = node.rpc("pibackup-status")
+    assert st["state"] == "warning", st
+    assert st["warnings"][0].startswith(f"shipping to {sshd.target(remote)} is behind: the remote copy was last in step at ")
+    assert (leds / "ACT" / "trigger").read_text() == "timer"
+    received(sock, f"WARNING: shipping to {sshd.target(remote)}")
+    assert node.plugin is not None
+
+    def behind() -> list:
+        return [m for lvl, m in node.plugin.logs if lvl == "warn" and " is behind: " in m]
+
+    logged = behind()
+    for _ in range(5):
+        time.sleep(0.3)
+        node.rpc("pibackup-status")
+    # Logged once per cause (ssh's first complaint may differ while sshd stops), not per check.
+    assert logged and behind() == logged and len(set(logged)) == len(logged), logged
+
+    sshd.start()
+    wait_in_step(node, time.time())
+    st = node.rpc("pibackup-status")
+    assert st["state"] == "ok" and st["warnings"] == [], st
+    assert (leds / "ACT" / "trigger").read_text() == "heartbeat"
+    received(sock, "pibackup: ok")
     assert_remote_equals_live(sshd, remote, node, tmp_path)
     node.stop()

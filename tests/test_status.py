@@ -4,50 +4,12 @@ a directory tree standing in for /sys/class/leds, the status RPC and command, th
 from __future__ import annotations
 
 import json
-import socket
-import time
-from pathlib import Path
 
 import pytest
 
 import driver
 from driver import Halted
-from helpers import cli
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path):
-    path = tmp_path / "notify.sock"
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.bind(str(path))
-    s.settimeout(10)
-    yield s, str(path)
-    s.close()
-
-
-def received(sock: socket.socket, until: str, timeout: float = 10.0) -> list:
-    """Datagrams up to the first that contains `until`."""
-    got = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            got.append(sock.recv(4096).decode())
-        except socket.timeout:
-            break
-        if until in got[-1]:
-            return got
-    raise AssertionError(f"no datagram with {until!r}; got {got}")
-
-
-@pytest.fixture
-def leds(tmp_path: Path) -> Path:
-    root = tmp_path / "leds"
-    act = root / "ACT"
-    act.mkdir(parents=True)
-    (act / "trigger").write_text("none timer [mmc0] heartbeat\n")
-    (act / "brightness").write_text("0\n")
-    (act / "max_brightness").write_text("255\n")
-    return root
+from helpers import cli, received
 
 
 def test_systemd_status_line_says_ok_then_failed(make_node, traces, notify_socket, tmp_path):
