@@ -4,12 +4,16 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES = python3 python3-venv python3-pip sqlite3 make strace xz-utils e2fsprogs util-linux rsync openssh-client openssh-server
+# `make deb` and `make test-deb`: Debian's package tools, lintian, and debootstrap for the test chroot.
+DEB_APT_PACKAGES = debhelper dh-python python3-all dpkg-dev fakeroot patch lintian man-db debootstrap
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' pibackup/__init__.py)
+DEB      = dist/pibackup_$(VERSION)_all.deb
 
-.PHONY: setup test test-long lint bench clean
+.PHONY: setup test test-long lint bench clean deb test-deb
 
 setup:
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES)
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) $(DEB_APT_PACKAGES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
@@ -35,3 +39,13 @@ clean:
 bench:
 	$(PY) bench/filter_tiers.py
 	$(PY) bench/wear.py
+
+# The Debian package (README: Debian package). `make deb` fetches the pinned pyln-client wheel
+# from PyPI, builds dist/pibackup_<version>_all.deb and runs lintian on it. `make test-deb`
+# installs it with apt in a fresh bookworm chroot (debootstrap, cached under
+# ~/.cache/pibackup) and replays a recording through the installed plugin; root only.
+deb:
+	PYTHON=$(PYTHON) packaging/build-deb.sh
+
+test-deb: deb
+	tests/deb/run.sh $(DEB)

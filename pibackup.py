@@ -4,7 +4,10 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
+_here = os.path.dirname(os.path.realpath(__file__))
+# The Debian package keeps its pinned pyln-client in vendor/ beside this file; a checkout
+# has no vendor/ and uses the Python environment's.
+sys.path[:0] = [_here] + [p for p in [os.path.join(_here, "vendor")] if os.path.isdir(p)]
 
 from pibackup.plugin import main  # noqa: E402
 
