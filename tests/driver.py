@@ -107,11 +107,13 @@ class PluginProcess:
         argv: Optional[List[str]] = None,
         plugin: Path = PLUGIN,
         prefix: Sequence[str] = (),
+        python: Optional[str] = sys.executable,
     ):
         env = dict(os.environ)
         env.update({"LIGHTNINGD_PLUGIN": "1", "LIGHTNINGD_VERSION": LIGHTNINGD_VERSION})
         env.update(extra_env or {})
-        cmd = [*prefix, sys.executable, str(plugin)] + (argv or [])
+        # python=None executes the plugin file itself, through its #! line, as lightningd does.
+        cmd = [*prefix, *([python] if python else []), str(plugin)] + (argv or [])
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.messages: queue.Queue[Optional[Dict[str, Any]]] = queue.Queue()
         self.responses: Dict[str, Dict[str, Any]] = {}
@@ -236,6 +238,7 @@ class Node:
         self.plugin_argv: List[str] = []  # lightningd adds --developer in developer mode
         self.plugin_path = PLUGIN  # the benchmarks also drive a bare plugin
         self.plugin_prefix: Sequence[str] = ()  # e.g. strace, for the benchmarks
+        self.plugin_python: Optional[str] = sys.executable  # None: run the file by its #! line (the installed package)
         self.commit_to_live = True  # the synthetic benchmark trace is not applied to a DB
         self.latencies: List[float] = []  # db_write round trips, seconds
         self.plugin_env: Dict[str, str] = {}  # e.g. NOTIFY_SOCKET, as systemd gives lightningd
@@ -245,7 +248,12 @@ class Node:
         """Start the plugin: getmanifest, the calls lightningd makes before init, init."""
         assert self.plugin is None
         self.plugin = PluginProcess(
-            self.netdir, extra_env=self.plugin_env, argv=self.plugin_argv, plugin=self.plugin_path, prefix=self.plugin_prefix
+            self.netdir,
+            extra_env=self.plugin_env,
+            argv=self.plugin_argv,
+            plugin=self.plugin_path,
+            prefix=self.plugin_prefix,
+            python=self.plugin_python,
         )
         manifest = self.plugin.request("getmanifest", {"allow-deprecated-apis": False})["result"]
         assert any(h["name"] == "db_write" for h in manifest["hooks"]), manifest

@@ -1,0 +1,103 @@
+"""`make test-deb`, inside the bookworm chroot, as the user lightningd would run as.
+
+Replays a real recording through the INSTALLED plugin (/usr/lib/pibackup/pibackup.py, run
+through its own #! line, as lightningd runs it) with the test driver, restores with the
+installed /usr/bin/pibackup, and compares the result with the driver's live database and
+with the real lightningd database recorded with the trace. Prints the plugin's memory.
+
+Usage: python3 inside.py BACKUP_DIR TRACE_NAME   (PIBACKUP_TRACES names the recordings' folder)
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import dbcompare  # noqa: E402
+import driver  # noqa: E402
+
+PLUGIN = Path("/usr/lib/pibackup/pibackup.py")
+COMMAND = "/usr/bin/pibackup"
+
+
+def proc_status(pid: int) -> Dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def extension_modules(pid: int) -> List[str]:
+    """Compiled modules the plugin has loaded (from its memory map)."""
+    names = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        path = line.split()[-1] if len(line.split()) >= 6 else ""
+        if ".cpython-" in path or "/lib-dynload/" in path or "site-packages" in path or "dist-packages" in path:
+            names.add(Path(path).name.split(".")[0])
+    return sorted(names)
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=600)
+
+
+def main() -> int:
+    dest, trace = Path(sys.argv[1]), sys.argv[2]
+    records = driver.load_trace(trace)
+    work = Path.home() / "test-deb"
+    node = driver.Node(work / "node", {"pibackup-destination": str(dest)})
+    node.plugin_path = PLUGIN
+    node.plugin_python = None  # exec the file: its #! line is the installed one
+
+    samples: List[Dict[str, str]] = []
+    loaded: List[str] = []
+
+    def before_stop(n: driver.Node) -> None:
+        status = n.rpc("pibackup-status")
+        assert status["state"] == "ok", status
+        assert n.plugin is not None
+        samples.append(proc_status(n.plugin.proc.pid))
+        loaded[:] = extension_modules(n.plugin.proc.pid)
+
+    t0 = time.monotonic()
+    driver.run_sessions(node, records, before_stop=before_stop)
+    replay_s = time.monotonic() - t0
+    assert node.live.version() == records[-1].data_version, (node.live.version(), records[-1].data_version)
+    errors = [m for lvl, m in node.all_logs if lvl == "error"]
+    assert not errors, errors
+    sessions = len(samples)
+    print(f"ok: replayed {trace} ({len(records)} db_write calls, {sessions} lightningd sessions) through {PLUGIN} in {replay_s:.1f} s")
+
+    hwm = max(int(s["VmHWM"].split()[0]) for s in samples)
+    rss = max(int(s["VmRSS"].split()[0]) for s in samples)
+    print(f"installed plugin memory: peak RSS (VmHWM) {hwm / 1024:.1f} MiB, RSS at the end of a session {rss / 1024:.1f} MiB")
+    print(f"compiled modules loaded by the plugin: {', '.join(loaded) or 'none'}")
+    heavy = [m for m in loaded if m.startswith(("_rust", "_openssl", "_libsecp256k1", "_cffi_backend", "tibs"))]
+    assert not heavy, f"the plugin loaded cryptography/coincurve/bitstring code it does not need: {heavy}"
+
+    out = work / "restored.sqlite3"
+    r = run(COMMAND, "restore", str(dest), str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "--rescan=-" in r.stdout + r.stderr, "a filtered restore says how to rebuild utxoset"
+    assert dbcompare.backup_differences(node.live.path, out) == []
+    real = driver.TRACES / f"{trace}.sqlite3"
+    assert dbcompare.backup_differences(real, out) == []
+    print(f"ok: {COMMAND} restore: equal to the driver's live database and to the real {real.name} (utxoset rows filtered)")
+
+    v = run(COMMAND, "verify", str(dest))
+    assert v.returncode == 0, v.stdout + v.stderr
+    s = run(COMMAND, "status", str(dest))
+    assert s.returncode == 0, s.stdout + s.stderr
+    print(f"ok: {COMMAND} verify and status")
+    node.live.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# `make test-deb DEB`: install the package with apt in a fresh, minimal Debian bookworm
+# chroot and check that it just works there, without PyPI:
+#   - apt installs it (twice: the maintainer scripts are idempotent) from Debian's archive;
+#     no pip in the chroot, no pyln module outside the package;
+#   - `pibackup --help`; the files land where README and pibackup(1) say;
+#   - inside.py, as a non-root user and with no network at all: a real recording replayed
+#     through the installed plugin, restored with the installed command, compared with the
+#     real lightningd database; the plugin's RSS printed;
+#   - apt remove and apt purge leave the backup directory byte for byte as it was.
+# The chroot (debootstrap --variant=minbase) is made once and kept as a tarball in
+# $PIBACKUP_CACHE (~/.cache/pibackup), with the .debs apt fetched. Root only.
+set -euo pipefail
+
+deb=$(realpath "$1")
+trace=${PIBACKUP_DEB_TRACE:-A}
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+traces=${PIBACKUP_TRACES:-$repo/../shared/traces}
+cache=${PIBACKUP_CACHE:-$HOME/.cache/pibackup}
+mirror=${PIBACKUP_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+suite=bookworm
+arch=$(dpkg --print-architecture)
+tarball=$cache/$suite-minbase-$arch.tar
+root=$repo/build/deb-chroot
+backup=/mnt/usb/pibackup
+start=$(date +%s)
+passed=0
+
+if [ "$(id -u)" != 0 ]; then
+    echo "test-deb: needs root (debootstrap, chroot, mounts)" >&2
+    exit 1
+fi
+for f in "$traces/$trace.jsonl" "$traces/$trace.sqlite3"; do
+    [ -f "$f" ] || { echo "test-deb: $f not found; set PIBACKUP_TRACES" >&2; exit 1; }
+done
+
+ok() { passed=$((passed + 1)); echo "ok: $*"; }
+in_root() { chroot "$root" "$@"; }
+umount_under() {  # every mount below $1, deepest first
+    awk -v d="$1/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r | while read -r m; do umount -l "$m"; done
+}
+finish() {
+    rc=$?
+    umount_under "$root"
+    if [ "$rc" = 0 ]; then
+        rm -rf --one-file-system "$root"
+    else
+        echo "test-deb: FAILED; the chroot is left in $root for a look" >&2
+        echo "test-deb: $passed passed, 1 failed"
+    fi
+    exit "$rc"
+}
+trap finish EXIT
+
+# --- the chroot: a cached minimal bookworm -------------------------------------------------
+mkdir -p "$cache/apt-archives/partial"
+if [ ! -f "$tarball" ]; then
+    echo "test-deb: debootstrap $suite ($arch) from $mirror, once; cached as $tarball"
+    tmp=$(mktemp -d "$cache/bootstrap.XXXXXX")
+    debootstrap --variant=minbase "$suite" "$tmp/root" "$mirror" > "$tmp/log" 2>&1 || {
+        tail -20 "$tmp/log" >&2
+        umount_under "$tmp"
+        exit 1
+    }
+    umount_under "$tmp"
+    chroot "$tmp/root" apt-get clean
+    tar -C "$tmp/root" -cf "$tarball.part" . && mv "$tarball.part" "$tarball"
+    rm -rf --one-file-system "$tmp"
+fi
+umount_under "$root"
+rm -rf --one-file-system "$root"
+mkdir -p "$root"
+tar -C "$root" -xf "$tarball"
+mount -t proc proc "$root/proc"
+mount -t devpts -o newinstance,ptmxmode=0666 devpts "$root/dev/pts"  # apt logs maintainer scripts' output through a pty
+mount --bind "$cache/apt-archives" "$root/var/cache/apt/archives"
+cp /etc/resolv.conf "$root/etc/resolv.conf"
+printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"  # start no services in here
+chmod +x "$root/usr/sbin/policy-rc.d"
+ok "fresh $suite chroot from $tarball"
+
+# --- install with apt, from Debian's archive alone ---------------------------------------
+export DEBIAN_FRONTEND=noninteractive
+in_root apt-get update -qq
+cp "$deb" "$root/tmp/"
+name=$(basename "$deb")
+in_root apt-get install -y -q "/tmp/$name" > "$root/tmp/apt-install.log" 2>&1 || { cat "$root/tmp/apt-install.log" >&2; exit 1; }
+grep -E '^(Get|The following NEW)' "$root/tmp/apt-install.log" | head -3 || true
+in_root apt-get install -y -q --reinstall "/tmp/$name" > "$root/tmp/apt-reinstall.log" 2>&1 || { cat "$root/tmp/apt-reinstall.log" >&2; exit 1; }
+ok "apt-get install ./$name, and again with --reinstall"
+
+if in_root python3 -m pip --version > /dev/null 2>&1; then
+    echo "test-deb: pip is installed in the chroot; the package must not need it" >&2
+    exit 1
+fi
+if in_root python3 -I -c 'import pyln' > /dev/null 2>&1; then
+    echo "test-deb: a pyln module is installed outside the package" >&2
+    exit 1
+fi
+ok "no pip and no pyln module in the chroot outside /usr/lib/pibackup"
+
+for f in /usr/lib/pibackup/pibackup.py /usr/lib/pibackup/pibackup/plugin.py /usr/lib/pibackup/vendor/pyln/client/plugin.py \
+    /usr/bin/pibackup /usr/share/man/man1/pibackup.1.gz /usr/share/doc/pibackup/README.md.gz \
+    /usr/share/doc/pibackup/examples/lightningd-config /usr/lib/systemd/system/lightningd.service.d/pibackup.conf; do
+    [ -e "$root$f" ] || { echo "test-deb: $f is missing" >&2; exit 1; }
+done
+[ -x "$root/usr/lib/pibackup/pibackup.py" ] || { echo "test-deb: the plugin is not executable" >&2; exit 1; }
+grep -qx 'NotifyAccess=all' "$root/usr/lib/systemd/system/lightningd.service.d/pibackup.conf"
+ls "$root"/usr/lib/pibackup/vendor/pyln/client/__pycache__/plugin.cpython-311.pyc > /dev/null  # py3compile ran
+ok "files in place: plugin (executable), vendored pyln-client byte-compiled, command, man page, docs, example, systemd drop-in"
+
+in_root pibackup --help > "$root/tmp/help.txt"
+grep -q restore "$root/tmp/help.txt"
+in_root pibackup --version
+ok "pibackup --help"
+
+# --- a replay through the installed plugin, as a non-root user, with no network ---------
+in_root useradd --create-home bitcoin
+mkdir -p "$root$backup" "$root/opt/pibackup-test/traces"
+in_root chown bitcoin: "$backup"
+cp "$repo/tests/driver.py" "$repo/tests/dbcompare.py" "$repo/tests/deb/inside.py" "$root/opt/pibackup-test/"
+cp "$traces/$trace.jsonl" "$traces/$trace.sqlite3" "$root/opt/pibackup-test/traces/"
+unshare --net chroot --userspec=bitcoin:bitcoin "$root" \
+    env -i HOME=/home/bitcoin PATH=/usr/bin:/bin LANG=C.UTF-8 PIBACKUP_TRACES=/opt/pibackup-test/traces \
+    python3 /opt/pibackup-test/inside.py "$backup" "$trace"
+ok "replay of $trace through the installed plugin, restore and verify with the installed command (user bitcoin, no network)"
+
+# --- remove and purge leave the backup alone ---------------------------------------------
+digest() { (cd "$root$backup" && find . -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16); }
+files=$(find "$root$backup" -type f | wc -l)
+before=$(digest)
+in_root apt-get remove -y -q pibackup > /dev/null
+[ "$(digest)" = "$before" ] || { echo "test-deb: apt-get remove changed $backup" >&2; exit 1; }
+if [ -e "$root/usr/lib/pibackup/pibackup.py" ] || [ -e "$root/usr/bin/pibackup" ]; then
+    echo "test-deb: the package's files are still there after apt-get remove" >&2
+    exit 1
+fi
+in_root apt-get install -y -q "/tmp/$name" > /dev/null 2>&1
+in_root apt-get purge -y -q pibackup > /dev/null
+[ "$(digest)" = "$before" ] || { echo "test-deb: apt-get purge changed $backup" >&2; exit 1; }
+[ ! -e "$root/usr/lib/pibackup" ] || { echo "test-deb: /usr/lib/pibackup left after purge: $(find "$root/usr/lib/pibackup" | head)" >&2; exit 1; }
+in_root dpkg -s pibackup > /dev/null 2>&1 && { echo "test-deb: pibackup still known to dpkg after purge" >&2; exit 1; }
+ok "apt-get remove, then install and purge: the backup's $files files unchanged (digest $before), the package's files gone"
+
+echo "test-deb: $(basename "$deb") $(stat -c %s "$deb") bytes, $(($(date +%s) - start)) s"
+echo "test-deb: $passed passed, 0 failed"
