@@ -11,6 +11,7 @@ Usage: python3 inside.py BACKUP_DIR TRACE_NAME   (PIBACKUP_TRACES names the reco
 from __future__ import annotations
 
 import io
+import socket
 import subprocess
 import sys
 import time
@@ -55,6 +56,14 @@ def main() -> int:
     node = driver.Node(work / "node", {"pibackup-destination": str(dest)})
     node.plugin_path = PLUGIN
     node.plugin_python = None  # exec the file: its #! line is the installed one
+    # systemd's notify socket, as lightningd.service with the drop-in gives it: the STATUS
+    # line goes out through Debian's python3-sdnotify.
+    notify_path = str(work / "notify.sock")
+    work.mkdir(parents=True, exist_ok=True)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(0)
+    node.plugin_env = {"NOTIFY_SOCKET": notify_path}
 
     samples: List[Dict[str, str]] = []
     loaded: List[str] = []
@@ -74,6 +83,16 @@ def main() -> int:
     assert not errors, errors
     sessions = len(samples)
     print(f"ok: replayed {trace} ({len(records)} db_write calls, {sessions} lightningd sessions) through {PLUGIN} in {replay_s:.1f} s")
+
+    statuses = []
+    while True:
+        try:
+            statuses.append(notify.recv(4096).decode())
+        except BlockingIOError:
+            break
+    ok_lines = [m for m in statuses if m.startswith("STATUS=pibackup: ok")]
+    assert ok_lines, statuses
+    print(f"ok: systemd STATUS line through python3-sdnotify: {ok_lines[-1]!r}")
 
     hwm = max(int(s["VmHWM"].split()[0]) for s in samples)
     rss = max(int(s["VmRSS"].split()[0]) for s in samples)
