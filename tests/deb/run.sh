@@ -4,7 +4,8 @@
 #   - apt installs it (twice: the maintainer scripts are idempotent) from Debian's archive;
 #     no pip in the chroot, no pyln module outside the package;
 #   - `pibackup --help`; the files land where README and pibackup(1) say;
-#   - inside.py, as a non-root user and with no network at all: a real recording replayed
+#   - inside.py, as a non-root user and with no network at all, with broken pyln-client and
+#     sdnotify modules in the user's site-packages and PYTHONPATH: a real recording replayed
 #     through the installed plugin, restored with the installed command, compared with the
 #     real lightningd database; the plugin's RSS printed;
 #   - apt remove and apt purge leave the backup directory byte for byte as it was.
@@ -120,10 +121,26 @@ mkdir -p "$root$backup" "$root/opt/pibackup-test/traces"
 in_root chown bitcoin: "$backup"
 cp "$repo/tests/driver.py" "$repo/tests/dbcompare.py" "$repo/tests/deb/inside.py" "$root/opt/pibackup-test/"
 cp "$traces/$trace.jsonl" "$traces/$trace.sqlite3" "$root/opt/pibackup-test/traces/"
+# What breaks installs of the older backup plugin: modules of another version where Python
+# looks first (a `pip install --user` of pyln-client or sdnotify, a PYTHONPATH). Put broken
+# ones in both places; the installed plugin and command (python3 -I) must not import them.
+as_bitcoin() { chroot --userspec=bitcoin:bitcoin "$root" env -i HOME=/home/bitcoin PATH=/usr/bin:/bin LANG=C.UTF-8 "$@"; }
+user_site=$(as_bitcoin python3 -c 'import site; print(site.getusersitepackages())')
+for d in "$user_site" /home/bitcoin/stray; do
+    mkdir -p "$root$d/pyln/client"
+    echo 'raise ImportError("a stray pyln-client, not the package one")' > "$root$d/pyln/client/__init__.py"
+    echo 'raise ImportError("a stray sdnotify, not Debian one")' > "$root$d/sdnotify.py"
+done
+in_root chown -R bitcoin: /home/bitcoin
+if as_bitcoin python3 -c 'import sdnotify' 2> /dev/null || as_bitcoin PYTHONPATH=/home/bitcoin/stray python3 -c 'import pyln.client' 2> /dev/null; then
+    echo "test-deb: the stray modules are not where a plain python3 finds them first; this check would prove nothing" >&2
+    exit 1
+fi
+ok "stray pyln-client and sdnotify in user bitcoin's site-packages and PYTHONPATH, which a plain python3 imports"
 unshare --net chroot --userspec=bitcoin:bitcoin "$root" \
-    env -i HOME=/home/bitcoin PATH=/usr/bin:/bin LANG=C.UTF-8 PIBACKUP_TRACES=/opt/pibackup-test/traces \
+    env -i HOME=/home/bitcoin PATH=/usr/bin:/bin LANG=C.UTF-8 PIBACKUP_TRACES=/opt/pibackup-test/traces PYTHONPATH=/home/bitcoin/stray \
     python3 /opt/pibackup-test/inside.py "$backup" "$trace"
-ok "replay of $trace through the installed plugin, restore and verify with the installed command (user bitcoin, no network)"
+ok "replay of $trace through the installed plugin, restore and verify with the installed command (user bitcoin, no network, stray modules ignored)"
 
 # --- remove and purge leave the backup alone ---------------------------------------------
 digest() { (cd "$root$backup" && find . -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16); }
