@@ -121,6 +121,7 @@ class Backup:
         self.last_flush: Optional[float] = None  # time.time() of the last durable write
         self._stop = threading.Event()
         self._flusher: Optional[threading.Thread] = None
+        self._dest_id: Optional[tuple] = None  # (st_dev, st_ino) of the destination at start
 
     # --- start-up --------------------------------------------------------------
     def start(self, early: Sequence[Call]) -> None:
@@ -128,6 +129,8 @@ class Backup:
         dst.validate(self.destination)
         try:
             self.dest.prepare()
+            st = os.stat(self.destination)
+            self._dest_id = (st.st_dev, st.st_ino)
             with self._lock:
                 self._start(early)
                 self._flush()
@@ -363,6 +366,7 @@ class Backup:
         n = w.flush()
         self._pending_since = None
         if n:
+            self._check_destination_in_place()
             self.last_flush = time.time()
             self.counters.bytes_written += n
             self.counters.write_calls += 1
@@ -370,6 +374,19 @@ class Backup:
             self.counters.bulk_syncs += bulk
         if w.size >= self.segment_bytes:
             self._open_segment(w.header, w.header.segment + 1, w.size, w.checksum)
+
+    def _check_destination_in_place(self) -> None:
+        """A stick unplugged (or lazily unmounted) under us: our open files live on in a
+        detached file system, writes and syncs succeed, and nobody will ever see them. The
+        path must still lead to the directory we started in. One stat per flush."""
+        if self._dest_id is None:
+            return
+        try:
+            st = os.stat(self.destination)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(errno.ENOENT, "the backup directory vanished", self.destination) from e
+        if (st.st_dev, st.st_ino) != self._dest_id:
+            raise FileNotFoundError(errno.ENOENT, "the backup directory was replaced (stick unplugged?)", self.destination)
 
     def flush(self) -> None:
         """Make everything answered so far durable (at shutdown, and before exit)."""

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Sequence
 
 import pytest
 
@@ -65,3 +65,46 @@ def received(sock: socket.socket, until: str, timeout: float = 10.0) -> list:
         if until in got[-1]:
             return got
     raise AssertionError(f"no datagram with {until!r}; got {got}")
+
+
+class Ext4Stick:
+    """A loop-mounted ext4 image standing in for a USB stick (root only; skipped otherwise).
+    Mounted with errors=remount-ro, as Raspberry Pi OS mounts its file systems."""
+
+    def __init__(self, root: Path, size: str, mkfs: Sequence[str] = ()):
+        self.image = root / "stick.img"
+        self.mnt = root / "stick"
+        self.mnt.mkdir(parents=True)
+        if os.geteuid() != 0:
+            pytest.skip("loop-mounting an ext4 image needs root")
+        subprocess.run(["truncate", "-s", size, str(self.image)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", *mkfs, str(self.image)], check=True, capture_output=True)
+        self.mount()
+
+    def mount(self) -> None:
+        r = subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(self.image), str(self.mnt)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot loop-mount an ext4 image here: {r.stderr.strip()}")
+
+    @property
+    def device(self) -> str:
+        r = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(self.mnt)], capture_output=True, text=True, check=True)
+        return r.stdout.strip()
+
+    def kernel_error(self) -> None:
+        """What ext4 does on an I/O error with errors=remount-ro: the file system turns read-only."""
+        with open(f"/sys/fs/ext4/{os.path.basename(self.device)}/trigger_fs_error", "w") as f:
+            f.write("1")
+
+    def unplug(self) -> None:
+        """The stick is pulled: the mount disappears from the path at once (lazy unmount)."""
+        subprocess.run(["umount", "-l", str(self.mnt)], check=True)
+
+    def repair(self) -> None:
+        """Unmount, fsck, mount again: what an owner does with a stick that had errors."""
+        subprocess.run(["umount", str(self.mnt)], capture_output=True)
+        subprocess.run(["e2fsck", "-fy", str(self.image)], capture_output=True)
+        self.mount()
+
+    def close(self) -> None:
+        subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)

@@ -12,14 +12,20 @@ import pytest
 import dbcompare
 import driver
 from driver import Halted
-from helpers import cli, tmpfs
+from helpers import Ext4Stick, cli, tmpfs
 
 
-@pytest.fixture
-def small_stick(tmp_path: Path):
-    """A 160 KiB tmpfs standing in for a nearly full USB stick (needs root)."""
-    with tmpfs(tmp_path / "stick", "size=160k") as mnt:
-        yield mnt
+@pytest.fixture(params=["tmpfs", "ext4"])
+def small_stick(request, tmp_path: Path):
+    """A nearly full USB stick (needs root): a 160 KiB tmpfs, or a loop-mounted ext4 image
+    with about 217 KiB free."""
+    if request.param == "tmpfs":
+        with tmpfs(tmp_path / "stick", "size=160k") as mnt:
+            yield mnt
+        return
+    s = Ext4Stick(tmp_path / "ext4", "256K", ["-b", "1024", "-O", "^has_journal,^resize_inode", "-N", "16"])
+    yield s.mnt
+    s.close()
 
 
 def test_full_medium_halts_the_node_and_loses_nothing(small_stick, traces, make_node, tmp_path):
@@ -93,3 +99,114 @@ def test_a_refused_transaction_never_reaches_the_stick_even_if_it_recovers(small
     out = tmp_path / "restored.sqlite3"
     assert cli("restore", str(dest), str(out)).returncode == 0
     assert dbcompare.backup_differences(node.live.path, out) == []
+
+
+@pytest.fixture
+def stick(tmp_path: Path):
+    s = Ext4Stick(tmp_path / "ext4", "16M")
+    yield s
+    s.close()
+
+
+def resume_on_fixed_medium(node: driver.Node, recs, i: int, dest: Path, tmp_path: Path) -> None:
+    """lightningd starts again (its halted transaction comes again first) and goes on; the
+    restore equals what it committed."""
+    node.start([recs[i], recs[i + 1]])
+    node.calls(recs[i + 2 : i + 60])
+    node.stop()
+    out = tmp_path / "after-fix.sqlite3"
+    r = cli("restore", str(dest), str(out))
+    assert r.returncode == 0, r.stderr
+    assert dbcompare.backup_differences(node.live.path, out) == []
+
+
+def run_until_halted(node: driver.Node, recs, start: int, fault, fault_at: int) -> int:
+    for i in range(start, len(recs)):
+        if i == fault_at:
+            fault()
+        try:
+            node.call(recs[i])
+        except Halted:
+            return i
+    raise AssertionError("the node was never halted")
+
+
+def assert_nothing_acknowledged_lost(dest: Path, node: driver.Node, tmp_path: Path, name: str, refused: driver.Record) -> None:
+    """The restore holds every committed transaction, and nothing else but at most the one
+    that was refused: its bytes may have reached the medium before the error (a failed
+    sync), as a pending transaction may after a crash. lightningd sends it again first
+    thing after its restart, which replaces it (a rewind)."""
+    out = tmp_path / f"{name}.sqlite3"
+    r = cli("restore", str(dest), str(out))
+    assert r.returncode == 0, r.stderr
+    if dbcompare.backup_differences(node.live.path, out) == []:
+        return
+    ahead = tmp_path / f"{name}-live-plus-refused.sqlite3"
+    shutil.copyfile(node.live.path, ahead)
+    db = driver.LiveDB(ahead)
+    db.commit(refused.writes)
+    db.close()
+    assert dbcompare.backup_differences(ahead, out) == [], "the restore holds more than the one refused transaction"
+
+
+def test_stick_turned_read_only_by_the_kernel_halts_then_resumes(stick, traces, make_node, tmp_path):
+    dest = stick.mnt / "pibackup"
+    dest.mkdir()
+    recs = driver.first_run(traces["A"])
+    node = make_node(pibackup_destination=str(dest))
+    node.start(recs[:9])
+    before = None
+
+    def fault() -> None:
+        nonlocal before
+        before = node.live.version()
+        stick.kernel_error()
+
+    i = run_until_halted(node, recs, 9, fault, 120)
+    assert node.live.version() == before, "the refused transaction was not committed"
+    assert "the backup medium is read-only (the kernel may have remounted it after errors)" in node.log_text()
+    assert_nothing_acknowledged_lost(dest, node, tmp_path, "readonly", recs[i])
+    stick.repair()
+    resume_on_fixed_medium(node, recs, i, dest, tmp_path)
+
+
+def test_stick_unplugged_mid_run_halts_then_resumes_when_plugged_back(stick, traces, make_node, tmp_path):
+    dest = stick.mnt / "pibackup"
+    dest.mkdir()
+    recs = driver.first_run(traces["A"])
+    node = make_node(pibackup_destination=str(dest))
+    node.start(recs[:9])
+    before = None
+
+    def fault() -> None:
+        nonlocal before
+        before = node.live.version()
+        stick.unplug()
+
+    i = run_until_halted(node, recs, 9, fault, 120)
+    assert node.live.version() == before, "a write to an unplugged stick must not be acknowledged"
+    assert "the backup directory vanished: was the USB stick unplugged?" in node.log_text()
+    assert not dest.exists()
+    stick.mount()  # plugged back in (the halted plugin has let go of the old mount)
+    assert_nothing_acknowledged_lost(dest, node, tmp_path, "unplugged", recs[i])
+    resume_on_fixed_medium(node, recs, i, dest, tmp_path)
+
+
+@pytest.mark.parametrize("syscall", ["fdatasync", "pwrite64"])
+def test_io_errors_halt_the_node_and_lose_nothing(syscall, stick, traces, make_node, tmp_path):
+    """EIO from the kernel on the Nth sync or write (injected by strace: this kernel has no
+    device-mapper for dm-error/dm-flakey)."""
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed (make setup installs it)")
+    dest = stick.mnt / "pibackup"
+    dest.mkdir()
+    recs = driver.first_run(traces["A"])
+    node = make_node(pibackup_destination=str(dest))
+    inject = f"inject={syscall}:error=EIO:when=60"
+    node.plugin_prefix = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={syscall}", "-e", inject]
+    node.start(recs[:9])
+    i = run_until_halted(node, recs, 9, lambda: None, -1)
+    assert "I/O error on the backup medium: the stick or card may be failing or was unplugged; replace it" in node.log_text()
+    assert_nothing_acknowledged_lost(dest, node, tmp_path, "eio", recs[i])
+    node.plugin_prefix = ()
+    resume_on_fixed_medium(node, recs, i, dest, tmp_path)
