@@ -28,6 +28,7 @@ test: lint
 # The large runs: >= 500 SIGKILLs of the plugin per recording.
 test-long:
 	PIBACKUP_KILL_POINTS=500 $(PY) -m pytest -q -s -k sigkill tests/test_traces.py
+	PIBACKUP_CORRUPTIONS=3000 $(PY) -m pytest -q -s tests/test_corruption.py
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -73,6 +73,11 @@ def check_marker(path: str) -> None:
             f"{path} was written in backup {lines[1] if len(lines) > 1 else 'an unknown format'}; "
             "this pibackup reads format 1 only. Use the pibackup release that wrote it."
         )
+    if text != MARKER_TEXT:
+        raise DestinationError(
+            f"{marker} is damaged (it holds more than the two lines pibackup wrote): the medium may be failing; "
+            "run pibackup verify on it, and if the rest is fine write the file again with exactly those two lines"
+        )
 
 
 def validate(path: Optional[str]) -> None:

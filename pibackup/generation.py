@@ -6,8 +6,8 @@ at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Tuple
 
 from .destination import Generation
 from .errors import PibackupError
@@ -69,6 +69,7 @@ class End:
 
     segments: int = 0
     torn_tail: Optional[str] = None
+    leftovers: List[str] = field(default_factory=list)  # bytes after a closed segment's valid content
 
 
 def iter_frames(gen: Generation, end: End) -> Iterator[Tuple[Frame, str]]:
@@ -99,6 +100,14 @@ def iter_frames(gen: Generation, end: End) -> Iterator[Tuple[Frame, str]]:
             for f in reader.frames():
                 yield f, f"{path} offset {f.offset}"
             last = i == len(gen.segments) - 1
+            if reader.bad_offset is not None and not last:
+                # The next segment's header (checked next) confirms where this one's valid
+                # content ends; what follows is a write cut short before the writer moved on.
+                end.leftovers.append(
+                    f"{path}: {reader.file_size - reader.bad_offset} bytes after its valid content at offset "
+                    f"{reader.bad_offset} ({reader.bad_reason}): a write cut short, then continued in the next "
+                    "segment; nothing is missing, but on a healthy medium this is rare"
+                )
             if reader.bad_offset is not None and last:
                 if not reader.torn:
                     raise DamageError(

@@ -41,6 +41,7 @@ class Outcome:
     frames: int = 0
     segments: int = 0
     torn_tail: Optional[str] = None  # where an unfinished last append was found, if any
+    leftovers: List[str] = field(default_factory=list)  # cut-short writes in closed segments
     damage: Optional[str] = None  # set only when damage was accepted (restore --partial)
     info: Dict[str, str] = field(default_factory=dict)  # the generation's INFO frame
     rescan_from: Optional[int] = None  # lowest block height held, when utxoset was filtered
@@ -142,6 +143,7 @@ def _frames(gen: dst.Generation, out: Outcome, partial: bool) -> Iterator[Tuple[
     finally:
         out.segments = end.segments
         out.torn_tail = end.torn_tail
+        out.leftovers = end.leftovers
 
 
 def pick_generation(backup_dir: str, number: Optional[int] = None) -> dst.Generation:
@@ -325,8 +327,8 @@ def verify(backup_dir: str) -> VerifyReport:
             f"{out.pragmas} PRAGMA calls, {out.rewinds} rewound, {out.segments} segment(s)"
         )
         rep.lines.append(head + (" - newest" if gen is gens[-1] else ""))
-        if out.torn_tail:
-            rep.lines.append(f"  note: {out.torn_tail}")
+        for note in out.leftovers + ([out.torn_tail] if out.torn_tail else []):
+            rep.lines.append(f"  note: {note}")
         for p in problems:
             rep.damaged = True
             rep.lines.append(f"  DAMAGED: {p}")
