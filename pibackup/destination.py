@@ -101,6 +101,9 @@ def validate(path: Optional[str]) -> None:
         raise DestinationError(f"pibackup-destination {path} is not writable by this user ({_user()}); {hint}")
     entries = set(os.listdir(path)) - {MARKER + ".tmp"}  # a first start that crashed midway
     if MARKER in entries:
+        for name in sorted(entries):
+            if (name == MARKER or _GEN.match(name)) and os.path.islink(os.path.join(path, name)):
+                raise _link_error(os.path.join(path, name))
         check_marker(path)
         return
     foreign = sorted(e for e in entries - _FS_ARTIFACTS)
@@ -110,6 +113,13 @@ def validate(path: Optional[str]) -> None:
             f"pibackup-destination {path} holds files that are not pibackup's ({shown}); "
             f"use an empty directory, e.g. {os.path.join(path, 'pibackup')}"
         )
+
+
+def _link_error(path: str) -> DestinationError:
+    return DestinationError(
+        f"{path} is a symbolic link (to {os.readlink(path)}); pibackup never follows links inside its backup "
+        "directory, which could lead its writes or reads elsewhere. Replace the link with the real directory or file"
+    )
 
 
 def _read_only_fs(path: str) -> bool:
@@ -159,7 +169,12 @@ class Destination:
             if not m:
                 continue
             gpath = os.path.join(self.path, name)
+            if os.path.islink(gpath):
+                raise _link_error(gpath)
             files = sorted(os.listdir(gpath))
+            for f in files:
+                if (_SNAP.match(f) or _SEG.match(f)) and os.path.islink(os.path.join(gpath, f)):
+                    raise _link_error(os.path.join(gpath, f))
             snaps = [f for f in files if _SNAP.match(f)]
             segs = [os.path.join(gpath, f) for f in files if _SEG.match(f)]
             out.append(Generation(int(m.group(1)), gpath, [os.path.join(gpath, f) for f in snaps], segs))

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import cli
 from pibackup.config import parse_options
 from pibackup.destination import DestinationError, validate
 from pibackup.errors import PibackupError
@@ -22,6 +23,7 @@ OPTION_CASES = [
     ("pibackup-segment-size", "2G", "is out of range: give 64K to 1G"),
     ("pibackup-segment-size", "-5M", "is not a size"),
     ("pibackup-segment-size", "5 TB", "is not a size"),
+    ("pibackup-segment-size", "9" * 40 + "G", "is out of range: give 64K to 1G"),
     ("pibackup-batch-seconds", -1, "is out of range: give 0 to 3600 seconds"),
     ("pibackup-batch-seconds", "soon", "is not a whole number of seconds"),
     ("pibackup-batch-seconds", 99999, "is out of range"),
@@ -31,6 +33,7 @@ OPTION_CASES = [
     ("pibackup-filter-tables", "utxoset,peers", "'peers' cannot be filtered"),
     ("pibackup-led", "../../etc/passwd", "give the LED's name, e.g. ACT or led0, or none"),
     ("pibackup-min-free-mb", -1, "is out of range"),
+    ("pibackup-min-free-mb", 10**30, "is out of range: give 0 to 1048576 MiB"),
     ("pibackup-preallocate-kb", 999999, "is out of range: give 0 to 65536 KiB"),
 ]
 
@@ -54,6 +57,13 @@ def _dest_cases(tmp: Path):
     alien = tmp / "alien"
     alien.mkdir()
     (alien / "PIBACKUP").write_text("something else\n")
+    linked_gen = tmp / "linked-gen"
+    linked_gen.mkdir()
+    (linked_gen / "PIBACKUP").write_text("pibackup backup directory\nformat 1\n")
+    (linked_gen / "gen-000001").symlink_to("/etc")
+    linked_marker = tmp / "linked-marker"
+    linked_marker.mkdir()
+    (linked_marker / "PIBACKUP").symlink_to(newer / "PIBACKUP")
     return [
         (None, "pibackup-destination is not set"),
         ("", "pibackup-destination is not set"),
@@ -65,6 +75,8 @@ def _dest_cases(tmp: Path):
         (str(newer), "format 2; this pibackup reads format 1 only"),
         (str(alien), "is not a pibackup marker"),
         ("/media/usb\n/x", "contains control characters"),
+        (str(linked_gen), "gen-000001 is a symbolic link (to /etc); pibackup never follows links inside its backup directory"),
+        (str(linked_marker), "PIBACKUP is a symbolic link"),
     ]
 
 
@@ -199,3 +211,17 @@ def test_any_ship_target_is_either_safe_or_refused(spec):
     for part in (t.user or "", t.host, t.path):
         assert not set(part) & set(" \t\n\r'\"`$;&|<>()*?!\\{}#"), t
     assert not t.host.startswith("-") and not (t.user or "").startswith("-")
+
+
+def test_a_linked_segment_or_snapshot_is_refused_by_the_writer_and_by_restore(tmp_path):
+    from pibackup.destination import Destination
+
+    for name in ("seg-000001.pbj", "snapshot-v5.sqlite3"):
+        d = tmp_path / name
+        (d / "gen-000001").mkdir(parents=True)
+        (d / "PIBACKUP").write_text("pibackup backup directory\nformat 1\n")
+        (d / "gen-000001" / name).symlink_to("/etc/passwd")
+        with pytest.raises(DestinationError, match=f"{name} is a symbolic link \\(to /etc/passwd\\)"):
+            Destination(str(d)).generations()
+        r = cli("restore", str(d), str(tmp_path / f"{name}.out"))
+        assert r.returncode == 1 and "is a symbolic link" in r.stderr, r.stderr
