@@ -5,10 +5,11 @@ Option names and help texts live in plugin.py; values are judged here.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Any, FrozenSet, Mapping, Optional
+from typing import Any, FrozenSet, Mapping, Optional, Tuple
 
 from .crypt import load_key
 from .errors import PibackupError
@@ -47,7 +48,7 @@ SHIP_OPTIONS = (
 
 @dataclass(frozen=True)
 class Config:
-    destination: str
+    destination: str  # the first of `destinations`
     live_db: Optional[str]
     segment_bytes: int
     filter_tables: FrozenSet[str]
@@ -58,6 +59,8 @@ class Config:
     led_dir: str = "/sys/class/leds"
     min_free_bytes: int = 100 * 1024 * 1024
     ship: Optional[ShipConfig] = None
+    destinations: Tuple[str, ...] = ()
+    on_destination_failure: str = "halt"
 
 
 def parse_size(name: str, raw: Any) -> int:
@@ -83,9 +86,11 @@ def _int(options: Mapping[str, Any], name: str, default: int, low: int, high: in
 
 
 def parse_options(options: Mapping[str, Any]) -> Config:
-    dest = options.get("pibackup-destination")
-    if dest is not None and not isinstance(dest, str):
-        raise ConfigError("pibackup-destination must be a path")
+    dests = _destinations(options.get("pibackup-destination"))
+    dest = dests[0] if dests else None
+    policy = str(options.get("pibackup-on-destination-failure") or "halt").strip()
+    if policy not in ("halt", "continue-degraded"):
+        raise ConfigError(f"pibackup-on-destination-failure={policy!r}: give halt (the default) or continue-degraded")
     live = options.get("pibackup-live-db") or None
     segment_bytes = parse_size("pibackup-segment-size", options.get("pibackup-segment-size", SEGMENT_SIZE_DEFAULT))
     batch_s = _int(options, "pibackup-batch-seconds", BATCH_SECONDS_DEFAULT, 0, BATCH_SECONDS_MAX, "seconds")
@@ -105,7 +110,26 @@ def parse_options(options: Mapping[str, Any]) -> Config:
         led_dir=str(options.get("pibackup-led-dir") or LED_DIR_DEFAULT),
         min_free_bytes=_int(options, "pibackup-min-free-mb", MIN_FREE_MB_DEFAULT, 0, 1 << 20, "MiB") * 1024 * 1024,
         ship=parse_ship(options),
+        destinations=tuple(dests),
+        on_destination_failure=policy,
     )
+
+
+def _destinations(value: Any) -> Tuple[str, ...]:
+    """pibackup-destination, given once or more (lightningd passes a list for a multi option)."""
+    if value is None:
+        return ()
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str) for v in values):
+        raise ConfigError("pibackup-destination must be a path")
+    values = [v for v in values if v != ""] or [""]
+    seen: dict = {}
+    for v in values:
+        key = os.path.realpath(v) if v else v
+        if key in seen:
+            raise ConfigError(f"pibackup-destination {v} is given twice (as {seen[key]}); give each directory once")
+        seen[key] = v
+    return tuple(values)
 
 
 def _given(options: Mapping[str, Any], name: str) -> Optional[str]:

@@ -14,6 +14,7 @@ from .backup import Backup, Call, Log
 from .config import Config, parse_options
 from .errors import PibackupError
 from .livedb import find_live_db
+from .multi import Destinations
 from .ship import Shipper
 from .status import REMINDER_SECONDS, Led, Reporter, StatusError, systemd_notifier
 
@@ -26,7 +27,7 @@ class HookHandler:
     def __init__(self, log: Log):
         self.log = log
         self.early: List[Call] = []
-        self.backup: Optional[Backup] = None
+        self.backup: Optional[Destinations] = None
         self.failure: Optional[str] = None
         self.shutting_down = False
         self.reporter: Optional[Reporter] = None
@@ -72,23 +73,28 @@ class HookHandler:
         """Start the backup. Never raises and never disables the plugin: lightningd ignores
         `important-plugin` for a plugin that disables itself, and would go on without us.
         A failure here instead refuses the next db_write, which halts lightningd."""
-        backup: Optional[Backup] = None
+        backup: Optional[Destinations] = None
         cfg: Optional[Config] = None
         try:
             cfg = parse_options(options)
             self._start_reporter(cfg)
             lightning_dir = str(configuration.get("lightning-dir") or ".")
             live_db = find_live_db(cfg.live_db, lightning_dir)
-            backup = Backup(
-                cfg.destination,
-                live_db,
-                self.log,
-                segment_bytes=cfg.segment_bytes,
-                filter_tables=cfg.filter_tables,
-                batch_seconds=cfg.batch_seconds,
-                batch_bytes=cfg.batch_bytes,
-                preallocate=cfg.preallocate_bytes,
-            )
+            c = cfg
+
+            def make(path: str) -> Backup:
+                return Backup(
+                    path,
+                    live_db,
+                    self.log,
+                    segment_bytes=c.segment_bytes,
+                    filter_tables=c.filter_tables,
+                    batch_seconds=c.batch_seconds,
+                    batch_bytes=c.batch_bytes,
+                    preallocate=c.preallocate_bytes,
+                )
+
+            backup = Destinations(cfg.destinations or ("",), make, cfg.on_destination_failure, self.log)
             backup.start(self.early)
         except Exception as e:
             if isinstance(e, PibackupError):
@@ -149,7 +155,7 @@ class HookHandler:
         out.update(b.status())
         return out
 
-    def _start_shipper(self, cfg: Config, backup: Backup) -> None:
+    def _start_shipper(self, cfg: Config, backup: Destinations) -> None:
         """Shipping runs beside the backup; it can fail without touching it."""
         assert cfg.ship is not None
         shipper = Shipper(cfg.ship, cfg.destination, backup.open_segment, self.log)
@@ -173,13 +179,17 @@ class HookHandler:
         self.reporter = Reporter(
             self.log,
             self._figures,
-            lambda: [cfg.destination] if cfg is not None and cfg.destination and self.backup is not None else [],
-            extra_warnings=lambda: self.shipper.warnings() if self.shipper is not None else [],
+            lambda: [b.destination for b in self.backup.active] if self.backup is not None else [],
+            extra_warnings=self._extra_warnings,
             min_free_bytes=cfg.min_free_bytes if cfg is not None else 0,
             led=led,
             notify=systemd_notifier(),
         )
         self.reporter.start()
+
+    def _extra_warnings(self) -> List[str]:
+        out = self.backup.warnings() if self.backup is not None else []
+        return out + (self.shipper.warnings() if self.shipper is not None else [])
 
     def _figures(self) -> Dict[str, Any]:
         b = self.backup

@@ -29,7 +29,15 @@ handler = HookHandler(lambda message, level: plugin.log(message, level=level))
 plugin.add_option(
     "pibackup-destination",
     None,
-    "Absolute path of an empty directory on the backup medium (USB stick, second SD card), e.g. /media/usb/pibackup. Required.",
+    "Absolute path of an empty directory on the backup medium (USB stick, second SD card), e.g. /media/usb/pibackup. "
+    "Required. Give it more than once to keep a full backup on each medium.",
+    multi=True,
+)
+plugin.add_option(
+    "pibackup-on-destination-failure",
+    "halt",
+    "With several destinations, when one fails: halt (stop lightningd, as with one) or continue-degraded "
+    "(go on with the others and warn; it rejoins when usable again).",
 )
 plugin.add_option(
     "pibackup-live-db",

@@ -270,6 +270,9 @@ class Node:
         for name, o in declared.items():
             if name not in options and "default" in o:
                 options[name] = o["default"]
+        for name, value in list(options.items()):
+            if declared[name].get("multi") and not isinstance(value, list):
+                options[name] = [value]  # lightningd passes a multi option's values as an array
         params = {
             "options": options,
             "configuration": {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from typing import Dict, Iterator, List, Sequence
 
 import pytest
 
+import dbcompare
+import driver
 from driver import REPO
 
 
@@ -108,3 +111,21 @@ class Ext4Stick:
 
     def close(self) -> None:
         subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+
+
+def assert_nothing_acknowledged_lost(dest: Path, node: driver.Node, tmp_path: Path, name: str, refused: driver.Record) -> None:
+    """The restore holds every committed transaction, and nothing else but at most the one
+    that was refused: its bytes may have reached the medium before the error (a failed
+    sync), as a pending transaction may after a crash. lightningd sends it again first
+    thing after its restart, which replaces it (a rewind)."""
+    out = tmp_path / f"{name}.sqlite3"
+    r = cli("restore", str(dest), str(out))
+    assert r.returncode == 0, r.stderr
+    if dbcompare.backup_differences(node.live.path, out) == []:
+        return
+    ahead = tmp_path / f"{name}-live-plus-refused.sqlite3"
+    shutil.copyfile(node.live.path, ahead)
+    db = driver.LiveDB(ahead)
+    db.commit(refused.writes)
+    db.close()
+    assert dbcompare.backup_differences(ahead, out) == [], "the restore holds more than the one refused transaction"

@@ -12,7 +12,7 @@ import pytest
 import dbcompare
 import driver
 from driver import Halted
-from helpers import Ext4Stick, cli, tmpfs
+from helpers import Ext4Stick, assert_nothing_acknowledged_lost, cli, tmpfs
 
 
 @pytest.fixture(params=["tmpfs", "ext4"])
@@ -129,24 +129,6 @@ def run_until_halted(node: driver.Node, recs, start: int, fault, fault_at: int) 
         except Halted:
             return i
     raise AssertionError("the node was never halted")
-
-
-def assert_nothing_acknowledged_lost(dest: Path, node: driver.Node, tmp_path: Path, name: str, refused: driver.Record) -> None:
-    """The restore holds every committed transaction, and nothing else but at most the one
-    that was refused: its bytes may have reached the medium before the error (a failed
-    sync), as a pending transaction may after a crash. lightningd sends it again first
-    thing after its restart, which replaces it (a rewind)."""
-    out = tmp_path / f"{name}.sqlite3"
-    r = cli("restore", str(dest), str(out))
-    assert r.returncode == 0, r.stderr
-    if dbcompare.backup_differences(node.live.path, out) == []:
-        return
-    ahead = tmp_path / f"{name}-live-plus-refused.sqlite3"
-    shutil.copyfile(node.live.path, ahead)
-    db = driver.LiveDB(ahead)
-    db.commit(refused.writes)
-    db.close()
-    assert dbcompare.backup_differences(ahead, out) == [], "the restore holds more than the one refused transaction"
 
 
 def test_stick_turned_read_only_by_the_kernel_halts_then_resumes(stick, traces, make_node, tmp_path):

@@ -32,6 +32,7 @@ OPTION_CASES = [
     ("pibackup-filter-tables", "utxoset;DROP TABLE vars", "cannot be filtered"),
     ("pibackup-filter-tables", "utxoset,peers", "'peers' cannot be filtered"),
     ("pibackup-led", "../../etc/passwd", "give the LED's name, e.g. ACT or led0, or none"),
+    ("pibackup-on-destination-failure", "degrade", "give halt (the default) or continue-degraded"),
     ("pibackup-min-free-mb", -1, "is out of range"),
     ("pibackup-min-free-mb", 10**30, "is out of range: give 0 to 1048576 MiB"),
     ("pibackup-preallocate-kb", 999999, "is out of range: give 0 to 65536 KiB"),
@@ -225,3 +226,13 @@ def test_a_linked_segment_or_snapshot_is_refused_by_the_writer_and_by_restore(tm
             Destination(str(d)).generations()
         r = cli("restore", str(d), str(tmp_path / f"{name}.out"))
         assert r.returncode == 1 and "is a symbolic link" in r.stderr, r.stderr
+
+
+def test_the_same_destination_twice_is_refused(tmp_path):
+    (tmp_path / "stick").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "stick")
+    for dests in ([str(tmp_path / "stick"), str(tmp_path / "stick")], [str(tmp_path / "stick"), str(tmp_path / "link")]):
+        with pytest.raises(PibackupError, match="is given twice"):
+            parse_options({"pibackup-destination": dests})
+    cfg = parse_options({"pibackup-destination": ["/media/usb/pibackup", "/media/sd2/pibackup"]})
+    assert cfg.destinations == ("/media/usb/pibackup", "/media/sd2/pibackup") and cfg.destination == "/media/usb/pibackup"
