@@ -38,6 +38,7 @@ STAGING = ".ship"
 STATE_FILE = "state.json"
 WRITE_CHUNK = 64 * 1024  # encrypt in small pieces: the hook thread never waits long for the GIL
 BACKOFF_INTERVALS = 10  # retries back off to at most ten intervals (10 min by default)
+STAGING_RESERVE = 64 * 1024 * 1024  # free space staging copies leave to the backup
 RSYNC_IO_TIMEOUT = 120  # seconds without progress before rsync gives up
 
 _USER = re.compile(r"^[A-Za-z_][A-Za-z0-9._-]{0,31}$")
@@ -232,7 +233,7 @@ class Shipper:
     def ship_now(self) -> None:
         self._wake.set()
 
-    def stop(self, wait: float = 5.0) -> None:
+    def stop(self, wait: float = 2.0) -> None:
         """Stop after the current round, or cut it short after `wait` seconds: the next
         start goes on from the saved state (an interrupted append is verified then)."""
         self._stop.set()
@@ -361,6 +362,7 @@ class Shipper:
         if st.staged >= length and (st.final or not closed):
             return False
         os.makedirs(os.path.dirname(spath), mode=0o700, exist_ok=True)
+        self._check_room(length - st.staged)
         key = self.cfg.key
         enc = None
         if key is not None:
@@ -391,6 +393,18 @@ class Shipper:
         if enc is not None:
             st.next_index = enc.index
         return True
+
+    def _check_room(self, need: int) -> None:
+        """Staging must never take the space the backup itself needs: keep STAGING_RESERVE
+        free beyond the copy, or skip this round's staging and say so."""
+        st = os.statvfs(self.staging)
+        free = st.f_bavail * st.f_frsize
+        if free < need + STAGING_RESERVE:
+            raise ShipError(
+                f"not enough free space on the backup medium to stage {need // 1024} KiB for shipping "
+                f"({free // (1024 * 1024)} MiB free, {STAGING_RESERVE // (1024 * 1024)} MiB kept for the backup itself); "
+                "free space on it or use a bigger one"
+            )
 
     def _restart_file(self, rel: str, st: FileState) -> None:
         self._drop_staging(rel)

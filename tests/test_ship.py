@@ -335,3 +335,19 @@ def test_a_remote_copy_behind_warns_in_status_led_and_log_then_clears(sshd, trac
     received(sock, "pibackup: ok")
     assert_remote_equals_live(sshd, remote, node, tmp_path)
     node.stop()
+
+
+def test_staging_never_takes_the_space_the_backup_needs(sshd, traces, make_node, tmp_path):
+    with tmpfs(tmp_path / "small-stick", "size=40m") as mnt:
+        dest = mnt / "pibackup"
+        dest.mkdir()
+        remote = tmp_path / "remote"
+        node = make_node(pibackup_destination=str(dest), pibackup_batch_seconds=0, **sshd.options(remote))
+        recs = driver.first_run(traces["A"])[:120]
+        early = [r for r in recs if r.pre_init]
+        node.start(early)
+        wait_failing(node, "not enough free space on the backup medium to stage")
+        node.calls(recs[len(early) :])  # the local backup goes on
+        assert node.live.version() == recs[-1].data_version
+        assert not list((dest / ".ship").rglob("*.pbj")), "nothing staged"
+        node.stop()
