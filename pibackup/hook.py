@@ -158,7 +158,8 @@ class HookHandler:
     def _start_shipper(self, cfg: Config, backup: Destinations) -> None:
         """Shipping runs beside the backup; it can fail without touching it."""
         assert cfg.ship is not None
-        shipper = Shipper(cfg.ship, cfg.destination, backup.open_segment, self.log)
+        path = cfg.destination
+        shipper = Shipper(cfg.ship, path, lambda: backup.open_segment_of(path), self.log)
         try:
             shipper.start()
         except OSError as e:

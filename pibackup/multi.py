@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import destination as dst
@@ -26,6 +27,7 @@ from .errors import PibackupError
 HALT, CONTINUE_DEGRADED = "halt", "continue-degraded"
 POLICIES = (HALT, CONTINUE_DEGRADED)
 REJOIN_CHECK_SECONDS = 10.0
+WRITE_DEADLINE = 30.0
 
 
 class Destinations:
@@ -37,8 +39,10 @@ class Destinations:
         self.active: List[Backup] = []
         self.dropped: Dict[str, str] = {}  # path -> why, in continue-degraded mode
         self._failure: Optional[str] = None
-        self._pool = ThreadPoolExecutor(max_workers=len(paths) - 1, thread_name_prefix="pibackup-dest") if len(paths) > 1 else None
+        self._pool = ThreadPoolExecutor(max_workers=2 * len(paths), thread_name_prefix="pibackup-dest") if len(paths) > 1 else None
         self._rejoin_checked = 0.0
+        self._probe: Optional[threading.Thread] = None
+        self._usable: set = set()  # dropped paths the probe found usable again
         self._lock = threading.Lock()  # guards active/dropped against status() from other threads
 
     # --- what hook.py and the shipper use from a Backup ------------------------------
@@ -73,6 +77,14 @@ class Destinations:
     def open_segment(self) -> Optional[Tuple[str, int]]:
         return self.first.open_segment()
 
+    def open_segment_of(self, path: str) -> Optional[Tuple[str, int]]:
+        """The open segment of the destination at `path` (shipping follows one directory)."""
+        with self._lock:
+            member = next((b for b in self.active if b.destination == path), None)
+        if member is None:
+            raise dst.DestinationError(f"the destination {path} is not in use (dropped), so its copy is not shipped either")
+        return member.open_segment()
+
     def generation_count(self) -> int:
         return self.first.generation_count()
 
@@ -104,10 +116,15 @@ class Destinations:
         if len(members) == 1 or self._pool is None:
             errors = self._write_one(members[0], data_version, writes)
         else:
-            futures = [self._pool.submit(self._write_one, b, data_version, writes) for b in members[1:]]
-            errors = self._write_one(members[0], data_version, writes)
-            for f in futures:
-                errors += f.result()
+            # All side by side; a medium that hangs (a stick stuck in a sync) gets
+            # WRITE_DEADLINE seconds, then counts as failed: dropped, or the node halted.
+            futures = [(b, self._pool.submit(self._write_one, b, data_version, writes)) for b in members]
+            errors = []
+            for b, f in futures:
+                try:
+                    errors += f.result(timeout=WRITE_DEADLINE)
+                except FuturesTimeout:
+                    errors.append((b, f"no answer from the medium within {WRITE_DEADLINE:.0f} s (a hung USB stick or card?)"))
         if not errors:
             return
         if self.policy == HALT:
@@ -129,11 +146,16 @@ class Destinations:
     def _drop(self, b: Backup, why: str) -> None:
         with self._lock:
             self.active.remove(b)
+        # Closing flushes and syncs on the failing medium, which may hang: not on the hook's path.
+        threading.Thread(target=self._close_quietly, args=(b,), name="pibackup-drop", daemon=True).start()
+        self._drop_path(b.destination, why)
+
+    @staticmethod
+    def _close_quietly(b: Backup) -> None:
         try:
             b.close()
         except (PibackupError, OSError):
             pass
-        self._drop_path(b.destination, why)
 
     def _drop_path(self, path: str, why: str) -> None:
         with self._lock:
@@ -146,20 +168,19 @@ class Destinations:
         )
 
     def _maybe_rejoin(self, data_version: int) -> None:
-        """A dropped destination that is usable again rejoins before this transaction: it is
-        brought in step (from a snapshot of the live DB if it fell behind), then gets it."""
+        """A dropped destination found usable again (by a probe thread: looking at a hung
+        medium must not hang the hook) rejoins before this transaction: brought in step,
+        from a snapshot of the live DB if it fell behind, then it gets the transaction."""
         if not self.dropped or self._failure is not None:
             return
         now = time.monotonic()
-        if now - self._rejoin_checked < REJOIN_CHECK_SECONDS:
-            return
-        self._rejoin_checked = now
-        for path in list(self.dropped):
-            try:
-                dst.validate(path)
-                if os.statvfs(path).f_flag & os.ST_RDONLY:
-                    continue
-            except (PibackupError, OSError):
+        if now - self._rejoin_checked >= REJOIN_CHECK_SECONDS and not (self._probe and self._probe.is_alive()):
+            self._rejoin_checked = now
+            self._probe = threading.Thread(target=self._probe_dropped, name="pibackup-probe", daemon=True)
+            self._probe.start()
+        for path in list(self._usable):
+            self._usable.discard(path)
+            if path not in self.dropped:
                 continue
             b = self.make(path)
             try:
@@ -172,6 +193,16 @@ class Destinations:
                 self.active.append(b)
                 del self.dropped[path]
             self.log(f"pibackup: destination {path} is back and in step at data_version {b.last}", "info")
+
+    def _probe_dropped(self) -> None:
+        for path in list(self.dropped):
+            try:
+                dst.validate(path)
+                if os.statvfs(path).f_flag & os.ST_RDONLY:
+                    continue
+            except (PibackupError, OSError):
+                continue
+            self._usable.add(path)
 
     def flush(self) -> None:
         errors = []

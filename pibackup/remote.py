@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from typing import Iterator, List, Optional, Tuple
 
@@ -73,7 +74,10 @@ def decrypt_tree(src: str, out: str, key: Key) -> None:
         with open(target, "wb") as f:
             d = decrypt_file(path, f, key, rel)
         if not d.final and rel != newest_seg:
-            raise CryptError(f"{rel} is cut short (it ends before its final chunk): the copy was truncated or altered")
+            raise CryptError(
+                f"{rel} is cut short (it ends before its final chunk): a shipping round was interrupted, or the copy "
+                "was truncated or altered. If the plugin still runs, its next round completes it"
+            )
 
 
 @contextlib.contextmanager
@@ -101,13 +105,32 @@ def readable_copy(
             return d
 
         root = source
+        copied = False
         if is_remote(source):
             root = workdir("fetch")
             fetch(source, root, port, identity, known_hosts)
+            copied = True
         if key is not None:
             plain = workdir("plain")
             decrypt_tree(root, plain, key)
             root = plain
+            copied = True
         elif encrypted_copy(root):
             raise CryptError(f"{source} is an encrypted copy: give the key file with --key FILE")
+        if copied:
+            drop_unfinished_newest(root)
         yield root
+
+
+def drop_unfinished_newest(root: str) -> None:
+    """A shipped copy whose newest generation has no journal yet was caught while that
+    generation was being sent: use the one before it, and say so. (Locally a generation
+    is never visible before it is complete.) Only ever done on our own temporary copy."""
+    gens = sorted(n for n in os.listdir(root) if _GEN.match(n))
+    if len(gens) < 2 or os.path.exists(os.path.join(root, gens[-1], "seg-000001.pbj")):
+        return
+    shutil.rmtree(os.path.join(root, gens[-1]))
+    print(
+        f"pibackup: note: {gens[-1]} of this copy was still being shipped (no journal yet); using {gens[-2]}",
+        file=sys.stderr,
+    )

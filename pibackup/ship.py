@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from . import destination as dst
 from .crypt import Encryptor, Key
 from .errors import PibackupError
+from .journal import HEADER_SIZE, decode_header
 
 Log = Callable[[str, str], None]
 OpenSegment = Callable[[], Optional[Tuple[str, int]]]
@@ -86,6 +87,8 @@ def parse_target(spec: str, option: str = "pibackup-ship") -> Target:
             f"{option}: remote path {path!r} has characters that are not allowed (spaces, quotes, $, ;, *, ... "
             "would pass through the remote shell); use letters, digits and . _ - / + , = @ % ~"
         )
+    if path.startswith("-"):
+        raise ShipError(f"{option}: remote path {path!r} starts with '-'; give the directory's real path")
     parts = path.split("/")
     if ".." in parts:
         raise ShipError(f"{option}: remote path {path!r} contains '..'; give the directory's real path")
@@ -211,6 +214,7 @@ class Shipper:
         self.open_segment = open_segment
         self.log = log
         self.files: Dict[str, FileState] = {}
+        self.generation_ids: Dict[str, str] = {}  # gen-NNNNNN -> generation id shipped under that name
         self.remote_generations: List[str] = []
         self.remote_checked = False
         self.status_ = ShipStatus(target=str(cfg.target), encrypted=cfg.key is not None, interval_seconds=cfg.interval)
@@ -259,7 +263,7 @@ class Shipper:
             except Exception as e:  # the shipper must never take the plugin down
                 if self._stop.is_set():
                     break
-                if isinstance(e, ShipError):
+                if isinstance(e, PibackupError):
                     message = str(e)
                 elif isinstance(e, OSError):
                     message = f"shipping failed locally: {e.filename or ''}: {e.strerror}"
@@ -299,12 +303,18 @@ class Shipper:
                 # A closed plain file is sent from the backup directory itself; the remote
                 # holds a prefix of it if it was staged while open.
                 st.staged, st.final, st.unsent = length, True, True
-                batches.setdefault((True, self.destination, True), []).append(rel)
+                # Never sent: whole, through a temporary file the remote renames into place.
+                # Partly sent while it was open: the rest appended.
+                batches.setdefault((True, self.destination, st.sent), []).append(rel)
                 continue
+            if self.cfg.key is not None and s.failures_in_a_row and st.staged_size == 0 and closed:
+                continue  # while the host is away, staging does not pile up on the stick
             self._stage(rel, path, length, closed, st)
             if st.unsent:  # new now, or left over from a round that failed
                 batches.setdefault((closed, self.staging, st.sent), []).append(rel)
-        for key in sorted(batches, key=lambda k: (not k[0], k[1] != self.destination, k[2])):
+        # Oldest first: closed before open, and among closed files the ones already partly
+        # sent (an older segment's last bytes) before new ones.
+        for key in sorted(batches, key=lambda k: (not k[0], not k[2], k[1] != self.destination)):
             rels = batches[key]
             self._rsync(key[1], rels, append=key[2])
             for rel in rels:
@@ -330,6 +340,7 @@ class Shipper:
         marker = os.path.join(self.destination, dst.MARKER)
         out.append((dst.MARKER, marker, os.path.getsize(marker), True))
         gens = d.generations()
+        self._check_generation_ids(gens)
         open_seg = self.open_segment()  # after listing: a segment closed meanwhile counts as closed
         open_path = os.path.normpath(open_seg[0]) if open_seg is not None else None
         for g in gens:
@@ -344,6 +355,26 @@ class Shipper:
                     continue
                 out.append((rel, path, size, True))
         return out
+
+    def _check_generation_ids(self, gens: List[dst.Generation]) -> None:
+        """The same generation name must always mean the same generation: a new stick (or a
+        recreated directory) starts again at gen-000001, and shipping it over the old copy
+        would mix two histories, or delete the old copy's newer generations."""
+        for g in gens:
+            if not g.segments:
+                continue
+            try:
+                with open(g.segments[0], "rb") as f:
+                    gid = decode_header(f.read(HEADER_SIZE), g.segments[0]).generation_id.hex()
+            except (OSError, PibackupError):
+                continue  # verify's business; shipping sends what is there
+            known = self.generation_ids.setdefault(g.name, gid)
+            if known != gid:
+                raise ShipError(
+                    f"{g.path} is not the {g.name} already shipped to {self.cfg.target} (a new stick or a recreated "
+                    "backup directory?). Nothing more is sent there, so the copy on it stays as it is: point "
+                    "pibackup-ship at a new remote directory (keep the old one until the new one is complete)"
+                )
 
     # --- staging copies ---------------------------------------------------------------
     def _staging_path(self, rel: str) -> str:
@@ -399,10 +430,12 @@ class Shipper:
         free beyond the copy, or skip this round's staging and say so."""
         st = os.statvfs(self.staging)
         free = st.f_bavail * st.f_frsize
-        if free < need + STAGING_RESERVE:
+        snaps = [os.path.getsize(p) for g in dst.Destination(self.destination).generations()[-1:] for p in g.snapshots]
+        reserve = STAGING_RESERVE + max(snaps, default=0)  # room for the next snapshot of the node's database
+        if free < need + reserve:
             raise ShipError(
                 f"not enough free space on the backup medium to stage {need // 1024} KiB for shipping "
-                f"({free // (1024 * 1024)} MiB free, {STAGING_RESERVE // (1024 * 1024)} MiB kept for the backup itself); "
+                f"({free // (1024 * 1024)} MiB free, {reserve // (1024 * 1024)} MiB kept for the backup itself); "
                 "free space on it or use a bigger one"
             )
 
@@ -471,7 +504,8 @@ class Shipper:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise ShipError(
                 f"the remote directory {self.cfg.target} holds files this pibackup did not ship ({shown}); "
-                "point pibackup-ship at an empty or new directory (or empty that one if it is an old copy of this node)"
+                "point pibackup-ship at an empty or new directory. If it is an earlier copy of this node (its shipping "
+                "state in DEST/.ship was lost), rename it there and let a new copy complete before you delete it"
             )
         self.remote_checked = True
 
@@ -479,7 +513,9 @@ class Shipper:
         """Generations gone locally (retention) go remotely too, once the newest local one is
         complete there; their state is dropped."""
         local = {rel.split("/")[0] for rel, *_ in inventory}
-        gone = sorted({rel.split("/")[0] for rel in self.files if "/" in rel} - local)
+        oldest = min((g for g in local if g.startswith("gen-")), default=None)
+        # Only generations older than every local one: retention removes the oldest first.
+        gone = sorted(g for g in {rel.split("/")[0] for rel in self.files if "/" in rel} - local if oldest is None or g < oldest)
         if not gone:
             return
         newest = max((g for g in local if g.startswith("gen-")), default=None)
@@ -495,6 +531,7 @@ class Shipper:
             del self.files[rel]
         for g in gone:
             shutil.rmtree(os.path.join(self.staging, g), ignore_errors=True)
+            self.generation_ids.pop(g, None)
         self.log(f"pibackup-ship: removed {', '.join(gone)} from {self.cfg.target} (gone locally too)", "info")
 
     # --- state ----------------------------------------------------------------------------
@@ -509,7 +546,17 @@ class Shipper:
             if {k: data.get(k) for k in ("target", "key_id")} != self._identity() or data.get("version") != 1:
                 raise ValueError("another target or key")
             self.files = {rel: FileState(**v) for rel, v in data["files"].items()}
+            self.generation_ids = dict(data.get("generation_ids", {}))
             self.remote_checked = bool(data.get("remote_checked"))
+            if self.cfg.key is not None:
+                # Neither the staging copies nor this state are synced: after a power cut
+                # they may be older than what the remote holds, and encrypting other bytes
+                # under the same file id and chunk index would reuse a nonce. So every
+                # unfinished encrypted file starts again under a new file id.
+                for rel, st in self.files.items():
+                    if not st.done:
+                        self._drop_staging(rel)
+                        self.files[rel] = FileState()
         except FileNotFoundError:
             return
         except (ValueError, KeyError, TypeError, OSError) as e:
@@ -522,7 +569,7 @@ class Shipper:
                     shutil.rmtree(p, ignore_errors=True)
 
     def _save_state(self) -> None:
-        data = dict(self._identity(), version=1, remote_checked=self.remote_checked)
+        data = dict(self._identity(), version=1, remote_checked=self.remote_checked, generation_ids=self.generation_ids)
         data["files"] = {rel: asdict(st) for rel, st in self.files.items()}
         path = os.path.join(self.staging, STATE_FILE)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
