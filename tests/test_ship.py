@@ -14,7 +14,7 @@ import pytest
 
 import dbcompare
 import driver
-from helpers import cli, received, tmpfs
+from helpers import cli, received, tmpfs, tree_digest
 from sshd import Sshd
 
 CRYPT_MAGIC = b"PBKCRYPT"
@@ -351,3 +351,33 @@ def test_staging_never_takes_the_space_the_backup_needs(sshd, traces, make_node,
         assert node.live.version() == recs[-1].data_version
         assert not list((dest / ".ship").rglob("*.pbj")), "nothing staged"
         node.stop()
+
+
+def test_a_new_stick_never_overwrites_or_deletes_the_remote_copy(sshd, traces, make_node, dest, tmp_path):
+    remote = tmp_path / "remote"
+    node = make_node(pibackup_batch_seconds=0, **sshd.options(remote))
+    recs = driver.first_run(traces["A"])[:200]
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    node.calls(recs[len(early) : 100])
+    node.stop()
+    node.commit_without_plugin(recs[100])
+    node.start([])  # a gap: gen-000002 from a snapshot
+    node.calls(recs[101:150])
+    wait_in_step(node, time.time())
+    node.stop()
+    before = tree_digest(remote)
+    assert sorted(p.name for p in remote.glob("gen-*")) == ["gen-000001", "gen-000002"]
+    # The stick is replaced by an empty one, with the same mount point and the same
+    # shipping state copied over by hand: it starts again at gen-000001.
+    state = (dest / ".ship" / "state.json").read_bytes()
+    shutil.rmtree(dest)
+    dest.mkdir()
+    (dest / ".ship").mkdir()
+    (dest / ".ship" / "state.json").write_bytes(state)
+    (dest / "PIBACKUP").write_text("pibackup backup directory\nformat 1\n")
+    node.start([])
+    node.calls(recs[150:])
+    wait_failing(node, "is not the gen-000001 already shipped")
+    assert tree_digest(remote) == before, "the remote copy must stay as it was"
+    node.stop()
