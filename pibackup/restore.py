@@ -237,7 +237,9 @@ def restore(
             replayer.finish()
             out.last_version = replayer.current
             _check_result(conn, out)
-            if "utxoset" in out.filtered_tables:
+            # No `blocks` table: a generation that holds no transaction yet (a fresh node's
+            # first one, cut by a crash before its first frames were synced).
+            if "utxoset" in out.filtered_tables and conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'blocks'").fetchone():
                 row = conn.execute("SELECT MIN(height) FROM blocks").fetchone()
                 out.rescan_from = row[0] if row else None
             conn.execute("PRAGMA journal_mode = DELETE")
