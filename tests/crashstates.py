@@ -831,6 +831,7 @@ def explore(
     points: Optional[Sequence[int]] = None,
     cli_every: int = 0,
     restart_every: int = 0,
+    restart_special: int = 0,
     log: Callable[[str], None] = lambda s: None,
     full: bool = False,
     ops: Optional[List[Op]] = None,
@@ -838,7 +839,8 @@ def explore(
     """Restore every distinct crash state of a recording and check it; see the module doc.
     `points`: only these crash points; `cuts`: "few" or "all" torn variants; every
     `cli_every`-th restored state also through the CLI, every `restart_every`-th one also
-    continued by a new plugin; `full`: replay the SQL of every state (no reader_key memo)."""
+    continued by a new plugin, and so are the first `restart_special` states that restore
+    reports damaged or that hold no backup yet; `full`: replay the SQL of every state (no reader_key memo)."""
     from pibackup import restore as rst
     from pibackup.errors import PibackupError
 
@@ -879,7 +881,8 @@ def explore(
     results: List[Tuple[str, int, str]] = []  # (where, version, digest) to compare with the reference
     cli_due = restart_due = 0
     n = 0
-    memo: Dict[Tuple[Any, ...], Tuple[int, str, bool]] = {}
+    memo: Dict[str, Tuple[int, str, bool]] = {}
+    reader_key = ReaderKey()
     for cs in crash_states(ops, cuts, points):
         vis = first.pop(cs.key, None)
         if vis is None:
@@ -889,22 +892,28 @@ def explore(
         where = f"state {n} (crash point {point}: after {ops[point - 1].what if point else 'nothing'}; {cs.description})"
         tree = work / "state"
         out_db = work / "restored.sqlite3"
+        state = cs.make()
         shutil.rmtree(tree, ignore_errors=True)
-        cs.make().materialise(tree, is_dir)
-        mkey = None if full else reader_key(tree)
+        mkey = None if full else reader_key(state, is_dir)
+        special = False  # damage or no backup at all: a new plugin must cope with it
         if mkey is not None and mkey in memo:
             v, digest, torn = memo[mkey]
             fig.memo_hits += 1
         else:
+            state.materialise(tree, is_dir)
             try:
                 try:
                     outcome = rst.restore(str(tree), str(out_db), force=True)
                 except PibackupError as e:
                     if cs.reordered and "--partial" in str(e):
                         fig.reordered_damage += 1
+                        special = True
                         outcome = rst.restore(str(tree), str(out_db), force=True, partial=True)
                     elif required is None and ("no complete backup generation" in str(e) or "is not a pibackup backup" in str(e)):
                         fig.no_backup_yet += 1
+                        if restart_special > 0:
+                            restart_special -= 1
+                            _check_restart(rec, tree, bnd[point], work, filtered, where, fig, rewind=False)
                         continue
                     else:
                         raise
@@ -929,11 +938,18 @@ def explore(
         if v > allowed:
             fig.failures.append(f"{where}: restored data_version {v}, beyond {allowed}, the last that may be there")
         results.append((where, v, digest))
+        if not tree.exists() and (
+            (cli_every and cli_due <= 0) or (special and restart_special > 0) or (restart_every and restart_due <= 0)
+        ):
+            state.materialise(tree, is_dir)
         if cli_every and cli_due <= 0:
             cli_due = cli_every
             _check_cli(tree, work, digest, filtered, where, fig)
         cli_due -= 1
-        if restart_every and restart_due <= 0 and point > 0:
+        if special and restart_special > 0:
+            restart_special -= 1
+            _check_restart(rec, tree, bnd[point], work, filtered, where, fig, rewind=False)
+        elif restart_every and restart_due <= 0 and point > 0:
             restart_due = restart_every
             _check_restart(rec, tree, bnd[point], work, filtered, where, fig, rewind=fig.restarts_checked % 2 == 1)
         restart_due -= 1
@@ -947,37 +963,66 @@ def explore(
     return fig
 
 
-def reader_key(tree: Path) -> Optional[Tuple[Any, ...]]:
-    """What `restore` reads from a backup directory, without the SQL: the newest generation,
-    its header, its snapshot's bytes and the chain of its frames' checksums (each covers its
-    frame and, through the chain, every frame before it), and whether it ended in a torn
-    tail. restore's database is a function of exactly that, so two states with the same key
-    restore to the same database and the second one's SQL replay is skipped (`full=True`
-    replays every one). None when the read fails: such a state is always restored."""
-    from pibackup import generation as gn
-    from pibackup import restore as rst
-    from pibackup.errors import PibackupError
+_GEN_DIR = re.compile(r"^gen-\d{6}$")
+_SEG_FILE = re.compile(r"^seg-\d{6}\.pbj$")
 
-    try:
-        gen = rst.pick_generation(str(tree))
-        info = gn.generation_info(gen)
-        end = gn.End()
+
+class ReaderKey:
+    """What `restore` depends on, computed from a state in memory: the bytes of every file a
+    reader may look at, except that the newest segment of the newest generation counts only
+    up to the end of its valid content (journal.SegmentReader), plus whether a torn tail or
+    zeros follow. States with the same key restore to the same database (restore is a
+    function of those bytes), so only the first is replayed through SQLite; the others
+    share its result (`explore(full=True)` replays every one). None when that segment is
+    damaged or unreadable: such a state is always restored."""
+
+    def __init__(self) -> None:
+        self._cache: Dict[int, Tuple[Any, bytes]] = {}  # id -> (object, sha1) for contents shared between states
+
+    def _sha(self, b: Union[bytes, bytearray], shared: bool) -> bytes:
+        if not shared:
+            return hashlib.sha1(b).digest()
+        hit = self._cache.get(id(b))
+        if hit is not None and hit[0] is b:
+            return hit[1]
+        if len(self._cache) > 256:
+            self._cache.clear()
+        d = hashlib.sha1(b).digest()
+        self._cache[id(b)] = (b, d)
+        return d
+
+    def __call__(self, state: FsState, is_dir: Dict[int, bool]) -> Optional[str]:
+        from pibackup.journal import JournalError, SegmentReader
+
+        entries = list(state.walk(is_dir))
+        gens = sorted(rel for rel, ino in entries if ino is None and _GEN_DIR.match(rel))
+        newest = None
+        if gens:
+            segs = sorted(
+                rel
+                for rel, ino in entries
+                if ino is not None and rel.startswith(gens[-1] + "/") and _SEG_FILE.match(rel[len(gens[-1]) + 1 :])
+            )
+            newest = segs[-1] if segs else None
         h = hashlib.sha1()
-        for f, _ in gn.iter_frames(gen, end):
-            h.update(f"{f.kind} {f.data_version} {f.checksum} {f.offset};".encode())
-        snap = hashlib.sha1(Path(gen.snapshot).read_bytes()).hexdigest() if gen.snapshot else ""
-    except (PibackupError, OSError):
-        return None
-    return (
-        gen.name,
-        info.generation_id,
-        info.base_version,
-        info.snapshot_sha256,
-        snap,
-        h.hexdigest(),
-        end.segments,
-        end.torn_tail is not None,
-    )
+        for rel, ino in entries:
+            h.update(rel.encode() + b"\0")
+            if ino is None:
+                continue
+            data = state.files.get(ino, b"")
+            if rel != newest:
+                h.update(self._sha(data, ino not in state._own))
+                continue
+            try:
+                r = SegmentReader(rel, bytes(data))
+                for _ in r.frames():
+                    pass
+            except (JournalError, ValueError):
+                return None
+            if r.bad_offset is not None and not r.torn:
+                return None
+            h.update(hashlib.sha1(bytes(data[: r.valid_length])).digest() + (b"torn" if r.bad_offset is not None else b"clean"))
+        return h.hexdigest()
 
 
 def _stricter(a: Optional[Tuple[int, Optional[int], int]], b: Tuple[int, Optional[int], int]) -> Tuple[int, Optional[int], int]:

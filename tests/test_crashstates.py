@@ -50,7 +50,7 @@ def test_every_crash_state_restores_every_acknowledged_transaction(small, tmp_pa
     recording (test_all_crash_states_of_a_recording)."""
     ops, _ = cs.build_ops(small)
     points = cs.sample_points(ops, 20)
-    fig = cs.explore(small, tmp_path / "work", cuts="few", points=points, cli_every=80, restart_every=80)
+    fig = cs.explore(small, tmp_path / "work", cuts="few", points=points, cli_every=80, restart_every=120, restart_special=1)
     print(fig.line())
     assert fig.failures == [], "\n".join(fig.failures[:5])
     assert fig.restored >= 150, fig.line()
@@ -79,6 +79,6 @@ def test_all_crash_states_of_a_recording(trace, traces, tmp_path):
     restore and a restarted plugin on a sample; prints the figures README quotes."""
     rec = cs.record(cs.full_scenario(trace, traces[trace]), tmp_path / "rec")
     every = int(os.environ.get("PIBACKUP_CRASH_SAMPLE_EVERY", "150"))
-    fig = cs.explore(rec, tmp_path / "work", cuts="all", cli_every=every, restart_every=every, log=print)
+    fig = cs.explore(rec, tmp_path / "work", cuts="all", cli_every=every, restart_every=2 * every, restart_special=10, log=print)
     print(fig.line())
     assert fig.failures == [], "\n".join(fig.failures[:5])
