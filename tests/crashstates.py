@@ -11,9 +11,10 @@
    directory: data writes and truncations of a file, directory-entry changes (create,
    unlink, mkdir, rmdir, rename) and syncs, interleaved with the acknowledgements.
 3. Crash states: at every point between two operations ("crash point"), the states the
-   persistence model below allows, each materialised as a real directory tree.
-4. Check: `restore.restore` on each state (the CLI on a sample), against a reference
-   database built by applying the recording itself.
+   persistence model below allows.
+4. Check: `restore.restore` on each state a reader can tell apart (the CLI on a sample;
+   a new plugin carrying on from it on another), against lightningd's database rebuilt by
+   applying the recording itself.
 
 Persistence model (conservative POSIX, the "abstract persistence model" of ALICE with
 arbitrary reordering of everything not yet synced):
@@ -29,11 +30,15 @@ arbitrary reordering of everything not yet synced):
 - a rename within one directory is atomic (the new name shows the old or the new file,
   never neither); ext4, btrfs and xfs give that; FAT does not (see README, Reliability).
 
-States explored per crash point: every prefix (in program order) of the operations not
-yet durable, every single one of them left out, and torn and page-reordered variants of
-the last write of each prefix. States that are byte-identical by construction (the same
-set of operations applied) are restored once and checked against the strictest crash
-point that produces them.
+States explored per crash point: everything written so far, every prefix (in program
+order) of the operations not yet durable, every single one of them left out, and torn and
+page-reordered variants of the last write of each prefix. Three levels of "the same
+state": the same set of operations applied (built once, checked against the strictest
+crash point that produces it); the same tree except under `*.partial` and `*.tmp`, which
+FORMAT.md has readers ignore (restored once, with those files in place, so the rule is
+exercised rather than assumed); and the same bytes a reader depends on (ReaderKey:
+replayed through SQLite once, the others share its database). The first and the last are
+exact; `explore(full=True)` drops the last.
 """
 
 from __future__ import annotations

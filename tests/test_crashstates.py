@@ -73,7 +73,7 @@ def test_the_exploration_catches_an_answer_given_before_the_fdatasync(small, tmp
 
 
 @pytest.mark.long
-@pytest.mark.parametrize("trace", ["A"])
+@pytest.mark.parametrize("trace", ["A", "filler-A"])
 def test_all_crash_states_of_a_recording(trace, traces, tmp_path):
     """`make test-long`: every crash point of a whole recording, every torn variant, a CLI
     restore and a restarted plugin on a sample; prints the figures README quotes."""
