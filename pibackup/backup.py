@@ -11,14 +11,15 @@ import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from . import __version__
 from . import destination as dst
 from . import filter as flt
+from .compact import CompactionError, Compactor, crash_point
 from .errors import PibackupError
 from .generation import DamageError, Tail, generation_info, read_tail
-from .journal import FLAG_DEFLATE, KIND_INFO, KIND_PRAGMA, KIND_TX, SegmentHeader, SegmentWriter
+from .journal import FLAG_DEFLATE, HEADER_SIZE, KIND_INFO, KIND_PRAGMA, KIND_TX, SegmentHeader, SegmentWriter, decode_header
 from .sequence import Action, classify, is_pragma_only, reconcile
 from .snapshot import live_data_version, take_snapshot
 
@@ -49,6 +50,7 @@ class Counters:
     bulk_syncs: int = 0  # of which for bulk frames alone (batch timer or size)
     rewinds: int = 0
     generations_started: int = 0
+    compactions: int = 0
 
 
 def io_error_message(e: OSError, where: str) -> str:
@@ -98,6 +100,9 @@ class Backup:
         batch_bytes: int,
         preallocate: int,
         compress: bool = True,
+        compact_ratio: float = 0.0,
+        compact_min_bytes: int = 0,
+        keep_generations: int = 0,
     ):
         # Defaults live in config.py only; hook.py passes every value it parsed.
         self.destination = destination
@@ -107,7 +112,7 @@ class Backup:
         self.filter_tables = frozenset(filter_tables)
         self.batch_seconds = batch_seconds
         self.batch_bytes = batch_bytes
-        self._segment_flags = FLAG_DEFLATE if compress else 0
+        self.segment_flags = FLAG_DEFLATE if compress else 0
         self.preallocate = preallocate
         self.dest = dst.Destination(destination)
         self.writer: Optional[SegmentWriter] = None
@@ -122,6 +127,13 @@ class Backup:
         self._stop = threading.Event()
         self._flusher: Optional[threading.Thread] = None
         self._dest_id: Optional[tuple] = None  # (st_dev, st_ino) of the destination at start
+        # Compaction (compact.py): the current generation's sizes decide when; keep 0 = off.
+        self.journal_bytes = 0
+        self.snapshot_bytes = 0
+        self._reserved: Optional[int] = None  # generation number a compaction is building
+        self.compactor: Optional[Compactor] = None
+        if keep_generations > 0:
+            self.compactor = Compactor(self, compact_ratio, compact_min_bytes, keep_generations)
 
     # --- start-up --------------------------------------------------------------
     def start(self, early: Sequence[Call]) -> None:
@@ -139,6 +151,8 @@ class Backup:
         if self.batch_seconds > 0:
             self._flusher = threading.Thread(target=self._flush_loop, name="pibackup-flusher", daemon=True)
             self._flusher.start()
+        if self.compactor is not None:
+            self.compactor.start()
 
     def _start(self, early: Sequence[Call]) -> None:
         live = live_data_version(self.live_db)
@@ -227,6 +241,8 @@ class Backup:
         assert t is not None
         self.generation = tail.generation.path
         self.last, self.last_is_journaled = tail.last, tail.last_unconfirmed
+        self.journal_bytes = _journal_bytes(tail.generation.segments, t.valid_length)
+        self.snapshot_bytes = _size(tail.generation.snapshot) if tail.generation.snapshot else 0
         if t.bad_offset is not None:
             # A torn tail from a crash mid-append: it was never acknowledged. The new
             # segment's header records where the valid part ended.
@@ -242,6 +258,8 @@ class Backup:
         if self.writer is not None:
             self._flush()  # what was answered before the gap stays in the old generation
         number = self.dest.next_generation_number()
+        if self._reserved is not None:
+            number = max(number, self._reserved + 1)  # a compaction is building that one: it will notice and give up
         partial = self.dest.begin_generation(number)
         try:
             if snapshot:
@@ -255,10 +273,10 @@ class Backup:
                 base_version=version,
                 snapshot_sha256=sha,
                 created=int(time.time()),
-                flags=self._segment_flags,
+                flags=self.segment_flags,
             )
             writer = SegmentWriter.create(os.path.join(partial, dst.segment_filename(1)), header, self.preallocate)
-            writer.append(KIND_INFO, version, self._info_lines())
+            writer.append(KIND_INFO, version, self.info_lines())
             final = self.dest.commit_generation(partial)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
@@ -270,10 +288,14 @@ class Backup:
         self.generation = final
         self.last, self.last_is_journaled = version, False
         self.counters.generations_started += 1
+        self.journal_bytes = writer.size
+        self.snapshot_bytes = _size(os.path.join(final, dst.snapshot_filename(version))) if snapshot else 0
+        if self.compactor is not None:
+            self.compactor.retain()
         what = f"snapshot at data_version {version}" if snapshot else "an empty database (new node)"
         self.log(f"started backup generation {os.path.basename(final)} from {what}", "info")
 
-    def _info_lines(self) -> List[str]:
+    def info_lines(self) -> List[str]:
         return [f"pibackup={__version__}", "filter-tables=" + ",".join(sorted(self.filter_tables))]
 
     def _open_segment(self, like: SegmentHeader, number: int, prev_length: int, prev_checksum: int) -> None:
@@ -287,7 +309,7 @@ class Backup:
             prev_valid_length=prev_length,
             prev_checksum=prev_checksum,
             created=int(time.time()),
-            flags=self._segment_flags,
+            flags=self.segment_flags,
         )
         writer = SegmentWriter.create(os.path.join(self.generation, dst.segment_filename(number)), header, self.preallocate)
         if self.writer is not None:
@@ -368,6 +390,12 @@ class Backup:
         if n:
             self._check_destination_in_place()
             self.last_flush = time.time()
+            self.journal_bytes += n
+            c = self.compactor
+            if c is not None and c.state != "running":
+                limit = c.threshold(self.snapshot_bytes)
+                if limit is not None and self.journal_bytes >= limit:
+                    c.wake()
             self.counters.bytes_written += n
             self.counters.write_calls += 1
             self.counters.syncs += 1
@@ -437,6 +465,94 @@ class Backup:
             w = self.writer
             return None if w is None else (w.path, w.size)
 
+    # --- compaction (the compactor thread calls these; each takes the lock briefly) ---------
+    def cut_for_compaction(self) -> Optional[Tuple[dst.Generation, int, int]]:
+        """Close the segment being written, so the generation's journal up to here is
+        immutable for the child to replay. Returns (generation, closed segments, number
+        reserved for the new generation), or None when there is nothing to compact."""
+        with self._lock:
+            w = self.writer
+            if self.failure is not None or w is None or self.generation is None:
+                return None
+            try:
+                self._flush()
+                w = self.writer
+                assert w is not None
+                if w.size > HEADER_SIZE:  # (after a roll-over by _flush the new segment is empty)
+                    self._open_segment(w.header, w.header.segment + 1, w.size, w.checksum)
+            except OSError as e:
+                self.failure = io_error_message(e, self.generation or self.destination)
+                self.log(f"pibackup: {self.failure}. lightningd will be halted at its next database write.", "error")
+                return None
+            w = self.writer
+            assert w is not None
+            closed = w.header.segment - 1
+            if closed < 1:
+                return None
+            gen = next((g for g in self.dest.generations() if g.path == self.generation), None)
+            if gen is None:
+                return None
+            self._reserved = max(self.dest.next_generation_number(), gen.number + 1)
+            return gen, closed, self._reserved
+
+    def release_reservation(self) -> None:
+        with self._lock:
+            self._reserved = None
+
+    def writer_position(self, generation: int) -> Optional[Tuple[int, int]]:
+        """(segment number, durable bytes) of the segment being written, if the writer is
+        still in `generation` (None after a gap started another)."""
+        with self._lock:
+            return self._position(generation)
+
+    def _position(self, generation: int) -> Optional[Tuple[int, int]]:
+        w = self.writer
+        if w is None or self.failure is not None or self.generation is None:
+            return None
+        if os.path.basename(self.generation) != dst.generation_dirname(generation):
+            return None
+        return w.header.segment, w.size
+
+    def switch_to(self, target: Any) -> str:
+        """The atomic switch, under the lock (the hook waits for it): the old generation's
+        waiting frames are made durable, the last frames copied and synced, the `.partial`
+        renamed, and the writer goes on in the new generation's open segment."""
+        with self._lock:
+            src = self.generation
+            position = self._position(target.source_number)
+            if position is None:
+                raise CompactionError("a new generation was started meanwhile (a gap); this compaction is dropped")
+            try:
+                self._flush()
+            except OSError as e:
+                self.failure = io_error_message(e, self.generation or self.destination)
+                self.log(f"pibackup: {self.failure}. lightningd will be halted at its next database write.", "error")
+                raise CompactionError(self.failure) from e
+            w = self.writer
+            assert w is not None
+            target.copy_available(w.header.segment, w.size)
+            target.flush()
+            target.close()
+            crash_point("switch-synced")
+            final = self.dest.commit_generation(target.partial)
+            crash_point("switch-renamed")
+            new = target.writer
+            new.path = os.path.join(final, os.path.basename(new.path))
+            w.close()
+            self.writer = new
+            self.generation = final
+            self.journal_bytes = target.closed_bytes + new.size
+            self.snapshot_bytes = _size(os.path.join(final, dst.snapshot_filename(target.version)))
+            self.counters.generations_started += 1
+            self.counters.compactions += 1
+            self._reserved = None
+            self.log(f"switched from {os.path.basename(src or '')} to {os.path.basename(final)}", "debug")
+            return final
+
+    def generation_number(self) -> Optional[int]:
+        g = self.generation
+        return int(os.path.basename(g)[4:]) if g else None
+
     def generation_count(self) -> int:
         try:
             return len(self.dest.generations())
@@ -467,11 +583,14 @@ class Backup:
                 "filter_tables": sorted(self.filter_tables),
                 "pending_bulk_bytes": w.pending_bytes if w else 0,
                 "counters": asdict(self.counters),
+                "compaction": self.compactor.status() if self.compactor is not None else "off",
             }
 
     def close(self) -> None:
         """Flush what is pending, mark the last transaction committed if the live DB says it
-        is, stop the flusher, release the destination."""
+        is, stop the flusher and the compactor, release the destination."""
+        if self.compactor is not None:
+            self.compactor.stop()
         self._stop.set()
         if self._flusher is not None:
             self._flusher.join()
@@ -484,3 +603,23 @@ class Backup:
                     self.writer.close()
                     self.writer = None
             self.dest.close()
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _journal_bytes(segments: Sequence[str], last_valid: int) -> int:
+    """Valid bytes of a generation's journal (preallocated zeros left out): each segment's
+    header records the valid length of the one before it."""
+    total = last_valid
+    for path in segments[1:]:
+        try:
+            with open(path, "rb") as f:
+                total += decode_header(f.read(HEADER_SIZE), path).prev_valid_length
+        except (OSError, PibackupError):
+            total += _size(path)
+    return total

@@ -45,6 +45,13 @@ SHIP_OPTIONS = (
     "pibackup-ship-encrypt-key",
 )
 
+# Compaction (issue #5). See README "Compaction" for the measurement behind the ratio.
+COMPACT_RATIO_DEFAULT = "0.4"
+COMPACT_RATIO_MAX = 100.0
+COMPACT_MIN_KB_DEFAULT = 1024  # a journal smaller than this is never compacted automatically
+KEEP_GENERATIONS_DEFAULT = 2
+KEEP_GENERATIONS_MAX = 100
+
 
 @dataclass(frozen=True)
 class Config:
@@ -61,6 +68,10 @@ class Config:
     ship: Optional[ShipConfig] = None
     destinations: Tuple[str, ...] = ()
     on_destination_failure: str = "halt"
+    # compaction
+    compact_ratio: float = float(COMPACT_RATIO_DEFAULT)
+    compact_min_bytes: int = COMPACT_MIN_KB_DEFAULT * 1024
+    keep_generations: int = KEEP_GENERATIONS_DEFAULT
 
 
 def parse_size(name: str, raw: Any) -> int:
@@ -112,6 +123,9 @@ def parse_options(options: Mapping[str, Any]) -> Config:
         ship=parse_ship(options),
         destinations=tuple(dests),
         on_destination_failure=policy,
+        compact_ratio=_ratio(options.get("pibackup-compact-ratio", COMPACT_RATIO_DEFAULT)),
+        compact_min_bytes=_int(options, "pibackup-compact-min-kb", COMPACT_MIN_KB_DEFAULT, 64, 1 << 30, "KiB") * 1024,
+        keep_generations=_int(options, "pibackup-keep-generations", KEEP_GENERATIONS_DEFAULT, 1, KEEP_GENERATIONS_MAX, "generations"),
     )
 
 
@@ -130,6 +144,20 @@ def _destinations(value: Any) -> Tuple[str, ...]:
             raise ConfigError(f"pibackup-destination {v} is given twice (as {seen[key]}); give each directory once")
         seen[key] = v
     return tuple(values)
+
+
+def _ratio(raw: Any) -> float:
+    """pibackup-compact-ratio: a decimal number; 0 turns automatic compaction off."""
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        value = -1.0
+    if not (value == 0 or 0.05 <= value <= COMPACT_RATIO_MAX):  # also refuses nan and inf
+        raise ConfigError(
+            f"pibackup-compact-ratio={raw!r}: give a number from 0.05 to {COMPACT_RATIO_MAX:g} (journal size as a "
+            f"multiple of the snapshot's), or 0 for no automatic compaction (default {COMPACT_RATIO_DEFAULT})"
+        )
+    return value
 
 
 def _given(options: Mapping[str, Any], name: str) -> Optional[str]:

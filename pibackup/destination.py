@@ -20,6 +20,7 @@ MARKER = "PIBACKUP"
 MARKER_TEXT = "pibackup backup directory\nformat 1\n"
 _GEN = re.compile(r"^gen-(\d{6})$")
 _PARTIAL = re.compile(r"^gen-(\d{6})\.partial$")
+_DELETED = re.compile(r"^gen-(\d{6})\.deleted$")
 _SEG = re.compile(r"^seg-(\d{6})\.pbj$")
 _SNAP = re.compile(r"^snapshot-v(\d+)\.sqlite3$")
 # What file systems put at the root of a stick; harmless next to a backup.
@@ -211,9 +212,10 @@ class Destination:
         self.remove_partials()
 
     def remove_partials(self) -> None:
-        """A `.partial` generation, or a `.tmp` segment, never acknowledged anything: drop them."""
+        """A `.partial` generation, or a `.tmp` segment, never acknowledged anything: drop them.
+        A `.deleted` generation is one retention had begun to delete: finish that."""
         for name in os.listdir(self.path):
-            if _PARTIAL.match(name):
+            if _PARTIAL.match(name) or _DELETED.match(name):
                 shutil.rmtree(os.path.join(self.path, name))
         fsync_dir(self.path)
         newest = self.newest()
@@ -238,6 +240,16 @@ class Destination:
         os.rename(partial, final)
         fsync_dir(self.path)
         return final
+
+    def delete_generation(self, gen: Generation) -> None:
+        """Retention: rename to `.deleted` first (atomic: readers stop seeing it at once, and
+        a crash halfway through the removal never leaves a half-deleted `gen-NNNNNN`), then
+        remove it."""
+        doomed = gen.path + ".deleted"
+        os.rename(gen.path, doomed)
+        fsync_dir(self.path)
+        shutil.rmtree(doomed)
+        fsync_dir(self.path)
 
     def close(self) -> None:
         if self._lock_fd >= 0:

@@ -92,6 +92,9 @@ class HookHandler:
                     batch_seconds=c.batch_seconds,
                     batch_bytes=c.batch_bytes,
                     preallocate=c.preallocate_bytes,
+                    compact_ratio=c.compact_ratio,
+                    compact_min_bytes=c.compact_min_bytes,
+                    keep_generations=c.keep_generations,
                 )
 
             backup = Destinations(cfg.destinations or ("",), make, cfg.on_destination_failure, self.log)
@@ -168,6 +171,18 @@ class HookHandler:
         self.shipper = shipper
         what = "encrypted " if cfg.ship.key is not None else ""
         self.log(f"shipping an {what}copy to {cfg.ship.target} every {cfg.ship.interval} s".replace("an copy", "a copy"), "info")
+
+    def compact(self) -> Dict[str, Any]:
+        """`lightning-cli pibackup-compact`: start a compaction in the background."""
+        b = self.backup
+        if self.failure is not None:
+            return {"compaction": "refused", "reason": self.failure}
+        if b is None:
+            return {"compaction": "refused", "reason": "the backup has not started yet (no init from lightningd)"}
+        # Each destination compacts its own backup.
+        started = {m.destination: m.compactor.request() for m in list(b.active) if m.compactor is not None}
+        first = next(iter(started.values()), "refused")
+        return {"compaction": first, "destinations": started, "generation": b.generation and b.generation.rsplit("/", 1)[-1]}
 
     def _start_reporter(self, cfg: Optional[Config]) -> None:
         """systemd status and the LED; a wrong LED name is a warning, not a reason to halt."""

@@ -208,6 +208,7 @@ class SegmentReader:
         self.bad_reason = ""
         self.torn = False
         self.frame_count = 0
+        self._resumed = False
         self._encoding = ENCODING_DEFLATE if self.header.flags & FLAG_DEFLATE else ENCODING_PLAIN
         self._inflate = zlib.decompressobj(-15) if self._encoding == ENCODING_DEFLATE else None
 
@@ -224,8 +225,18 @@ class SegmentReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def frames(self) -> Iterator[Frame]:
-        pos, seed = HEADER_SIZE, self.header.checksum
+    def frames(self, limit: Optional[int] = None) -> Iterator[Frame]:
+        """The valid frames from where the last call stopped (the start, the first time).
+
+        `limit` reads only the first `limit` bytes of the file: a segment another thread is
+        appending to is followed up to what its writer has made durable, and a later call
+        picks up from there (the compactor follows the journal this way)."""
+        if limit is not None or self._resumed:
+            self._f.seek(0, os.SEEK_END)
+            self.file_size = self._f.tell() if limit is None else min(limit, self._f.tell())
+            self.bad_offset, self.bad_reason, self.torn = None, "", False
+        self._resumed = True
+        pos, seed = self.valid_length, self.final_checksum
         while pos < self.file_size:
             frame, reason, end = self._frame_at(pos, seed)
             if frame is not None:

@@ -12,6 +12,9 @@ from pyln.client import Plugin
 from .config import (
     BATCH_KB_DEFAULT,
     BATCH_SECONDS_DEFAULT,
+    COMPACT_MIN_KB_DEFAULT,
+    COMPACT_RATIO_DEFAULT,
+    KEEP_GENERATIONS_DEFAULT,
     LED_DIR_DEFAULT,
     MIN_FREE_MB_DEFAULT,
     PREALLOCATE_KB_DEFAULT,
@@ -131,6 +134,28 @@ plugin.add_option(
     "copy away from the Pi). The remote host can then neither read nor undetectably alter the copy.",
 )
 
+# Compaction (issue #5)
+plugin.add_option(
+    "pibackup-compact-ratio",
+    COMPACT_RATIO_DEFAULT,
+    "Compact the backup automatically when its journal grows past this multiple of its snapshot's size: "
+    "a new generation's snapshot is built in the background from the old snapshot and journal. 0: only "
+    "on lightning-cli pibackup-compact.",
+)
+plugin.add_option(
+    "pibackup-compact-min-kb",
+    COMPACT_MIN_KB_DEFAULT,
+    "Never compact automatically while the journal is smaller than this many KiB.",
+    opt_type="int",
+)
+plugin.add_option(
+    "pibackup-keep-generations",
+    KEEP_GENERATIONS_DEFAULT,
+    "How many backup generations to keep, counting the one a compaction is building; older ones are "
+    "deleted only once a newer one is complete and synced.",
+    opt_type="int",
+)
+
 
 @plugin.hook("db_write")
 def on_db_write(plugin: Plugin, data_version: int, writes: List[str], **kwargs: Any) -> Any:
@@ -142,6 +167,13 @@ def pibackup_status(plugin: Plugin, **kwargs: Any) -> Any:
     """Show pibackup's state: health, warnings, destinations and free space, generation,
     last data_version, the writer's counters, uptime."""
     return handler.status()
+
+
+@plugin.method("pibackup-compact")
+def pibackup_compact(plugin: Plugin, **kwargs: Any) -> Any:
+    """Compact the backup now, in the background: build a new generation's snapshot from the
+    current one and its journal. Watch pibackup-status for the result."""
+    return handler.compact()
 
 
 @plugin.init()

@@ -163,7 +163,7 @@ def pick_generation(backup_dir: str, number: Optional[int] = None) -> dst.Genera
     raise RestoreError(f"{backup_dir} has no generation {number}; it has {', '.join(str(g.number) for g in gens)}")
 
 
-def _copy_snapshot(src: str, target: str, expected: bytes) -> None:
+def copy_snapshot(src: str, target: str, expected: bytes) -> None:
     h = hashlib.sha256()
     with open(src, "rb") as fi, open(target, "wb") as fo:
         while True:
@@ -215,7 +215,7 @@ def restore(
     out = Outcome(gen.name, info.base_version, info.base_version)
     try:
         if gen.snapshot is not None:
-            _copy_snapshot(gen.snapshot, tmp, info.snapshot_sha256)
+            copy_snapshot(gen.snapshot, tmp, info.snapshot_sha256)
         conn = sqlite3.connect(tmp, isolation_level=None)
         try:
             conn.execute("PRAGMA foreign_keys = ON")  # as lightningd's own connection

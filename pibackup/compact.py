@@ -1,0 +1,471 @@
+"""Compaction: the next generation's snapshot built from the previous snapshot plus its
+journal (never from the live DB), in a child process, then an atomic switch; and retention.
+
+The child (`build_snapshot`) replays closed segments only. The compactor thread in the plugin
+copies the frames written since then into the new generation and switches under the
+writer's lock. Steps, and what a crash at each leaves, are in FORMAT.md ("Compaction").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+from . import destination as dst
+from .errors import PibackupError
+from .generation import DamageError, End, generation_info, iter_frames
+from .journal import KIND_INFO, Frame, JournalError, SegmentHeader, SegmentReader, SegmentWriter, fsync_dir
+from .restore import Outcome, Replayer, copy_snapshot
+from .snapshot import read_data_version, sha256_file
+
+if TYPE_CHECKING:
+    from .backup import Backup
+
+# A test can make the plugin or its child SIGKILL itself at one named step, to prove every
+# step crash-safe (tests/test_compact.py); unset in production.
+CRASH_ENV = "PIBACKUP_TEST_CRASH"
+RETRY_AFTER_FAILURE = 3600.0  # automatic retries of a failed compaction; the RPC retries at once
+CHECK_INTERVAL = 30.0  # the thread also wakes at once when a flush crosses the threshold
+_FOLLOW_PAUSE = 0.05  # between passes that copy the frames written meanwhile
+_CAUGHT_UP_BYTES = 64 * 1024  # copy at most about this much while holding the writer's lock
+
+
+class CompactionError(PibackupError):
+    pass
+
+
+def crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- the child process: snapshot + closed segments -> new snapshot -------------------------
+@dataclass
+class Built:
+    version: int  # data_version of the new snapshot
+    sha256: bytes
+    snapshot_bytes: int
+    transactions: int  # replayed into it
+    pending: List[Tuple[int, int, List[str]]]  # (kind, data_version, statements) not yet known committed
+
+
+def build_snapshot(gen: dst.Generation, segments: int, partial: str) -> Built:
+    """Replay generation `gen`'s snapshot and its first `segments` segments (closed ones)
+    into `partial`/snapshot-vV.sqlite3, synced, named by V, its last confirmed version.
+    The newest transaction (and the PRAGMA frames after it) may still be rewound: it is
+    returned in `pending`, for the new generation's journal, and is not in the snapshot."""
+    info = generation_info(gen)
+    part = dst.Generation(gen.number, gen.path, gen.snapshots, gen.segments[:segments])
+    tmp = os.path.join(partial, "snapshot.tmp")
+    if gen.snapshot is not None:
+        copy_snapshot(gen.snapshot, tmp, info.snapshot_sha256)
+    out = Outcome(gen.name, info.base_version, info.base_version)
+    parent = os.getppid()
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        conn.execute("PRAGMA foreign_keys = ON")  # as lightningd's own connection
+        conn.execute("PRAGMA journal_mode = MEMORY")  # a crash leaves a .partial, removed at the next start
+        conn.execute("PRAGMA synchronous = OFF")  # one fsync at the end
+        conn.execute("PRAGMA cache_size = -2048")  # 2 MiB, whatever the size of the journal
+        replayer = Replayer(conn, info.base_version, out)
+        for n, (frame, where) in enumerate(iter_frames(part, End())):
+            replayer.feed(frame, where)
+            if n % 256 == 0:
+                if os.getppid() != parent:  # the plugin died: its next start removes the .partial
+                    raise CompactionError("the plugin exited")
+                if n:
+                    crash_point("child-replay")
+        version = replayer.current
+        if out.transactions:
+            got = read_data_version(conn)
+            if got != version:
+                raise CompactionError(f"replayed snapshot says data_version {got}, the journal {version}")
+        pending: List[Frame] = ([replayer.pending] if replayer.pending else []) + replayer.pending_pragmas
+        conn.execute("PRAGMA journal_mode = DELETE")
+    finally:
+        conn.close()
+    if not out.transactions:
+        os.unlink(tmp)
+        raise NothingToDo(f"{gen.name} has no committed transaction after its snapshot yet")
+    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    sha = sha256_file(tmp)
+    final = os.path.join(partial, dst.snapshot_filename(version))
+    os.rename(tmp, final)
+    fsync_dir(partial)
+    crash_point("child-snapshot")
+    return Built(version, sha, os.path.getsize(final), out.transactions, [(f.kind, f.data_version, f.statements) for f in pending])
+
+
+class NothingToDo(PibackupError):
+    pass
+
+
+def child_main() -> None:
+    """`python3 -c ... child_main()` ARGS_JSON: build a snapshot, print the result as JSON."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the plugin
+    except (OSError, AttributeError):
+        pass
+    args = json.loads(sys.argv[1])
+    gen = dst.Destination(args["destination"]).generations()
+    src = next((g for g in gen if g.number == args["generation"]), None)
+    try:
+        if src is None:
+            raise CompactionError(f"generation {args['generation']} vanished")
+        b = build_snapshot(src, args["segments"], args["partial"])
+        result: Dict[str, Any] = {
+            "version": b.version,
+            "sha256": b.sha256.hex(),
+            "snapshot_bytes": b.snapshot_bytes,
+            "transactions": b.transactions,
+            "pending": b.pending,
+        }
+    except NothingToDo as e:
+        result = {"nothing": str(e)}
+    except (PibackupError, sqlite3.Error, OSError) as e:
+        result = {"error": _describe(e)}
+    sys.stdout.write(json.dumps(result))
+    sys.stdout.flush()
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        from .backup import io_error_message
+
+        return io_error_message(e, e.filename or "the backup directory")
+    if isinstance(e, sqlite3.Error):
+        return f"SQLite: {e}"
+    return str(e)
+
+
+# --- retention ---------------------------------------------------------------------------
+def apply_retention(dest: dst.Destination, keep: int, log: Any, protect: int, configured: int = 0) -> List[str]:
+    """Delete complete generations older than the newest `keep`, never the one numbered
+    `protect` (the writer's) or anything newer."""
+    gens = [g for g in dest.generations() if g.number < protect]
+    newer = len(dest.generations()) - len(gens)
+    doomed = gens[: max(0, len(gens) - max(0, keep - newer))]
+    for g in doomed:
+        dest.delete_generation(g)
+        crash_point("retention")
+        log(f"deleted backup generation {g.name} (pibackup-keep-generations={configured or keep})", "info")
+    return [g.name for g in doomed]
+
+
+# --- the compactor thread in the plugin -----------------------------------------------------
+class Compactor:
+    """Watches the writer's generation; compacts it in the background when its journal
+    passes `ratio` times its snapshot (and `min_bytes`), or when asked."""
+
+    def __init__(self, backup: Backup, ratio: float, min_bytes: int, keep: int):
+        self.backup = backup
+        self.ratio = ratio
+        self.min_bytes = min_bytes
+        self.keep = keep
+        self.log = backup.log
+        self.state = "idle"  # idle, running or failed
+        self.step = ""
+        self.error: Optional[str] = None
+        self.last: Optional[Dict[str, Any]] = None
+        self.runs = 0
+        self._failed_at: Optional[float] = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._manual = False
+        self._retain = True  # once at start (keep-generations may have been lowered), and after a gap
+        self._child: Optional[subprocess.Popen[bytes]] = None
+        self._thread = threading.Thread(target=self._loop, name="pibackup-compactor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def threshold(self, snapshot_bytes: int) -> Optional[int]:
+        """Journal bytes at which the generation is compacted; None when automatic compaction is off."""
+        if self.ratio <= 0:
+            return None
+        return max(self.min_bytes, int(self.ratio * snapshot_bytes))
+
+    def request(self) -> str:
+        """`lightning-cli pibackup-compact`: start one now (in the background)."""
+        if self.state == "running":
+            return "already running"
+        self._manual = True
+        self._wake.set()
+        return "started"
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def retain(self) -> None:
+        """A new generation started (a gap): apply retention in the background."""
+        self._retain = True
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        child = self._child
+        if child is not None and child.poll() is None:
+            child.kill()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def status(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"state": self.state, "runs": self.runs}
+        if self.state == "running":
+            out["step"] = self.step
+        if self.error:
+            out["error"] = self.error
+        if self.last:
+            out["last"] = self.last
+        b = self.backup
+        out["journal_bytes"] = b.journal_bytes
+        out["snapshot_bytes"] = b.snapshot_bytes
+        out["compact_at_bytes"] = self.threshold(b.snapshot_bytes)
+        out["keep_generations"] = self.keep
+        return out
+
+    # --- the thread ---------------------------------------------------------------------
+    def _due(self) -> bool:
+        if self._manual:
+            return True
+        limit = self.threshold(self.backup.snapshot_bytes)
+        if limit is None or self.backup.journal_bytes < limit:
+            return False
+        return self._failed_at is None or time.monotonic() - self._failed_at >= RETRY_AFTER_FAILURE
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if self._retain:
+                self._retain = False
+                try:
+                    current = self.backup.generation_number()
+                    if current is not None:
+                        apply_retention(self.backup.dest, self.keep, self.log, protect=current)
+                except OSError as e:
+                    self.log(f"could not delete an old backup generation: {_describe(e)}", "warn")
+            self._wake.wait(CHECK_INTERVAL)
+            self._wake.clear()
+            if self._stop.is_set() or self.backup.failure is not None or not self._due():
+                continue
+            self._manual = False
+            self.state, self.error, self.step = "running", None, "cut"
+            started = time.monotonic()
+            try:
+                self.last = self._compact()
+                if self.last is not None:
+                    self.last["seconds"] = round(time.monotonic() - started, 3)
+                    self.runs += 1
+                self.state, self._failed_at = "idle", None
+            except _Stopped:
+                self.state = "idle"
+            except Exception as e:  # a failed compaction never fails the backup: it goes on in the old generation
+                msg = _describe(e) if isinstance(e, (OSError, sqlite3.Error)) else str(e)
+                if not isinstance(e, PibackupError):
+                    msg = f"internal error ({type(e).__name__}: {e}); please report it"
+                self.state, self.error, self._failed_at = "failed", msg, time.monotonic()
+                self.log(
+                    f"compaction failed: {msg}. The backup goes on in the current generation; the next automatic "
+                    f"attempt is in {int(RETRY_AFTER_FAILURE // 60)} minutes, or run lightning-cli pibackup-compact",
+                    "warn",
+                )
+
+    def _compact(self) -> Optional[Dict[str, Any]]:
+        b = self.backup
+        cut = b.cut_for_compaction()  # under the writer's lock: close the segment being written
+        if cut is None:
+            return None
+        src, segments, number = cut
+        crash_point("cut")
+        partial = ""
+        try:
+            self.step = "retention"
+            # The generation being built counts toward keep-generations: older ones go now, so
+            # the medium never holds more than `keep` generations' worth (FORMAT.md, Retention).
+            apply_retention(b.dest, max(1, self.keep - 1), self.log, protect=src.number, configured=self.keep)
+            self.step = "snapshot"
+            partial = b.dest.begin_generation(number)
+            built = self._run_child(src, segments, partial)
+            if built is None:
+                shutil.rmtree(partial, ignore_errors=True)
+                return None
+            self.step = "journal"
+            target = _NewGeneration(b, partial, number, built, src)
+            crash_point("segment")
+            target.follow(src, segments + 1, self._stop)
+            self.step = "switch"
+            final = b.switch_to(target)  # under the writer's lock
+            partial = ""
+            self.step = "retention"
+            apply_retention(b.dest, self.keep, self.log, protect=number)
+        except BaseException:
+            if partial:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        finally:
+            b.release_reservation()
+        self.log(
+            f"compacted {src.name} into {os.path.basename(final)}: snapshot at data_version {built['version']} "
+            f"({built['snapshot_bytes']:,} bytes) from {built['transactions']:,} journalled transactions",
+            "info",
+        )
+        return {
+            "generation": os.path.basename(final),
+            "from": src.name,
+            "base_version": built["version"],
+            "snapshot_bytes": built["snapshot_bytes"],
+            "transactions": built["transactions"],
+            "finished": int(time.time()),
+        }
+
+    def _run_child(self, src: dst.Generation, segments: int, partial: str) -> Optional[Dict[str, Any]]:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        args = {"destination": self.backup.destination, "generation": src.number, "segments": segments, "partial": partial}
+        code = f"import sys; sys.path.insert(0, {root!r}); from pibackup.compact import child_main; child_main()"
+        child = subprocess.Popen(
+            [sys.executable, "-c", code, json.dumps(args)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self._child = child
+        try:
+            out, err = child.communicate()
+        finally:
+            self._child = None
+        if self._stop.is_set():
+            raise _Stopped()
+        if child.returncode != 0 or not out:
+            tail = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
+            raise CompactionError(f"the compaction process died ({tail[0]})")
+        result: Dict[str, Any] = json.loads(out)
+        if "error" in result:
+            raise CompactionError(f"cannot build the new snapshot from {src.name}: {result['error']}")
+        if "nothing" in result:
+            return None
+        return result
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _NewGeneration:
+    """The `.partial` generation being written: its snapshot is done, its journal is the
+    tail of the old generation's, copied frame by frame."""
+
+    def __init__(self, b: Backup, partial: str, number: int, built: Dict[str, Any], src: dst.Generation):
+        self.backup = b
+        self.partial = partial
+        self.number = number
+        self.version = int(built["version"])
+        header = SegmentHeader(
+            generation=number,
+            generation_id=os.urandom(16),
+            segment=1,
+            base_version=self.version,
+            snapshot_sha256=bytes.fromhex(built["sha256"]),
+            created=int(time.time()),
+            flags=b.segment_flags,
+        )
+        self.writer = SegmentWriter.create(os.path.join(partial, dst.segment_filename(1)), header, b.preallocate)
+        self.writer.add(KIND_INFO, self.version, b.info_lines())
+        for kind, version, statements in built["pending"]:
+            self.writer.add(kind, version, statements)
+        self.writer.flush()
+        self.copied = 0
+        self.closed_bytes = 0  # valid bytes of the new generation's closed segments
+        self._reader: Optional[SegmentReader] = None
+        self._index = 0  # segment number of the old generation being followed
+        self._src = src
+        self.source_number = src.number
+
+    def add(self, frame: Frame) -> None:
+        if frame.kind == KIND_INFO:
+            return
+        self.writer.add(frame.kind, frame.data_version, frame.statements)
+        self.copied += 1
+
+    def flush(self) -> None:
+        w = self.writer
+        w.flush()
+        if w.size >= self.backup.segment_bytes:
+            h = w.header
+            nxt = SegmentHeader(
+                generation=h.generation,
+                generation_id=h.generation_id,
+                segment=h.segment + 1,
+                base_version=h.base_version,
+                snapshot_sha256=h.snapshot_sha256,
+                prev_valid_length=w.size,
+                prev_checksum=w.checksum,
+                created=int(time.time()),
+                flags=h.flags,
+            )
+            self.writer = SegmentWriter.create(os.path.join(self.partial, dst.segment_filename(nxt.segment)), nxt, w.preallocate)
+            self.closed_bytes += w.size
+            w.close()
+
+    def follow(self, src: dst.Generation, first: int, stop: threading.Event) -> None:
+        """Copy the old generation's frames from segment `first` on, while the hook keeps
+        appending to it, until little is left to copy: the rest is copied under the lock."""
+        self._index = first
+        while True:
+            if stop.is_set():
+                raise _Stopped()
+            state = self.backup.writer_position(src.number)
+            if state is None:
+                raise CompactionError("a new generation was started meanwhile (a gap); this compaction is dropped")
+            before = self.writer.size + self.writer.pending_bytes
+            self.copy_available(*state)
+            self.flush()
+            crash_point("follow")
+            moved = self.writer.size - before
+            if self._index == state[0] and moved < _CAUGHT_UP_BYTES:
+                return
+            time.sleep(_FOLLOW_PAUSE)
+
+    def copy_available(self, segment: int, durable: int) -> None:
+        """Copy the frames of the old generation up to (`segment`, `durable` bytes): what its
+        writer has made durable. Closed segments are read to their end."""
+        while True:
+            if self._reader is None:
+                path = os.path.join(self._src.path, dst.segment_filename(self._index))
+                try:
+                    self._reader = SegmentReader(path)
+                except (JournalError, OSError) as e:
+                    raise CompactionError(f"cannot follow {path}: {e}") from e
+                if self._index > 1 and self._prev_end is not None and self._reader.header.prev_valid_length != self._prev_end:
+                    raise DamageError(f"{path}: does not continue the segment before it", path, 0)
+            r = self._reader
+            closed = self._index < segment
+            for f in r.frames(None if closed else durable):
+                self.add(f)
+            if not closed:
+                return
+            if r.bad_offset is not None and not r.torn:
+                raise DamageError(f"{r.path}: damaged at offset {r.bad_offset} ({r.bad_reason})", r.path, r.bad_offset)
+            self._prev_end = r.valid_length
+            r.close()
+            self._reader = None
+            self._index += 1
+
+    _prev_end: Optional[int] = None
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
