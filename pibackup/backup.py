@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tup
 from . import __version__
 from . import destination as dst
 from . import filter as flt
-from .compact import CompactionError, Compactor, crash_point
+from .compact import CompactionError, Compactor, Superseded, crash_point
 from .errors import PibackupError
 from .generation import DamageError, Tail, generation_info, read_tail
 from .journal import FLAG_DEFLATE, HEADER_SIZE, KIND_INFO, KIND_PRAGMA, KIND_TX, SegmentHeader, SegmentWriter, decode_header
@@ -521,7 +521,7 @@ class Backup:
             src = self.generation
             position = self._position(target.source_number)
             if position is None:
-                raise CompactionError("a new generation was started meanwhile (a gap); this compaction is dropped")
+                raise Superseded("a new generation was started meanwhile (a gap); this compaction is dropped")
             try:
                 self._flush()
             except OSError as e:

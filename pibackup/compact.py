@@ -204,6 +204,7 @@ class Compactor:
         """`lightning-cli pibackup-compact`: start one now (in the background)."""
         if self.state == "running":
             return "already running"
+        self.state, self.step, self.error = "running", "queued", None
         self._manual = True
         self._wake.set()
         return "started"
@@ -274,6 +275,9 @@ class Compactor:
                 self.state, self._failed_at = "idle", None
             except _Stopped:
                 self.state = "idle"
+            except Superseded as e:
+                self.state = "idle"
+                self.log(str(e), "info")
             except Exception as e:  # a failed compaction never fails the backup: it goes on in the old generation
                 msg = _describe(e) if isinstance(e, (OSError, sqlite3.Error)) else str(e)
                 if not isinstance(e, PibackupError):
@@ -362,6 +366,10 @@ class _Stopped(Exception):
     pass
 
 
+class Superseded(CompactionError):
+    """A gap started a newer generation from the live DB while this compaction ran."""
+
+
 class _NewGeneration:
     """The `.partial` generation being written: its snapshot is done, its journal is the
     tail of the old generation's, copied frame by frame."""
@@ -427,7 +435,7 @@ class _NewGeneration:
                 raise _Stopped()
             state = self.backup.writer_position(src.number)
             if state is None:
-                raise CompactionError("a new generation was started meanwhile (a gap); this compaction is dropped")
+                raise Superseded("a new generation was started meanwhile (a gap); this compaction is dropped")
             before = self.writer.size + self.writer.pending_bytes
             self.copy_available(*state)
             self.flush()

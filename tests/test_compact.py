@@ -150,3 +150,134 @@ def test_compaction_process_killed_fails_the_compaction_not_the_backup(step, tra
     node.stop()
     restored_equals_live(dest, node, tmp_path / "r.sqlite3")
     assert sorted(p.name for p in dest.iterdir() if p.name.startswith("gen-")) == ["gen-000001"]
+
+
+def generation_dirs(dest: Path) -> list:
+    return sorted(p.name for p in dest.iterdir() if p.name.startswith("gen-"))
+
+
+def test_automatic_compaction_keeps_the_backup_bounded_across_restarts(traces, make_node, dest, tmp_path):
+    """A low ratio and floor: the journal passes them again and again. Never more than
+    keep-generations (2) generation directories, counting the one being built, and each
+    restart goes on in the compacted generation."""
+    recs = traces["A"]
+    node = make_node(pibackup_compact_ratio="0.3", pibackup_compact_min_kb=64)
+    most = 0
+
+    def watch(n: driver.Node) -> None:
+        nonlocal most
+        most = max(most, len(generation_dirs(dest)))
+
+    i = 0
+    sessions = [k for k, r in enumerate(recs) if r.pre_init and (k == 0 or not recs[k - 1].pre_init)] + [len(recs)]
+    for s, e in zip(sessions, sessions[1:]):
+        early = [r for r in recs[s:e] if r.pre_init]
+        node.start(early)
+        for i in range(s + len(early), e):
+            node.call(recs[i])
+            if i % 25 == 0:
+                watch(node)
+        c = wait_compacted(node, 0)
+        watch(node)
+        node.stop()
+    runs = node.log_text().count("compacted gen-")
+    assert runs >= 3, node.log_text()
+    assert most <= 2 and len(generation_dirs(dest)) == 2
+    assert "from a snapshot" not in node.log_text()  # no gap: restarts went on where they were
+    assert c["keep_generations"] == 2
+    restored_equals_live(dest, node, tmp_path / "r.sqlite3")
+    real = driver.TRACES / "A.sqlite3"
+    assert dbcompare.backup_differences(real, tmp_path / "r.sqlite3", ("utxoset",)) == []
+
+
+def test_a_rewind_of_the_transaction_copied_into_the_new_generation(traces, make_node, dest, tmp_path):
+    """The newest transaction at the switch is not known committed: it goes into the new
+    generation's journal, not its snapshot, so the resend after lightningd's crash replaces it."""
+    recs = driver.first_run(traces["A"])[:300]
+    node = make_node()
+    node.start([r for r in recs if r.pre_init])
+    node.calls(recs[9:200])
+    nxt = recs[200]
+    bogus = driver.Record(
+        0,
+        False,
+        nxt.data_version,
+        (
+            "INSERT INTO vars (name, intval) VALUES ('never_committed', 1);",
+            f"UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {nxt.data_version - 1}",
+        ),
+    )
+    assert node.plugin is not None
+    resp = node.plugin.request("db_write", {"data_version": bogus.data_version, "writes": list(bogus.writes)})
+    assert resp["result"] == {"result": "continue"}  # ... and lightningd dies before its commit
+    node.rpc("pibackup-compact")
+    c = wait_compacted(node, 1)
+    assert c["last"]["base_version"] == nxt.data_version - 1
+    node.kill()
+    node.start([nxt])
+    node.calls(recs[201:])
+    node.stop()
+    out = tmp_path / "r.sqlite3"
+    restored_equals_live(dest, node, out)
+    assert generation_dirs(dest) == ["gen-000001", "gen-000002"]
+    assert ", 1 rewound" in cli("verify", str(dest)).stdout
+
+
+def test_stop_during_a_compaction_leaves_no_partial_and_loses_nothing(traces, make_node, dest, tmp_path):
+    recs = driver.first_run(traces["A"])[:300]
+    node = make_node()
+    node.start([r for r in recs if r.pre_init])
+    node.calls(recs[9:250])
+    node.rpc("pibackup-compact")
+    assert status(node)["compaction"]["state"] == "running"
+    assert node.stop() == 0
+    assert not [n for n in generation_dirs(dest) if "." in n]
+    node.start([])
+    node.calls(recs[250:])
+    node.stop()
+    restored_equals_live(dest, node, tmp_path / "r.sqlite3")
+
+
+def test_a_gap_during_a_compaction_wins_over_it(traces, make_node, dest, tmp_path):
+    """lightningd committed a transaction without us while a compaction ran: the gap's new
+    generation (from the live DB) is the newest; the compaction gives up or, if it finished
+    first, is an older generation. Either way nothing is lost and no number is reused."""
+    recs = driver.first_run(traces["A"])[:320]
+    node = make_node()
+    node.start([r for r in recs if r.pre_init])
+    node.calls(recs[9:250])
+    node.rpc("pibackup-compact")
+    node.commit_without_plugin(recs[250])
+    node.calls(recs[251:])
+    for _ in range(1200):
+        if status(node)["compaction"]["state"] != "running":
+            break
+        time.sleep(0.05)
+    node.stop()
+    names = generation_dirs(dest)
+    assert not [n for n in names if "." in n] and len(names) == len(set(names)) <= 2, names
+    restored_equals_live(dest, node, tmp_path / "r.sqlite3")
+    log = node.log_text()
+    assert "gap" in log and "compaction failed" not in log
+    if "compacted gen-000001 into gen-000002" not in log:
+        assert "this compaction is dropped" in log and names == ["gen-000001", "gen-000003"], log
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("pibackup-compact-ratio", "lots", "give a number from 0.05 to 100"),
+        ("pibackup-compact-ratio", "-1", "give a number from 0.05 to 100"),
+        ("pibackup-compact-ratio", "nan", "give a number from 0.05 to 100"),
+        ("pibackup-compact-ratio", "0.01", "or 0 for no automatic compaction"),
+        ("pibackup-keep-generations", 0, "is out of range: give 1 to 100 generations"),
+        ("pibackup-compact-min-kb", 1, "is out of range: give 64 to"),
+    ],
+)
+def test_bad_compaction_option_gets_a_clear_message(name, value, message):
+    from pibackup.config import parse_options
+    from pibackup.errors import PibackupError
+
+    with pytest.raises(PibackupError) as e:
+        parse_options({"pibackup-destination": "/media/usb/pibackup", name: value})
+    assert message in str(e.value) and name in str(e.value)
