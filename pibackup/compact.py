@@ -24,7 +24,7 @@ from . import destination as dst
 from .errors import PibackupError
 from .generation import DamageError, End, generation_info, iter_frames
 from .journal import KIND_INFO, Frame, JournalError, SegmentHeader, SegmentReader, SegmentWriter, fsync_dir
-from .restore import Outcome, Replayer, copy_snapshot
+from .restore import REPLAY_BATCH, Outcome, Replayer, copy_snapshot
 from .snapshot import read_data_version, sha256_file
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ RETRY_AFTER_FAILURE = 3600.0  # automatic retries of a failed compaction; the RP
 CHECK_INTERVAL = 30.0  # the thread also wakes at once when a flush crosses the threshold
 _FOLLOW_PAUSE = 0.05  # between passes that copy the frames written meanwhile
 _CAUGHT_UP_BYTES = 64 * 1024  # copy at most about this much while holding the writer's lock
+_COPY_BATCH = 256 * 1024  # frames copied per write + fdatasync into the new generation
 
 
 class CompactionError(PibackupError):
@@ -76,7 +77,7 @@ def build_snapshot(gen: dst.Generation, segments: int, partial: str) -> Built:
         conn.execute("PRAGMA journal_mode = MEMORY")  # a crash leaves a .partial, removed at the next start
         conn.execute("PRAGMA synchronous = OFF")  # one fsync at the end
         conn.execute("PRAGMA cache_size = -2048")  # 2 MiB, whatever the size of the journal
-        replayer = Replayer(conn, info.base_version, out)
+        replayer = Replayer(conn, info.base_version, out, batch=REPLAY_BATCH)
         for n, (frame, where) in enumerate(iter_frames(part, End())):
             replayer.feed(frame, where)
             if n % 256 == 0:
@@ -84,6 +85,7 @@ def build_snapshot(gen: dst.Generation, segments: int, partial: str) -> Built:
                     raise CompactionError("the plugin exited")
                 if n:
                     crash_point("child-replay")
+        replayer.commit()
         version = replayer.current
         if out.transactions:
             got = read_data_version(conn)
@@ -405,6 +407,8 @@ class _NewGeneration:
             return
         self.writer.add(frame.kind, frame.data_version, frame.statements)
         self.copied += 1
+        if self.writer.pending_bytes >= _COPY_BATCH:  # memory stays bounded however far behind
+            self.flush()
 
     def flush(self) -> None:
         w = self.writer
