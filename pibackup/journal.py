@@ -179,7 +179,7 @@ class Frame:
 
 
 _FRAME_STARTS = tuple(bytes([k, e, 0, 0]) for k in KINDS for e in ENCODINGS)
-_CHUNK = 1 << 20
+_CHUNK = 64 * 1024  # zero scans and preallocation: small buffers, so two writers at once (compaction) stay light
 
 
 class SegmentReader:
@@ -440,7 +440,7 @@ class SegmentWriter:
         file's size and extents stay as they are). Readers take trailing zeros for unused
         space (FORMAT.md)."""
         new = -(-end // self.preallocate) * self.preallocate  # up to a whole chunk
-        zeros = bytes(min(new - self.allocated, 1 << 20))
+        zeros = bytes(min(new - self.allocated, _CHUNK))
         pos = self.allocated
         while pos < new:
             n = os.pwrite(self.fd, zeros[: new - pos], pos)
