@@ -530,11 +530,14 @@ class Backup:
                 raise CompactionError(self.failure) from e
             w = self.writer
             assert w is not None
+            segment = target.writer.header.segment
             target.copy_available(w.header.segment, w.size)
             target.flush()
             target.close()
             crash_point("switch-synced")
-            final = self.dest.commit_generation(target.partial)
+            # Every file in the .partial was created with a directory sync (segments, the
+            # snapshot's rename); only a segment begun just now could need another.
+            final = self.dest.commit_generation(target.partial, dir_synced=target.writer.header.segment == segment)
             crash_point("switch-renamed")
             new = target.writer
             new.path = os.path.join(final, os.path.basename(new.path))

@@ -233,9 +233,11 @@ class Destination:
         os.mkdir(path, 0o700)
         return path
 
-    def commit_generation(self, partial: str) -> str:
-        """Make a fully written and synced `.partial` generation visible, atomically."""
-        fsync_dir(partial)
+    def commit_generation(self, partial: str, dir_synced: bool = False) -> str:
+        """Make a fully written and synced `.partial` generation visible, atomically.
+        `dir_synced`: the caller synced the directory after its last change."""
+        if not dir_synced:
+            fsync_dir(partial)
         final = partial[: -len(".partial")]
         os.rename(partial, final)
         fsync_dir(self.path)
