@@ -42,6 +42,8 @@ clean:
 bench:
 	$(PY) bench/filter_tiers.py
 	$(PY) bench/wear.py
+	$(PY) bench/replay_speed.py
+	$(PY) bench/compaction.py
 
 # The Debian package (README: Debian package). `make deb` fetches the pinned pyln-client wheel
 # from PyPI, builds dist/pibackup_<version>_all.deb and runs lintian on it. `make test-deb`
