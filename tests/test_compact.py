@@ -281,3 +281,34 @@ def test_bad_compaction_option_gets_a_clear_message(name, value, message):
     with pytest.raises(PibackupError) as e:
         parse_options({"pibackup-destination": "/media/usb/pibackup", name: value})
     assert message in str(e.value) and name in str(e.value)
+
+
+def test_sigkill_at_random_points_while_compacting_loses_no_acknowledged_transaction(traces, make_node, tmp_path):
+    """The kill test of test_traces.py with a compaction started every 64 KiB of journal:
+    kills land before, during and after compactions. Half as many kills as there
+    (PIBACKUP_KILL_POINTS; `make test-long` runs 250)."""
+    import random
+
+    from test_traces import assert_restore_matches, plan_kills, replay_with_kills
+
+    from conftest import kill_points
+
+    records = traces["A"]
+    total = max(4, kill_points() // 2)
+    done = rounds = compactions = 0
+    while done < total:
+        rng = random.Random(f"compact-{total}-{rounds}")
+        kills = plan_kills(len(records), min(len(records) // 4, total - done), rng)
+        wanted = len(kills)
+        dest = tmp_path / f"round{rounds}" / "usb"
+        dest.mkdir(parents=True)
+        node = make_node(
+            **{"pibackup-destination": str(dest), "pibackup-compact-ratio": "0.05", "pibackup-compact-min-kb": 64}
+        )
+        assert replay_with_kills(node, records, kills, rng) == wanted
+        assert_restore_matches(dest, node, tmp_path / f"round{rounds}", "A")
+        compactions += node.log_text().count("compacted gen-")
+        done += wanted
+        rounds += 1
+    assert compactions >= 2, "the kills were meant to land around compactions"
+    print(f"A: {done} SIGKILLs while compacting ({compactions} compactions), every acknowledged transaction restored")
