@@ -8,6 +8,7 @@ writer's lock. Steps, and what a crash at each leaves, are in FORMAT.md ("Compac
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from . import destination as dst
 from .errors import PibackupError
 from .generation import DamageError, End, generation_info, iter_frames
 from .journal import KIND_INFO, Frame, JournalError, SegmentHeader, SegmentReader, SegmentWriter, fsync_dir
-from .restore import REPLAY_BATCH, Outcome, Replayer, copy_snapshot
+from .restore import REPLAY_BATCH, Outcome, OutputError, Replayer, copy_snapshot
 from .snapshot import read_data_version, sha256_file
 
 if TYPE_CHECKING:
@@ -139,6 +140,9 @@ def child_main() -> None:
         }
     except NothingToDo as e:
         result = {"nothing": str(e)}
+    except OutputError as e:
+        full = OSError(errno.ENOSPC, "No space left on device", args["partial"]) if e.full else None
+        result = {"error": _describe(full) if full else f"{e} (in {args['partial']})"}
     except (PibackupError, sqlite3.Error, OSError) as e:
         result = {"error": _describe(e)}
     sys.stdout.write(json.dumps(result))
@@ -149,7 +153,7 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, OSError):
         from .backup import io_error_message
 
-        return io_error_message(e, e.filename or "the backup directory")
+        return io_error_message(e, str(e.filename or "the backup directory"))
     if isinstance(e, sqlite3.Error):
         return f"SQLite: {e}"
     return str(e)

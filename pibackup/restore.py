@@ -28,6 +28,18 @@ class RestoreError(PibackupError):
     pass
 
 
+class OutputError(RestoreError):
+    """The database being written cannot be written (full, read-only, I/O error): a
+    problem of where it goes, not of the backup."""
+
+    def __init__(self, message: str, full: bool):
+        super().__init__(message)
+        self.full = full
+
+
+_OUTPUT_ERRORS = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN}
+
+
 @dataclass
 class Outcome:
     """What a read of one generation found (and, for restore, applied)."""
@@ -129,6 +141,9 @@ class Replayer:
                 self._open = 0
                 if c.in_transaction:
                     c.execute("ROLLBACK")
+                code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+                if code in _OUTPUT_ERRORS:
+                    raise OutputError(f"cannot write the database being built: {e}", code == sqlite3.SQLITE_FULL) from e
                 raise RestoreError(
                     f"replaying data_version {tx.data_version} failed: {e} (statement: {s[:160]!r}); "
                     "run `pibackup verify` on the backup"

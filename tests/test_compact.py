@@ -312,3 +312,66 @@ def test_sigkill_at_random_points_while_compacting_loses_no_acknowledged_transac
         rounds += 1
     assert compactions >= 2, "the kills were meant to land around compactions"
     print(f"A: {done} SIGKILLs while compacting ({compactions} compactions), every acknowledged transaction restored")
+
+
+def wait_failed(node: driver.Node) -> Dict[str, Any]:
+    for _ in range(1200):
+        c = status(node)["compaction"]
+        if c["state"] == "failed":
+            return c
+        assert c["state"] == "running" or c["runs"] == 0, c
+        time.sleep(0.05)
+    raise AssertionError(c)
+
+
+def test_a_damaged_journal_fails_the_compaction_with_its_place_and_the_backup_goes_on(traces, make_node, dest, tmp_path):
+    from pibackup.journal import scan_segment
+
+    recs = driver.first_run(traces["A"])[:400]
+    node = make_node(pibackup_segment_size="64K")
+    node.start([r for r in recs if r.pre_init])
+    node.calls(recs[9:300])
+    seg = dest / "gen-000001" / "seg-000001.pbj"
+    frames = scan_segment(str(seg)).frames
+    victim = frames[len(frames) // 2]
+    data = bytearray(seg.read_bytes())
+    data[victim.offset + 20] ^= 0x10  # bit rot in a closed segment
+    seg.write_bytes(bytes(data))
+    node.rpc("pibackup-compact")
+    c = wait_failed(node)
+    assert f"{seg}: damaged at offset {victim.offset}" in c["error"], c
+    assert "compaction failed" in node.log_text() and "pibackup-compact" in node.log_text()
+    node.calls(recs[300:])  # lightningd goes on; so does the backup, in gen-000001
+    assert status(node)["state"] == "ok"
+    node.stop()
+    assert generation_dirs(dest) == ["gen-000001"]
+    out = tmp_path / "partial.sqlite3"
+    r = restore_to(dest, out, "--partial")
+    assert r.returncode == 1 and f"offset {victim.offset}" in r.stderr
+
+
+def test_a_full_stick_fails_the_compaction_not_the_node(traces, make_node, tmp_path):
+    from helpers import tmpfs
+
+    recs = driver.first_run(traces["A"])[:400]
+    with tmpfs(tmp_path / "stick", "size=420k") as mnt:
+        dest = mnt / "pibackup"
+        dest.mkdir()
+        node = make_node(pibackup_destination=str(dest), pibackup_preallocate_kb=16, pibackup_batch_seconds=0)
+        node.start([r for r in recs if r.pre_init])
+        node.calls(recs[9:300])
+        node.rpc("pibackup-compact")  # the new snapshot (~330 KB) does not fit next to the journal
+        c = wait_failed(node)
+        assert "the backup medium is full" in c["error"], c
+        assert not list(dest.glob("gen-*.partial"))  # its space is given back at once
+        node.calls(recs[300:])
+        node.stop()
+        restored_equals_live(dest, node, tmp_path / "r.sqlite3")
+
+
+def test_compact_before_init_is_refused_with_a_reason(make_node):
+    node = make_node()
+    node.start([], init=False)
+    r = node.rpc("pibackup-compact")
+    assert r["compaction"] == "refused" and "has not started yet" in r["reason"]
+    node.kill()
