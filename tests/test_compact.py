@@ -285,8 +285,10 @@ def test_bad_compaction_option_gets_a_clear_message(name, value, message):
 
 def test_sigkill_at_random_points_while_compacting_loses_no_acknowledged_transaction(traces, make_node, tmp_path):
     """The kill test of test_traces.py with a compaction started every 64 KiB of journal:
-    kills land before, during and after compactions. Half as many kills as there
-    (PIBACKUP_KILL_POINTS; `make test-long` runs 250)."""
+    kills land before, during and after compactions. An unclean kill usually starts a new
+    generation, whose journal must grow 64 KiB (about 150 calls) before it is compacted, so
+    at most 5 kills per replay. A fifth as many kills as there (PIBACKUP_KILL_POINTS:
+    4 by default, 100 in `make test-long`)."""
     import random
 
     from test_traces import assert_restore_matches, plan_kills, replay_with_kills
@@ -294,11 +296,11 @@ def test_sigkill_at_random_points_while_compacting_loses_no_acknowledged_transac
     from conftest import kill_points
 
     records = traces["A"]
-    total = max(4, kill_points() // 2)
+    total = max(4, kill_points() // 5)
     done = rounds = compactions = 0
     while done < total:
         rng = random.Random(f"compact-{total}-{rounds}")
-        kills = plan_kills(len(records), min(len(records) // 4, total - done), rng)
+        kills = plan_kills(len(records), min(5, total - done), rng)
         wanted = len(kills)
         dest = tmp_path / f"round{rounds}" / "usb"
         dest.mkdir(parents=True)
@@ -310,7 +312,7 @@ def test_sigkill_at_random_points_while_compacting_loses_no_acknowledged_transac
         compactions += node.log_text().count("compacted gen-")
         done += wanted
         rounds += 1
-    assert compactions >= 2, "the kills were meant to land around compactions"
+    assert compactions >= rounds, "the kills were meant to land around compactions"
     print(f"A: {done} SIGKILLs while compacting ({compactions} compactions), every acknowledged transaction restored")
 
 
