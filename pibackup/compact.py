@@ -303,6 +303,7 @@ class Compactor:
         src, segments, number = cut
         crash_point("cut")
         partial = ""
+        target: Optional[_NewGeneration] = None
         try:
             self.step = "retention"
             # The generation being built counts toward keep-generations: older ones go now, so
@@ -313,6 +314,7 @@ class Compactor:
             built = self._run_child(src, segments, partial)
             if built is None:
                 shutil.rmtree(partial, ignore_errors=True)
+                self.log(f"nothing to compact: {src.name} holds no committed transaction after its snapshot yet", "info")
                 return None
             self.step = "journal"
             target = _NewGeneration(b, partial, number, built, src)
@@ -324,6 +326,8 @@ class Compactor:
             self.step = "retention"
             apply_retention(b.dest, self.keep, self.log, protect=number)
         except BaseException:
+            if target is not None:
+                target.abort()
             if partial:
                 shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -484,4 +488,10 @@ class _NewGeneration:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+    def abort(self) -> None:
+        """A failed compaction: close its files (the caller removes the .partial)."""
+        self.close()
+        if self.backup.writer is not self.writer:
+            self.writer.close()
 
