@@ -15,8 +15,10 @@ from typing import List, Optional
 
 from . import __version__
 from .crypt import key_id, write_key_file
+from .destination import writer_running
 from .errors import PibackupError
 from .remote import readable_copy
+from .replica import is_replica_backup, restore_replica, verify_replica
 from .restore import Outcome, check_output, offline_status, restore, verify
 
 
@@ -107,6 +109,8 @@ def _restore(args: argparse.Namespace) -> int:
     tty = sys.stderr.isatty()  # progress for a person at a terminal, nothing in scripts and logs
     check_output(args.output, args.force)  # before fetching anything
     with readable_copy(args.backup_dir, args.output, args.key, args.ssh_port, args.ssh_identity, args.known_hosts) as src:
+        if is_replica_backup(src):
+            return _restore_replica(src, args)
         out = restore(
             src,
             args.output,
@@ -132,6 +136,16 @@ def _restore(args: argparse.Namespace) -> int:
     return 1 if out.damage else 0
 
 
+def _restore_replica(src: str, args: argparse.Namespace) -> int:
+    """pibackup-mode=replica: a verified copy of the replica (replica.py)."""
+    r = restore_replica(src, args.output, force=args.force)
+    how = ", its last transaction applied" if r.pending_applied else ""
+    print(f"restored {args.output} at data_version {r.last_version} from the replica {r.replica}{how}")
+    if "utxoset" in r.filtered_tables:
+        print(rescan_advice(r.rescan_from))
+    return 0
+
+
 def rescan_advice(height: Optional[int]) -> str:
     """What a node restored without its utxoset rows needs (README: Filtering)."""
     start = f"--rescan=-{height}" if height is not None else "--rescan=-<height of your oldest channel>"
@@ -146,6 +160,13 @@ def rescan_advice(height: Optional[int]) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if is_replica_backup(args.backup_dir):
+        lines, damaged = verify_replica(args.backup_dir)
+        print(f"backup directory {os.path.abspath(args.backup_dir)} (replica mode): {'DAMAGED' if damaged else 'ok'}")
+        for line in lines:
+            print("  " + line)
+        print("a running pibackup is writing it" if writer_running(args.backup_dir) else "no pibackup is writing it now")
+        return 1 if damaged else 0
     st = offline_status(args.backup_dir)
     if args.json:
         print(json.dumps(st, indent=2))
@@ -173,6 +194,12 @@ def _keygen(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     with readable_copy(args.backup_dir, None, args.key, args.ssh_port, args.ssh_identity, args.known_hosts) as src:
+        if is_replica_backup(src):
+            lines, damaged = verify_replica(src)
+            for line in lines:
+                print(line)
+            print("DAMAGE FOUND" if damaged else "ok")
+            return 1 if damaged else 0
         rep = verify(src)
     for line in rep.lines:
         print(line)

@@ -50,6 +50,8 @@ COMPACT_RATIO_DEFAULT = "0.4"
 COMPACT_RATIO_MAX = 100.0
 COMPACT_MIN_KB_DEFAULT = 1024  # a journal smaller than this is never compacted automatically
 KEEP_GENERATIONS_DEFAULT = 2
+MODE_DEFAULT = "journal"
+MODES = ("journal", "replica")
 KEEP_GENERATIONS_MAX = 100
 
 
@@ -72,6 +74,7 @@ class Config:
     compact_ratio: float = float(COMPACT_RATIO_DEFAULT)
     compact_min_bytes: int = COMPACT_MIN_KB_DEFAULT * 1024
     keep_generations: int = KEEP_GENERATIONS_DEFAULT
+    mode: str = MODE_DEFAULT
 
 
 def parse_size(name: str, raw: Any) -> int:
@@ -126,6 +129,7 @@ def parse_options(options: Mapping[str, Any]) -> Config:
         compact_ratio=_ratio(options.get("pibackup-compact-ratio", COMPACT_RATIO_DEFAULT)),
         compact_min_bytes=_int(options, "pibackup-compact-min-kb", COMPACT_MIN_KB_DEFAULT, 64, 1 << 30, "KiB") * 1024,
         keep_generations=_int(options, "pibackup-keep-generations", KEEP_GENERATIONS_DEFAULT, 1, KEEP_GENERATIONS_MAX, "generations"),
+        mode=_mode(options),
     )
 
 
@@ -144,6 +148,20 @@ def _destinations(value: Any) -> Tuple[str, ...]:
             raise ConfigError(f"pibackup-destination {v} is given twice (as {seen[key]}); give each directory once")
         seen[key] = v
     return tuple(values)
+
+
+def _mode(options: Mapping[str, Any]) -> str:
+    """pibackup-mode: journal (snapshot + journal) or replica (a second SQLite database)."""
+    raw = options.get("pibackup-mode", MODE_DEFAULT)
+    mode = str(raw).strip().lower()
+    if mode not in MODES:
+        raise ConfigError(f"pibackup-mode={raw!r}: give journal or replica (default {MODE_DEFAULT})")
+    if mode == "replica" and _given(options, "pibackup-ship") is not None:
+        raise ConfigError(
+            "pibackup-mode=replica cannot be shipped (a replica changes in place; rsync can only append): "
+            "use pibackup-mode=journal with pibackup-ship"
+        )
+    return mode
 
 
 def _ratio(raw: Any) -> float:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, cast
 
 from .backup import Backup, Call, Log
 from .config import Config, parse_options
 from .errors import PibackupError
 from .livedb import find_live_db
 from .multi import Destinations
+from .replica import Replica
 from .ship import Shipper
 from .status import REMINDER_SECONDS, Led, Reporter, StatusError, systemd_notifier
 
@@ -28,6 +29,7 @@ class HookHandler:
         self.log = log
         self.early: List[Call] = []
         self.backup: Optional[Destinations] = None
+        self.mode = "journal"
         self.failure: Optional[str] = None
         self.shutting_down = False
         self.reporter: Optional[Reporter] = None
@@ -81,8 +83,12 @@ class HookHandler:
             lightning_dir = str(configuration.get("lightning-dir") or ".")
             live_db = find_live_db(cfg.live_db, lightning_dir)
             c = cfg
+            self.mode = cfg.mode
 
             def make(path: str) -> Backup:
+                if c.mode == "replica":
+                    # A Replica has every part of Backup's interface that Destinations uses.
+                    return cast(Backup, Replica(path, live_db, self.log, filter_tables=c.filter_tables))
                 return Backup(
                     path,
                     live_db,
@@ -144,7 +150,7 @@ class HookHandler:
         state = r.health.state if r is not None else "starting"
         out: Dict[str, Any] = {
             "state": "failed" if self.failure else state,
-            "mode": "journal",
+            "mode": self.mode,
             "uptime_seconds": int(time.time() - self.started),
             "warnings": list(r.health.warnings) if r is not None else [],
             "shipping": self.shipper.status() if self.shipper is not None else "not configured",
@@ -177,6 +183,8 @@ class HookHandler:
         b = self.backup
         if self.failure is not None:
             return {"compaction": "refused", "reason": self.failure}
+        if self.mode == "replica":
+            return {"compaction": "refused", "reason": "pibackup-mode=replica: a replica never grows past the database"}
         if b is None:
             return {"compaction": "refused", "reason": "the backup has not started yet (no init from lightningd)"}
         # Each destination compacts its own backup.

@@ -17,6 +17,7 @@ from .config import (
     KEEP_GENERATIONS_DEFAULT,
     LED_DIR_DEFAULT,
     MIN_FREE_MB_DEFAULT,
+    MODE_DEFAULT,
     PREALLOCATE_KB_DEFAULT,
     SEGMENT_SIZE_DEFAULT,
     SHIP_INTERVAL_DEFAULT,
@@ -154,6 +155,14 @@ plugin.add_option(
     "How many backup generations to keep, counting the one a compaction is building; older ones are "
     "deleted only once a newer one is complete and synced.",
     opt_type="int",
+)
+
+# Replica mode (issue #5)
+plugin.add_option(
+    "pibackup-mode",
+    MODE_DEFAULT,
+    "journal: a snapshot plus a checksummed journal, compacted in the background (the default). replica: a "
+    "second SQLite database kept in step, one transaction per data_version.",
 )
 
 

@@ -1,0 +1,540 @@
+"""Replica mode: a second SQLite database on the backup medium kept in step with lightningd's,
+one SQLite transaction per data_version, under the same sequence rules as the journal.
+
+The newest transaction is not known committed until lightningd's next call (it may be
+rewound), so it is stored, not applied: in the replica's own table `pibackup_replica`,
+in the same SQLite transaction that applies the one before it. Each call is one durable
+commit (WAL, synchronous=FULL), so a crash leaves the replica at a known data_version.
+Layout and rules: FORMAT.md, "Replica mode".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
+
+from . import destination as dst
+from . import filter as flt
+from .backup import BehindError, Call, Counters, Log, io_error_message
+from .errors import PibackupError
+from .journal import decode_statements, encode_statements, fsync_dir
+from .restore import RestoreError, check_output
+from .sequence import Action, classify, is_pragma_only, reconcile
+from .snapshot import live_data_version, read_data_version, take_snapshot
+
+REPLICA_FILE = "replica.sqlite3"
+STATE_TABLE = "pibackup_replica"
+_DIR = re.compile(r"^replica-(\d{6})$")
+_PARTIAL = re.compile(r"^replica-(\d{6})\.(partial|deleted)$")
+_SCHEMA = (
+    f"CREATE TABLE {STATE_TABLE} (id INTEGER PRIMARY KEY CHECK (id = 1), applied INTEGER NOT NULL, "
+    "pending_version INTEGER, pending BLOB, filter_tables TEXT NOT NULL, pibackup TEXT NOT NULL)"
+)
+
+
+class ReplicaError(PibackupError):
+    pass
+
+
+def replica_dirs(path: str) -> List[Tuple[int, str]]:
+    """Complete replica directories, oldest first."""
+    out = []
+    for name in sorted(os.listdir(path)):
+        m = _DIR.match(name)
+        if m and os.path.exists(os.path.join(path, name, REPLICA_FILE)):
+            out.append((int(m.group(1)), os.path.join(path, name)))
+    return out
+
+
+def is_replica_backup(path: str) -> bool:
+    try:
+        return any(_DIR.match(n) for n in os.listdir(path))
+    except OSError:
+        return False
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA foreign_keys = ON")  # as lightningd's own connection
+    conn.execute("PRAGMA journal_mode = WAL")  # one sync per commit
+    conn.execute("PRAGMA synchronous = FULL")  # every commit durable before the hook answers
+    return conn
+
+
+@dataclass
+class ReplicaState:
+    applied: int  # data_version of the last transaction applied (known committed)
+    pending_version: Optional[int]  # the newest transaction, stored and not applied yet
+    pending: Optional[List[str]]
+    filter_tables: str
+
+    @property
+    def last(self) -> int:
+        return self.pending_version if self.pending_version is not None else self.applied
+
+
+def read_state(conn: sqlite3.Connection) -> ReplicaState:
+    try:
+        row = conn.execute(f"SELECT applied, pending_version, pending, filter_tables FROM {STATE_TABLE} WHERE id = 1").fetchone()
+    except sqlite3.Error as e:
+        raise ReplicaError(f"not a pibackup replica ({e})") from e
+    if row is None:
+        raise ReplicaError("the replica's state row is missing")
+    pending = decode_statements(row[2]) if row[2] is not None else None
+    return ReplicaState(int(row[0]), None if row[1] is None else int(row[1]), pending, row[3])
+
+
+class Replica:
+    """The replica writer behind the db_write hook (the journal's Backup, for replica mode)."""
+
+    def __init__(self, destination: str, live_db: str, log: Log, *, filter_tables: FrozenSet[str]):
+        self.destination = destination
+        self.live_db = live_db
+        self.log = log
+        self.filter_tables = frozenset(filter_tables)
+        self.dest = dst.Destination(destination)
+        self.conn: Optional[sqlite3.Connection] = None
+        self.generation: Optional[str] = None  # the replica-NNNNNN directory
+        self.last: Optional[int] = None
+        self.last_is_journaled = False  # the newest transaction is pending (may be rewound)
+        self.counters = Counters()
+        self.failure: Optional[str] = None
+        self.last_flush: Optional[float] = None
+        self.compactor = None  # no compaction in replica mode: the replica never grows past the DB
+        self._lock = threading.Lock()
+
+    # --- start-up --------------------------------------------------------------------
+    def start(self, early: Sequence[Call]) -> None:
+        dst.validate(self.destination)
+        if self.dest_has_journal():
+            raise dst.DestinationError(
+                f"{self.destination} holds a journal-mode backup (gen-NNNNNN directories); pibackup-mode=replica needs "
+                "a directory of its own: give an empty pibackup-destination, or set pibackup-mode=journal"
+            )
+        try:
+            self.dest.prepare()
+            for name in os.listdir(self.destination):
+                if _PARTIAL.match(name):
+                    shutil.rmtree(os.path.join(self.destination, name))
+            with self._lock:
+                self._start(early)
+        except OSError as e:
+            raise dst.DestinationError(io_error_message(e, self.destination)) from e
+        except sqlite3.Error as e:
+            raise ReplicaError(self._sqlite_message(e)) from e
+
+    def dest_has_journal(self) -> bool:
+        try:
+            return any(n.startswith("gen-") for n in os.listdir(self.destination))
+        except OSError:
+            return False
+
+    def _start(self, early: Sequence[Call]) -> None:
+        live = live_data_version(self.live_db)
+        dirs = replica_dirs(self.destination)
+        calls = [(c.data_version, is_pragma_only(c.writes)) for c in early]
+        if not dirs:
+            fresh = bool(early) and early[0].data_version == 1 and not calls[0][1]
+            self._new_replica(snapshot=not (fresh and reconcile(0, False, calls, live) is Action.APPEND))
+            self._replay_early(early)
+            return
+        number, path = dirs[-1]
+        conn = _connect(os.path.join(path, REPLICA_FILE))
+        try:
+            state = read_state(conn)
+        except ReplicaError as e:
+            conn.close()
+            self.log(f"{path}: {e}; it is kept as it is and a new replica is built from the live database", "warn")
+            self._new_replica(snapshot=True)
+            self._replay_early(early)
+            return
+        action = reconcile(state.last, state.pending_version is not None, calls, live)
+        if action is Action.BEHIND:
+            conn.close()
+            raise BehindError(
+                f"lightningd's database {self.live_db} (data_version {live}) is OLDER than the replica in {path} "
+                f"(data_version {state.last}). Running on it could lose funds. Stop lightningd and restore the newer "
+                f"state: pibackup restore {self.destination} {self.live_db} --force (after moving the old file away). "
+                "The replica was left untouched"
+            )
+        if action is Action.GAP:
+            conn.close()
+            self.log(
+                f"the replica ends at data_version {state.last} and cannot be continued (live database at {live}): "
+                "building a new replica from a snapshot",
+                "warn",
+            )
+            self._new_replica(snapshot=True)
+        else:
+            self.conn, self.generation = conn, path
+            self.last, self.last_is_journaled = state.last, state.pending_version is not None
+        self._replay_early(early)
+
+    def _replay_early(self, early: Sequence[Call]) -> None:
+        for c in early:
+            a = classify(self.last, c.data_version, is_pragma_only(c.writes), self.last_is_journaled)
+            if a in (Action.GAP, Action.BEHIND):
+                continue  # already in the snapshot just taken
+            self._apply(a, c.data_version, c.writes)
+
+    def _new_replica(self, snapshot: bool) -> None:
+        """Build replica-NNNNNN.partial (a snapshot of the live DB, or an empty database for a
+        new node), make it durable, rename it into place, then drop the older one."""
+        dirs = replica_dirs(self.destination)
+        number = dirs[-1][0] + 1 if dirs else 1
+        final = os.path.join(self.destination, f"replica-{number:06d}")
+        partial = final + ".partial"
+        os.mkdir(partial, 0o700)
+        try:
+            target = os.path.join(partial, REPLICA_FILE)
+            if snapshot:
+                path, version, _ = take_snapshot(self.live_db, partial, strip=self.filter_tables)
+                os.rename(path, target)
+            else:
+                version = 0
+            conn = _connect(target)
+            try:
+                conn.execute(_SCHEMA)
+                conn.execute(
+                    f"INSERT INTO {STATE_TABLE} VALUES (1, ?, NULL, NULL, ?, ?)",
+                    (version, ",".join(sorted(self.filter_tables)), _release()),
+                )
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                conn.close()
+            fsync_dir(partial)
+            os.rename(partial, final)
+            fsync_dir(self.destination)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = _connect(os.path.join(final, REPLICA_FILE))
+        self.generation = final
+        self.last, self.last_is_journaled = version, False
+        self.counters.generations_started += 1
+        for _, old in dirs:  # the new replica is complete and synced: the old ones can go
+            doomed = old + ".deleted"
+            os.rename(old, doomed)
+            fsync_dir(self.destination)
+            shutil.rmtree(doomed)
+        what = f"a snapshot at data_version {version}" if snapshot else "an empty database (new node)"
+        self.log(f"started replica {os.path.basename(final)} from {what}", "info")
+
+    # --- the hot path ----------------------------------------------------------------
+    def write(self, data_version: int, writes: List[str]) -> None:
+        with self._lock:
+            if self.failure is not None:
+                raise dst.DestinationError(self.failure)
+            try:
+                self._write(data_version, writes)
+            except OSError as e:
+                raise dst.DestinationError(io_error_message(e, self.generation or self.destination)) from e
+            except sqlite3.Error as e:
+                raise ReplicaError(self._sqlite_message(e)) from e
+
+    def _write(self, data_version: int, writes: List[str]) -> None:
+        pragma = is_pragma_only(writes)
+        a = classify(self.last, data_version, pragma, self.last_is_journaled)
+        if a is Action.GAP:
+            self.log(
+                f"gap: replica ends at data_version {self.last}, lightningd sent {data_version}; "
+                "taking a snapshot of the live database",
+                "warn",
+            )
+            self._new_replica(snapshot=True)
+            a = classify(self.last, data_version, pragma, False)
+            if a is not Action.APPEND and a is not Action.PRAGMA:
+                raise BehindError(
+                    f"after a new snapshot at data_version {self.last} lightningd's call {data_version} still does not "
+                    "follow; restart lightningd"
+                )
+        if a is Action.BEHIND:
+            raise BehindError(
+                f"lightningd's database (data_version {data_version}) is OLDER than the replica in {self.generation} "
+                f"(data_version {self.last}); stop lightningd and restore the newer state with pibackup restore"
+            )
+        self._apply(a, data_version, writes)
+
+    def _apply(self, a: Action, data_version: int, writes: List[str]) -> None:
+        """One SQLite transaction: apply the pending transaction if this call proves it
+        committed, and store this one as pending (or replace it, for a rewind)."""
+        c = self.conn
+        assert c is not None
+        if a is Action.PRAGMA:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                self._apply_pending(c)
+                c.execute(
+                    f"UPDATE {STATE_TABLE} SET applied = ?, pending_version = NULL, pending = NULL WHERE id = 1", (data_version,)
+                )
+                c.execute("COMMIT")
+            except BaseException:
+                self._rollback(c)
+                raise
+            for s in writes:
+                c.execute(s)  # outside a transaction, as lightningd runs them
+            self.last_is_journaled = False
+        else:
+            cl = flt.classify(writes, self.filter_tables)
+            self.counters.statements_dropped += cl.dropped
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                if a is Action.APPEND:
+                    self._apply_pending(c)
+                else:
+                    self.counters.rewinds += 1
+                    self.log(f"data_version {data_version} sent again: the earlier one was never committed; replaced", "info")
+                if a is Action.APPEND:  # the pending one (if any) is applied now: `last` is applied
+                    c.execute(
+                        f"UPDATE {STATE_TABLE} SET applied = ?, pending_version = ?, pending = ? WHERE id = 1",
+                        (self.last, data_version, encode_statements(cl.writes)),
+                    )
+                else:  # a rewind: the pending one is replaced, never applied
+                    c.execute(
+                        f"UPDATE {STATE_TABLE} SET pending_version = ?, pending = ? WHERE id = 1",
+                        (data_version, encode_statements(cl.writes)),
+                    )
+                c.execute("COMMIT")
+            except BaseException:
+                self._rollback(c)
+                raise
+            self.last, self.last_is_journaled = data_version, True
+            if cl.critical:
+                self.counters.critical_frames += 1
+            else:
+                self.counters.bulk_frames += 1
+        self.counters.frames += 1
+        self.counters.syncs += 1
+        self.last_flush = time.time()
+
+    def _apply_pending(self, c: sqlite3.Connection) -> None:
+        row = c.execute(f"SELECT pending_version, pending FROM {STATE_TABLE} WHERE id = 1").fetchone()
+        if row is None or row[0] is None:
+            return
+        for s in decode_statements(row[1]):
+            try:
+                c.execute(s)
+            except sqlite3.Error as e:
+                raise ReplicaError(
+                    f"the replica cannot apply data_version {row[0]}: {e} (statement: {s[:160]!r}); it no longer matches "
+                    "lightningd's database. Move the replica directory away and restart lightningd to build a new one"
+                ) from e
+
+    @staticmethod
+    def _rollback(c: sqlite3.Connection) -> None:
+        if c.in_transaction:
+            c.execute("ROLLBACK")
+
+    def _sqlite_message(self, e: sqlite3.Error) -> str:
+        code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+        if code == sqlite3.SQLITE_FULL:
+            return f"cannot write the replica in {self.generation}: the backup medium is full; free space on it or replace it"
+        if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN):
+            return (
+                f"cannot write the replica in {self.generation}: {e} (the medium may be read-only, failing or unplugged; "
+                "check it or replace it)"
+            )
+        return f"replica in {self.generation}: SQLite says {e}"
+
+    # --- the rest of Backup's interface ----------------------------------------------------
+    def flush(self) -> None:
+        """Every call is already durable."""
+
+    def close(self) -> None:
+        """At the end: if the live DB holds the pending transaction's data_version, it was
+        committed: apply it (the replica's commit mark)."""
+        with self._lock:
+            c = self.conn
+            try:
+                if c is not None and self.failure is None and self.last_is_journaled:
+                    try:
+                        live = live_data_version(self.live_db, timeout=1.0)
+                    except PibackupError:
+                        live = None
+                    if live == self.last:
+                        c.execute("BEGIN IMMEDIATE")
+                        try:
+                            self._apply_pending(c)
+                            c.execute(
+                                f"UPDATE {STATE_TABLE} SET applied = ?, pending_version = NULL, pending = NULL WHERE id = 1",
+                                (live,),
+                            )
+                            c.execute("COMMIT")
+                            self.last_is_journaled = False
+                        except (sqlite3.Error, PibackupError) as e:
+                            self._rollback(c)
+                            self.log(f"could not mark the last transaction committed in the replica: {e}", "warn")
+                if c is not None:
+                    c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:
+                self.log(f"replica: {e}", "warn")
+            finally:
+                if c is not None:
+                    c.close()
+                self.conn = None
+                self.dest.close()
+
+    def generation_count(self) -> int:
+        try:
+            return len(replica_dirs(self.destination))
+        except OSError:
+            return 0
+
+    def open_segment(self) -> None:
+        return None
+
+    def status(self) -> Dict[str, Any]:
+        try:
+            st = os.statvfs(self.destination)
+            free: Optional[int] = st.f_bavail * st.f_frsize
+        except OSError:
+            free = None
+        with self._lock:
+            return {
+                "destinations": [
+                    {
+                        "path": self.destination,
+                        "free_bytes": free,
+                        "generations": self.generation_count(),
+                        "last_write": None if self.last_flush is None else int(self.last_flush),
+                    }
+                ],
+                "destination": self.destination,
+                "live_db": self.live_db,
+                "generation": os.path.basename(self.generation or ""),
+                "replica": os.path.join(self.generation or "", REPLICA_FILE),
+                "data_version": self.last,
+                "filter_tables": sorted(self.filter_tables),
+                "pending_bulk_bytes": 0,
+                "counters": asdict(self.counters),
+                "compaction": "not used in replica mode",
+            }
+
+
+def _release() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# --- restore and verify -------------------------------------------------------------------
+@dataclass
+class ReplicaOutcome:
+    replica: str
+    applied: int
+    last_version: int
+    pending_applied: bool
+    filtered_tables: List[str]
+    rescan_from: Optional[int] = None
+
+
+def newest_replica(backup_dir: str) -> str:
+    dirs = replica_dirs(backup_dir)
+    if not dirs:
+        raise RestoreError(f"{backup_dir} holds no complete replica yet")
+    return os.path.join(dirs[-1][1], REPLICA_FILE)
+
+
+def restore_replica(backup_dir: str, output: str, force: bool = False) -> ReplicaOutcome:
+    """A verified copy of the newest replica: copied with SQLite's backup API to
+    OUTPUT.pibackup-tmp, its pending transaction applied (as a journal restore applies its
+    last one), pibackup's table dropped, checked, synced, renamed."""
+    src = newest_replica(backup_dir)
+    output = os.path.abspath(output)
+    check_output(output, force)
+    if os.path.lexists(output) and force and dst.writer_running(backup_dir):
+        raise RestoreError(
+            f"a running pibackup (inside lightningd) is writing {backup_dir}: stop lightningd before you replace {output}"
+        )
+    tmp = output + ".pibackup-tmp"
+    for stale in (tmp, tmp + "-journal"):
+        if os.path.lexists(stale):
+            os.unlink(stale)
+    try:
+        source = sqlite3.connect(f"file:{src}?mode=ro", uri=True, isolation_level=None)
+        try:
+            out_conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                source.backup(out_conn)
+            finally:
+                out_conn.close()
+        finally:
+            source.close()
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = DELETE")
+            conn.execute("PRAGMA foreign_keys = ON")
+            state = read_state(conn)
+            conn.execute("BEGIN")
+            for s in state.pending or []:
+                conn.execute(s)
+            conn.execute(f"DROP TABLE {STATE_TABLE}")
+            conn.execute("COMMIT")
+            got = read_data_version(conn) if state.last else 0
+            if got != state.last:
+                raise RestoreError(f"restored replica says data_version {got} but its state says {state.last}: run `pibackup verify`")
+            row = conn.execute("PRAGMA integrity_check").fetchone()
+            if row is None or row[0] != "ok":
+                raise RestoreError(f"the replica fails SQLite's integrity check: {row[0] if row else '?'}")
+            bad = conn.execute("PRAGMA foreign_key_check").fetchmany(3)
+            if bad:
+                raise RestoreError(f"the replica has dangling foreign keys, e.g. {bad}")
+            filtered = [t for t in state.filter_tables.split(",") if t]
+            rescan = None
+            if "utxoset" in filtered:
+                row = conn.execute("SELECT MIN(height) FROM blocks").fetchone()
+                rescan = row[0] if row else None
+        finally:
+            conn.close()
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, output)
+        fsync_dir(os.path.dirname(output))
+    except sqlite3.Error as e:
+        _remove(tmp)
+        raise RestoreError(f"cannot restore from the replica {src}: SQLite says {e}") from e
+    except BaseException:
+        _remove(tmp)
+        raise
+    return ReplicaOutcome(src, state.applied, state.last, state.pending is not None, filtered, rescan)
+
+
+def _remove(tmp: str) -> None:
+    for stale in (tmp, tmp + "-journal"):
+        if os.path.lexists(stale):
+            os.unlink(stale)
+
+
+def verify_replica(backup_dir: str) -> Tuple[List[str], bool]:
+    lines: List[str] = []
+    damaged = False
+    for _, path in replica_dirs(backup_dir):
+        f = os.path.join(path, REPLICA_FILE)
+        try:
+            conn = sqlite3.connect(f"file:{f}?mode=ro", uri=True, isolation_level=None)
+            try:
+                state = read_state(conn)
+                row = conn.execute("PRAGMA integrity_check").fetchone()
+            finally:
+                conn.close()
+        except (sqlite3.Error, ReplicaError) as e:
+            lines.append(f"{os.path.basename(path)}: DAMAGED: {e}")
+            damaged = True
+            continue
+        pend = f", data_version {state.pending_version} pending" if state.pending_version is not None else ""
+        lines.append(f"{os.path.basename(path)}: replica at data_version {state.applied}{pend}")
+        if row is None or row[0] != "ok":
+            lines.append(f"  DAMAGED: integrity check: {row[0] if row else '?'}")
+            damaged = True
+    return lines, damaged
