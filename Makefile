@@ -28,7 +28,7 @@ test: lint
 # The large runs: >= 500 SIGKILLs of the plugin per recording; every crash state of trace A
 # (tests/crashstates.py), with its figures.
 test-long:
-	PIBACKUP_KILL_POINTS=500 $(PY) -m pytest -q -s -k sigkill tests/test_traces.py tests/test_compact.py
+	PIBACKUP_KILL_POINTS=500 $(PY) -m pytest -q -s -k sigkill tests/test_traces.py tests/test_compact.py tests/test_replica.py
 	PIBACKUP_CORRUPTIONS=3000 $(PY) -m pytest -q -s tests/test_corruption.py
 	$(PY) -m pytest -q -s -m long tests/test_crashstates.py
 

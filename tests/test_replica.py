@@ -49,8 +49,9 @@ def restore_matches(dest: Path, node: driver.Node, out: Path, filtered=("utxoset
     return r.stdout
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("trace", TRACE_NAMES)
+@pytest.mark.parametrize(
+    "trace, mode", [(t, m) for t in TRACE_NAMES for m in MODES if (t, m) != ("A", "unfiltered")]
+)  # A unfiltered adds nothing filler-A unfiltered does not cover, at 7 s
 def test_replica_of_a_replayed_trace_restores_to_the_real_lightningd_database(trace, mode, traces, make_node, dest, tmp_path):
     options, filtered = MODES[mode]
     node = replica_node(make_node, **options)
@@ -64,7 +65,7 @@ def test_replica_of_a_replayed_trace_restores_to_the_real_lightningd_database(tr
 
 def test_sigkill_at_random_points_loses_no_acknowledged_transaction_in_replica_mode(traces, make_node, tmp_path):
     records = traces["A"]
-    total = kill_points()
+    total = max(4, kill_points() // 2)  # 10 by default; `make test-long`: 250
     done = rounds = 0
     while done < total:
         rng = random.Random(f"replica-{total}-{rounds}")
