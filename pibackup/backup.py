@@ -139,6 +139,11 @@ class Backup:
     def start(self, early: Sequence[Call]) -> None:
         """Open the destination and bring it in step with the live DB and the early calls."""
         dst.validate(self.destination)
+        if any(n.startswith("replica-") for n in os.listdir(self.destination)):
+            raise dst.DestinationError(
+                f"{self.destination} holds a replica-mode backup (replica-NNNNNN directories); pibackup-mode=journal "
+                "needs a directory of its own: give an empty pibackup-destination, or set pibackup-mode=replica"
+            )
         try:
             self.dest.prepare()
             st = os.stat(self.destination)

@@ -141,16 +141,18 @@ def test_replica_refuses_an_older_live_database(traces, make_node, dest, tmp_pat
     assert replica_state(dest) == before and before[0] == recs[49].data_version
 
 
-def test_replica_mode_on_a_journal_backup_is_a_clear_error(traces, make_node, dest):
+@pytest.mark.parametrize("first, then", [("journal", "replica"), ("replica", "journal")])
+def test_one_mode_on_the_other_modes_backup_is_a_clear_error(first, then, traces, make_node, dest):
     recs = traces["A"][:20]
-    node = make_node()
+    node = make_node(pibackup_mode=first)
     node.start(recs[:9])
     node.stop()
-    other = replica_node(make_node)
+    other = make_node(pibackup_mode=then)
     other.start(recs[:9])
     with pytest.raises(Halted):
         other.calls(recs[9:12])
-    assert "holds a journal-mode backup" in other.log_text()
+    assert f"holds a {first}-mode backup" in other.log_text()
+    assert f"set pibackup-mode={first}" in other.log_text()
 
 
 @pytest.mark.parametrize(
