@@ -44,6 +44,7 @@ bench:
 	$(PY) bench/wear.py
 	$(PY) bench/replay_speed.py
 	$(PY) bench/compaction.py
+	$(PY) bench/long_run.py 1000000
 
 # The Debian package (README: Debian package). `make deb` fetches the pinned pyln-client wheel
 # from PyPI, builds dist/pibackup_<version>_all.deb and runs lintian on it. `make test-deb`

@@ -45,3 +45,35 @@ def synthetic(n: int, seed: int = 1) -> Tuple[List[Record], Iterator[Record]]:
             yield Record(0, False, v, tuple(writes))
 
     return prefix, calls()
+
+
+_GROW_INSERT = re.compile(r"^(\s*INSERT INTO (?:payments|channel_htlcs|channel_moves)\b[^)]*\)\s*VALUES\s*\(\s*)(\d+)", re.I | re.S)
+_GROW_UPDATE = re.compile(r"^(\s*UPDATE channel_htlcs\b.*\bWHERE id\s*=\s*)(\d+)", re.I | re.S)
+_INSERT = re.compile(r"^\s*INSERT INTO\b", re.I)
+
+
+def synthetic_growing(n: int, seed: int = 1) -> Tuple[List[Record], Iterator[Record]]:
+    """Like synthetic(), but every call applies to the database with foreign keys on, and the
+    database grows as a node's does: each payment adds its payments, channel_htlcs and
+    channel_moves rows under fresh ids (the template's id plus 100,000 per round through
+    the templates). Other inserts become INSERT OR REPLACE, so rows that only move along a
+    channel's state (anchors, penalty bases) are replaced instead of repeated."""
+    prefix, base = synthetic(n, seed)
+
+    def calls() -> Iterator[Record]:
+        records = driver.load_trace("A")
+        first = driver.first_run(records)
+        period = len([r for r in first[len(first) // 3 :] if not r.pre_init and not any(_DDL.match(w) for w in r.writes)])
+        for k, r in enumerate(base):
+            off = 100_000 * (k // period)
+            writes = []
+            for w in r.writes:
+                if off:
+                    w = _GROW_INSERT.sub(lambda m, o=off: m.group(1) + str(int(m.group(2)) + o), w, count=1)
+                    w = _GROW_UPDATE.sub(lambda m, o=off: m.group(1) + str(int(m.group(2)) + o), w, count=1)
+                if _INSERT.match(w):
+                    w = "INSERT OR REPLACE INTO" + w.lstrip()[len("INSERT INTO") :]
+                writes.append(w)
+            yield Record(r.seq, r.pre_init, r.data_version, tuple(writes))
+
+    return prefix, calls()
