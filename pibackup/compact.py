@@ -124,6 +124,10 @@ def child_main() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the plugin
     except (OSError, AttributeError):
         pass
+    try:
+        os.nice(19)  # the replay is CPU work lightningd must never wait for: lowest priority
+    except OSError:
+        pass
     args = json.loads(sys.argv[1])
     gen = dst.Destination(args["destination"]).generations()
     src = next((g for g in gen if g.number == args["generation"]), None)
