@@ -355,8 +355,11 @@ class Compactor:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         args = {"destination": self.backup.destination, "generation": src.number, "segments": segments, "partial": partial}
         code = f"import sys; sys.path.insert(0, {root!r}); from pibackup.compact import child_main; child_main()"
-        child = subprocess.Popen(
-            [sys.executable, "-c", code, json.dumps(args)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        child = subprocess.Popen(  # -I (isolated), as the Debian package runs the plugin itself
+            [sys.executable, "-I", "-c", code, json.dumps(args)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         self._child = child
         try:
