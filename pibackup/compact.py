@@ -118,17 +118,21 @@ class NothingToDo(PibackupError):
 
 def child_main() -> None:
     """`python3 -c ... child_main()` ARGS_JSON: build a snapshot, print the result as JSON."""
+    args = json.loads(sys.argv[1])
     try:
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the plugin
     except (OSError, AttributeError):
         pass
+    if os.getppid() != args["parent"]:
+        # The plugin died while this process was starting, before the line above could
+        # tie us to it: its next start removes the .partial; never write into it again.
+        sys.exit(3)
     try:
         os.nice(19)  # the replay is CPU work lightningd must never wait for: lowest priority
     except OSError:
         pass
-    args = json.loads(sys.argv[1])
     gen = dst.Destination(args["destination"]).generations()
     src = next((g for g in gen if g.number == args["generation"]), None)
     try:
@@ -353,7 +357,13 @@ class Compactor:
 
     def _run_child(self, src: dst.Generation, segments: int, partial: str) -> Optional[Dict[str, Any]]:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        args = {"destination": self.backup.destination, "generation": src.number, "segments": segments, "partial": partial}
+        args = {
+            "destination": self.backup.destination,
+            "generation": src.number,
+            "segments": segments,
+            "partial": partial,
+            "parent": os.getpid(),
+        }
         code = f"import sys; sys.path.insert(0, {root!r}); from pibackup.compact import child_main; child_main()"
         child = subprocess.Popen(  # -I (isolated), as the Debian package runs the plugin itself
             [sys.executable, "-I", "-c", code, json.dumps(args)],

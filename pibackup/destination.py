@@ -10,6 +10,7 @@ import fcntl
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -123,6 +124,21 @@ def _link_error(path: str) -> DestinationError:
     )
 
 
+def _remove_tree(path: str) -> None:
+    """rmtree, retried: the compaction process of a plugin that was just killed may still be
+    finishing a write into this directory when the next plugin starts."""
+    for attempt in range(20):
+        try:
+            shutil.rmtree(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if attempt == 19:
+                raise
+            time.sleep(0.1)
+
+
 def _read_only_fs(path: str) -> bool:
     try:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
@@ -216,7 +232,7 @@ class Destination:
         A `.deleted` generation is one retention had begun to delete: finish that."""
         for name in os.listdir(self.path):
             if _PARTIAL.match(name) or _DELETED.match(name):
-                shutil.rmtree(os.path.join(self.path, name))
+                _remove_tree(os.path.join(self.path, name))
         fsync_dir(self.path)
         newest = self.newest()
         if newest is not None:

@@ -307,7 +307,10 @@ def test_sigkill_at_random_points_while_compacting_loses_no_acknowledged_transac
         node = make_node(
             **{"pibackup-destination": str(dest), "pibackup-compact-ratio": "0.05", "pibackup-compact-min-kb": 64}
         )
-        assert replay_with_kills(node, records, kills, rng) == wanted
+        try:
+            assert replay_with_kills(node, records, kills, rng) == wanted
+        except driver.Halted as e:
+            raise AssertionError(f"halted: {e}\n{node.log_text()}") from e
         assert_restore_matches(dest, node, tmp_path / f"round{rounds}", "A")
         compactions += node.log_text().count("compacted gen-")
         done += wanted
