@@ -131,6 +131,7 @@ class Backup:
         self.journal_bytes = 0
         self.snapshot_bytes = 0
         self._reserved: Optional[int] = None  # generation number a compaction is building
+        self.base_version: Optional[int] = None  # of the current generation
         self.compactor: Optional[Compactor] = None
         if keep_generations > 0:
             self.compactor = Compactor(self, compact_ratio, compact_min_bytes, keep_generations)
@@ -247,6 +248,7 @@ class Backup:
         self.generation = tail.generation.path
         self.last, self.last_is_journaled = tail.last, tail.last_unconfirmed
         self.journal_bytes = _journal_bytes(tail.generation.segments, t.valid_length)
+        self.base_version = t.header.base_version
         self.snapshot_bytes = _size(tail.generation.snapshot) if tail.generation.snapshot else 0
         if t.bad_offset is not None:
             # A torn tail from a crash mid-append: it was never acknowledged. The new
@@ -292,6 +294,7 @@ class Backup:
         self.writer = writer
         self.generation = final
         self.last, self.last_is_journaled = version, False
+        self.base_version = version
         self.counters.generations_started += 1
         self.journal_bytes = writer.size
         self.snapshot_bytes = _size(os.path.join(final, dst.snapshot_filename(version))) if snapshot else 0
@@ -491,6 +494,9 @@ class Backup:
                 return None
             w = self.writer
             assert w is not None
+            committed = self.last if not self.last_is_journaled else (self.last or 0) - 1
+            if self.last is None or committed == self.base_version:
+                return None  # nothing committed since the snapshot: nothing to compact, nothing to delete
             closed = w.header.segment - 1
             if closed < 1:
                 return None
@@ -551,6 +557,7 @@ class Backup:
             self.generation = final
             self.journal_bytes = target.closed_bytes + new.size
             self.snapshot_bytes = _size(os.path.join(final, dst.snapshot_filename(target.version)))
+            self.base_version = target.version
             self.counters.generations_started += 1
             self.counters.compactions += 1
             self._reserved = None

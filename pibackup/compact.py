@@ -307,6 +307,8 @@ class Compactor:
         b = self.backup
         cut = b.cut_for_compaction()  # under the writer's lock: close the segment being written
         if cut is None:
+            if b.failure is None:
+                self.log("nothing to compact: no transaction committed since the current generation's snapshot", "info")
             return None
         src, segments, number = cut
         crash_point("cut")
