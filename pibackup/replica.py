@@ -24,7 +24,7 @@ from . import filter as flt
 from .backup import BehindError, Call, Counters, Log, io_error_message
 from .errors import PibackupError
 from .journal import decode_statements, encode_statements, fsync_dir
-from .restore import RestoreError, check_output
+from .restore import RestoreError, check_output, publish, remove_tmp
 from .sequence import Action, classify, is_pragma_only, reconcile
 from .snapshot import live_data_version, read_data_version, take_snapshot
 
@@ -498,26 +498,14 @@ def restore_replica(backup_dir: str, output: str, force: bool = False) -> Replic
                 rescan = row[0] if row else None
         finally:
             conn.close()
-        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, output)
-        fsync_dir(os.path.dirname(output))
+        publish(tmp, output)
     except sqlite3.Error as e:
-        _remove(tmp)
+        remove_tmp(tmp)
         raise RestoreError(f"cannot restore from the replica {src}: SQLite says {e}") from e
     except BaseException:
-        _remove(tmp)
+        remove_tmp(tmp)
         raise
     return ReplicaOutcome(src, state.applied, state.last, state.pending is not None, filtered, rescan)
-
-
-def _remove(tmp: str) -> None:
-    for stale in (tmp, tmp + "-journal"):
-        if os.path.lexists(stale):
-            os.unlink(stale)
 
 
 def verify_replica(backup_dir: str) -> Tuple[List[str], bool]:

@@ -280,23 +280,28 @@ def restore(
             conn.execute("PRAGMA journal_mode = DELETE")
         finally:
             conn.close()
-        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, output)
-        fsync_dir(os.path.dirname(output))
+        publish(tmp, output)
     except sqlite3.Error as e:
-        _remove(tmp)
+        remove_tmp(tmp)
         raise RestoreError(f"cannot build {output}: SQLite says {e}") from e
     except BaseException:
-        _remove(tmp)
+        remove_tmp(tmp)
         raise
     return out
 
 
-def _remove(tmp: str) -> None:
+def publish(tmp: str, output: str) -> None:
+    """Sync a finished temporary database, rename it into place, sync its directory."""
+    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, output)
+    fsync_dir(os.path.dirname(output))
+
+
+def remove_tmp(tmp: str) -> None:
     for stale in (tmp, tmp + "-journal"):
         if os.path.lexists(stale):
             os.unlink(stale)
