@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from . import destination as dst
 from .errors import PibackupError
 from .generation import DamageError, End, generation_info, iter_frames
-from .journal import KIND_INFO, Frame, JournalError, SegmentHeader, SegmentReader, SegmentWriter, fsync_dir
+from .journal import KIND_INFO, Frame, JournalError, SegmentHeader, SegmentReader, SegmentWriter, fsync_dir, fsync_file
 from .restore import REPLAY_BATCH, Outcome, OutputError, Replayer, copy_snapshot
 from .snapshot import read_data_version, sha256_file
 
@@ -99,11 +99,7 @@ def build_snapshot(gen: dst.Generation, segments: int, partial: str) -> Built:
     if not out.transactions:
         os.unlink(tmp)
         raise NothingToDo(f"{gen.name} has no committed transaction after its snapshot yet")
-    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(tmp)
     sha = sha256_file(tmp)
     final = os.path.join(partial, dst.snapshot_filename(version))
     os.rename(tmp, final)

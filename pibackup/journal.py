@@ -473,6 +473,15 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def fsync_file(path: str) -> None:
+    """Sync a file written by someone else (SQLite) through a descriptor of our own."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from . import destination as dst
 from .errors import PibackupError
 from .generation import DamageError, End, generation_info, iter_frames, read_tail
-from .journal import KIND_INFO, KIND_TX, Frame, fsync_dir
+from .journal import KIND_INFO, KIND_TX, Frame, fsync_dir, fsync_file
 from .sequence import next_version
 from .snapshot import SnapshotError, read_data_version, sha256_file
 
@@ -292,11 +292,7 @@ def restore(
 
 def publish(tmp: str, output: str) -> None:
     """Sync a finished temporary database, rename it into place, sync its directory."""
-    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(tmp)
     os.replace(tmp, output)
     fsync_dir(os.path.dirname(output))
 

@@ -12,7 +12,7 @@ import urllib.parse
 from typing import Iterable
 
 from .errors import PibackupError
-from .journal import fsync_dir
+from .journal import fsync_dir, fsync_file
 
 _CHUNK = 1 << 20
 
@@ -90,11 +90,7 @@ def take_snapshot(live_db: str, directory: str, strip: Iterable[str] = (), busy_
         raise SnapshotError(f"snapshot of {live_db} failed: {e}") from e
     except sqlite3.Error as e:
         raise SnapshotError(f"snapshot of {live_db} failed: {e}") from e
-    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(tmp)
     digest = sha256_file(tmp)
     final = os.path.join(directory, f"snapshot-v{version}.sqlite3")
     os.rename(tmp, final)
