@@ -53,6 +53,10 @@ class Counters:
     compactions: int = 0
 
 
+PREALLOCATE_SHARE = 16
+PREALLOCATE_FLOOR = 16 * 1024  # a few dozen payments' frames between two extensions
+
+
 def io_error_message(e: OSError, where: str) -> str:
     """Say what a failed write to the backup medium means and what to do about it."""
     reason = {
@@ -270,9 +274,9 @@ class Backup:
         partial = self.dest.begin_generation(number)
         try:
             if snapshot:
-                _, version, sha = take_snapshot(self.live_db, partial, strip=self.filter_tables)
+                snap, version, sha = take_snapshot(self.live_db, partial, strip=self.filter_tables)
             else:
-                version, sha = 0, b"\0" * 32
+                snap, version, sha = "", 0, b"\0" * 32
             header = SegmentHeader(
                 generation=number,
                 generation_id=os.urandom(16),
@@ -282,7 +286,8 @@ class Backup:
                 created=int(time.time()),
                 flags=self.segment_flags,
             )
-            writer = SegmentWriter.create(os.path.join(partial, dst.segment_filename(1)), header, self.preallocate)
+            snapshot_bytes = _size(snap) if snapshot else 0
+            writer = SegmentWriter.create(os.path.join(partial, dst.segment_filename(1)), header, self.chunk_for(snapshot_bytes))
             writer.append(KIND_INFO, version, self.info_lines())
             final = self.dest.commit_generation(partial)
         except BaseException:
@@ -297,7 +302,7 @@ class Backup:
         self.base_version = version
         self.counters.generations_started += 1
         self.journal_bytes = writer.size
-        self.snapshot_bytes = _size(os.path.join(final, dst.snapshot_filename(version))) if snapshot else 0
+        self.snapshot_bytes = snapshot_bytes
         if self.compactor is not None:
             self.compactor.retain()
         what = f"snapshot at data_version {version}" if snapshot else "an empty database (new node)"
@@ -319,10 +324,22 @@ class Backup:
             created=int(time.time()),
             flags=self.segment_flags,
         )
-        writer = SegmentWriter.create(os.path.join(self.generation, dst.segment_filename(number)), header, self.preallocate)
+        if self.writer is not None:
+            self.writer.trim()  # before the next segment exists, so a shipper never sees it shrink once closed
+        writer = SegmentWriter.create(
+            os.path.join(self.generation, dst.segment_filename(number)), header, self.chunk_for(self.snapshot_bytes)
+        )
         if self.writer is not None:
             self.writer.close()
         self.writer = writer
+
+    def chunk_for(self, snapshot_bytes: int) -> int:
+        """Preallocation chunk for a segment of a generation whose snapshot has this size:
+        pibackup-preallocate-kb, but no more than 1/PREALLOCATE_SHARE of the snapshot (and no
+        less than PREALLOCATE_FLOOR), so the zeros written ahead stay a small part of the
+        backup while the database is small (issue #5: the medium stays under 3x the database)."""
+        share = snapshot_bytes // PREALLOCATE_SHARE // 4096 * 4096
+        return min(self.preallocate, max(PREALLOCATE_FLOOR, share))
 
     # --- the hot path -------------------------------------------------------------------
     def write(self, data_version: int, writes: List[str]) -> None:
@@ -409,7 +426,19 @@ class Backup:
             self.counters.syncs += 1
             self.counters.bulk_syncs += bulk
         if w.size >= self.segment_bytes:
-            self._open_segment(w.header, w.header.segment + 1, w.size, w.checksum)
+            try:
+                self._open_segment(w.header, w.header.segment + 1, w.size, w.checksum)
+                self._roll_failed = False
+            except OSError as e:
+                # What was just flushed is durable: the call it answers is not refused for
+                # this. The segment goes on past its size and the roll-over is tried again at
+                # the next flush; a medium that takes no new file fails that write instead.
+                if not self._roll_failed:
+                    where = io_error_message(e, self.generation or self.destination)
+                    self.log(f"could not start the next journal segment ({where}); going on in {w.path}", "warn")
+                self._roll_failed = True
+
+    _roll_failed = False
 
     def _check_destination_in_place(self) -> None:
         """A stick unplugged (or lazily unmounted) under us: our open files live on in a
@@ -484,14 +513,17 @@ class Backup:
                 return None
             try:
                 self._flush()
-                w = self.writer
-                assert w is not None
-                if w.size > HEADER_SIZE:  # (after a roll-over by _flush the new segment is empty)
-                    self._open_segment(w.header, w.header.segment + 1, w.size, w.checksum)
             except OSError as e:
                 self.failure = io_error_message(e, self.generation or self.destination)
                 self.log(f"pibackup: {self.failure}. lightningd will be halted at its next database write.", "error")
                 return None
+            w = self.writer
+            assert w is not None
+            if w.size > HEADER_SIZE:  # (after a roll-over by _flush the new segment is empty)
+                try:
+                    self._open_segment(w.header, w.header.segment + 1, w.size, w.checksum)
+                except OSError as e:  # nothing is lost: the writer goes on in its segment
+                    raise CompactionError(io_error_message(e, self.generation or self.destination)) from e
             w = self.writer
             assert w is not None
             committed = self.last if not self.last_is_journaled else (self.last or 0) - 1

@@ -38,7 +38,7 @@ RETRY_AFTER_FAILURE = 3600.0  # automatic retries of a failed compaction; the RP
 CHECK_INTERVAL = 30.0  # the thread also wakes at once when a flush crosses the threshold
 _FOLLOW_PAUSE = 0.05  # between passes that copy the frames written meanwhile
 _CAUGHT_UP_BYTES = 64 * 1024  # copy at most about this much while holding the writer's lock
-_COPY_BATCH = 256 * 1024  # frames copied per write + fdatasync into the new generation
+_COPY_BATCH = 32 * 1024  # frames copied per write + fdatasync into the new generation (small: peak RSS)
 
 
 class CompactionError(PibackupError):
@@ -290,7 +290,7 @@ class Compactor:
                 self.log(str(e), "info")
             except Exception as e:  # a failed compaction never fails the backup: it goes on in the old generation
                 msg = _describe(e) if isinstance(e, (OSError, sqlite3.Error)) else str(e)
-                if not isinstance(e, PibackupError):
+                if not isinstance(e, (PibackupError, OSError, sqlite3.Error)):
                     msg = f"internal error ({type(e).__name__}: {e}); please report it"
                 self.state, self.error, self._failed_at = "failed", msg, time.monotonic()
                 self.log(
@@ -413,7 +413,9 @@ class _NewGeneration:
             created=int(time.time()),
             flags=b.segment_flags,
         )
-        self.writer = SegmentWriter.create(os.path.join(partial, dst.segment_filename(1)), header, b.preallocate)
+        self.writer = SegmentWriter.create(
+            os.path.join(partial, dst.segment_filename(1)), header, b.chunk_for(int(built["snapshot_bytes"]))
+        )
         self.writer.add(KIND_INFO, self.version, b.info_lines())
         for kind, version, statements in built["pending"]:
             self.writer.add(kind, version, statements)
@@ -509,4 +511,3 @@ class _NewGeneration:
         self.close()
         if self.backup.writer is not self.writer:
             self.writer.close()
-

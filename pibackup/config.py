@@ -48,7 +48,7 @@ SHIP_OPTIONS = (
 # Compaction (issue #5). See README "Compaction" for the measurement behind the ratio.
 COMPACT_RATIO_DEFAULT = "0.4"
 COMPACT_RATIO_MAX = 100.0
-COMPACT_MIN_KB_DEFAULT = 1024  # a journal smaller than this is never compacted automatically
+COMPACT_MIN_KB_DEFAULT = 64  # a journal smaller than this is never compacted automatically (the 3x bound needs ratio to rule)
 KEEP_GENERATIONS_DEFAULT = 2
 MODE_DEFAULT = "journal"
 MODES = ("journal", "replica")

@@ -453,8 +453,20 @@ class SegmentWriter:
         self.add(kind, data_version, statements)
         return self.flush()
 
+    def trim(self) -> None:
+        """Give back the zeros written ahead of the last frame, when nothing more will be
+        appended. Not synced, and it need not be: the file is valid with or without them,
+        and everything before `size` is already durable. A failure leaves them in place."""
+        if self.fd >= 0 and self.allocated > self.size:
+            try:
+                os.ftruncate(self.fd, self.size)
+                self.allocated = self.size
+            except OSError:
+                pass
+
     def close(self) -> None:
         if self.fd >= 0:
+            self.trim()
             os.close(self.fd)
             self.fd = -1
 

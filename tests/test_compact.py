@@ -42,7 +42,7 @@ def restored_equals_live(dest: Path, node: driver.Node, out: Path) -> None:
 
 def test_manual_compaction_while_writes_go_on_restores_everything(traces, make_node, dest, tmp_path):
     recs = driver.first_run(traces["A"])
-    node = make_node()
+    node = make_node(pibackup_compact_ratio="0")
     node.start([r for r in recs if r.pre_init])
     node.calls(recs[9:300])
     assert node.rpc("pibackup-compact")["compaction"] == "started"
@@ -90,7 +90,7 @@ def test_plugin_killed_at_each_compaction_step_loses_nothing(step, traces, make_
     recs = driver.first_run(traces["A"])[:450]
     # Every acknowledged transaction synced (no batching), so a restore after the crash must
     # equal lightningd's database exactly; keep 1 generation, so the switch deletes the old one.
-    node = make_node(pibackup_batch_seconds=0, pibackup_keep_generations=1)
+    node = make_node(pibackup_compact_ratio="0", pibackup_batch_seconds=0, pibackup_keep_generations=1)
     node.plugin_env = {"PIBACKUP_TEST_CRASH": step}
     node.start([r for r in recs if r.pre_init])
     node.calls(recs[9:250])
@@ -132,7 +132,7 @@ def test_plugin_killed_at_each_compaction_step_loses_nothing(step, traces, make_
 @pytest.mark.parametrize("step", CHILD_STEPS)
 def test_compaction_process_killed_fails_the_compaction_not_the_backup(step, traces, make_node, dest, tmp_path):
     recs = driver.first_run(traces["A"])[:450]
-    node = make_node(pibackup_batch_seconds=0)
+    node = make_node(pibackup_compact_ratio="0", pibackup_batch_seconds=0)
     node.plugin_env = {"PIBACKUP_TEST_CRASH": step}
     node.start([r for r in recs if r.pre_init])
     node.calls(recs[9:300])
@@ -194,7 +194,7 @@ def test_a_rewind_of_the_transaction_copied_into_the_new_generation(traces, make
     """The newest transaction at the switch is not known committed: it goes into the new
     generation's journal, not its snapshot, so the resend after lightningd's crash replaces it."""
     recs = driver.first_run(traces["A"])[:300]
-    node = make_node()
+    node = make_node(pibackup_compact_ratio="0")
     node.start([r for r in recs if r.pre_init])
     node.calls(recs[9:200])
     nxt = recs[200]
@@ -225,7 +225,7 @@ def test_a_rewind_of_the_transaction_copied_into_the_new_generation(traces, make
 
 def test_stop_during_a_compaction_leaves_no_partial_and_loses_nothing(traces, make_node, dest, tmp_path):
     recs = driver.first_run(traces["A"])[:300]
-    node = make_node()
+    node = make_node(pibackup_compact_ratio="0")
     node.start([r for r in recs if r.pre_init])
     node.calls(recs[9:250])
     node.rpc("pibackup-compact")
@@ -243,7 +243,7 @@ def test_a_gap_during_a_compaction_wins_over_it(traces, make_node, dest, tmp_pat
     generation (from the live DB) is the newest; the compaction gives up or, if it finished
     first, is an older generation. Either way nothing is lost and no number is reused."""
     recs = driver.first_run(traces["A"])[:320]
-    node = make_node()
+    node = make_node(pibackup_compact_ratio="0")
     node.start([r for r in recs if r.pre_init])
     node.calls(recs[9:250])
     node.rpc("pibackup-compact")
@@ -339,7 +339,7 @@ def test_a_damaged_journal_fails_the_compaction_with_its_place_and_the_backup_go
     from pibackup.journal import scan_segment
 
     recs = driver.first_run(traces["A"])[:400]
-    node = make_node(pibackup_segment_size="64K")
+    node = make_node(pibackup_compact_ratio="0", pibackup_segment_size="64K")
     node.start([r for r in recs if r.pre_init])
     node.calls(recs[9:300])
     seg = dest / "gen-000001" / "seg-000001.pbj"
@@ -368,7 +368,9 @@ def test_a_full_stick_fails_the_compaction_not_the_node(traces, make_node, tmp_p
     with tmpfs(tmp_path / "stick", "size=420k") as mnt:
         dest = mnt / "pibackup"
         dest.mkdir()
-        node = make_node(pibackup_destination=str(dest), pibackup_preallocate_kb=16, pibackup_batch_seconds=0)
+        node = make_node(
+            pibackup_compact_ratio="0", pibackup_destination=str(dest), pibackup_preallocate_kb=16, pibackup_batch_seconds=0
+        )
         node.start([r for r in recs if r.pre_init])
         node.calls(recs[9:300])
         node.rpc("pibackup-compact")  # the new snapshot (~330 KB) does not fit next to the journal

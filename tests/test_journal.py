@@ -23,14 +23,17 @@ from pibackup.journal import (
 from pibackup.sequence import Action, classify, reconcile
 
 
-def make_segment(path: Path, frames, flags: int = 0, preallocate: int = 0):
+def make_segment(path: Path, frames, flags: int = 0, preallocate: int = 0, close: bool = True):
     h = SegmentHeader(generation=1, generation_id=os.urandom(16), segment=1, base_version=0, snapshot_sha256=b"\0" * 32, flags=flags)
     w = SegmentWriter.create(str(path), h, preallocate)
     ends = []
     for kind, v, stmts in frames:
         w.append(kind, v, stmts)
         ends.append(w.size)
-    w.close()
+    if close:
+        w.close()
+    else:
+        os.close(w.fd)  # as a crash leaves it: the zeros written ahead stay
     return ends
 
 
@@ -116,7 +119,15 @@ def test_a_zeroed_sector_in_the_middle_is_damage_but_zeros_to_the_end_are_unused
 
 
 def make_preallocated(path: Path, frames, chunk: int = 4096):
-    return make_segment(path, frames, FLAG_DEFLATE, preallocate=chunk)
+    return make_segment(path, frames, FLAG_DEFLATE, preallocate=chunk, close=False)
+
+
+def test_closing_a_segment_gives_back_its_preallocated_zeros(tmp_path):
+    p = tmp_path / "seg.pbj"
+    ends = make_segment(p, FRAMES, FLAG_DEFLATE, preallocate=64 * 1024)
+    assert p.stat().st_size == ends[-1]
+    scan = scan_segment(str(p))
+    assert scan.clean and len(scan.frames) == len(FRAMES) and scan.valid_length == ends[-1]
 
 
 def test_preallocated_segment_reads_clean_and_tears_like_any_other(tmp_path):

@@ -16,11 +16,13 @@ from pibackup.journal import KIND_TX, scan_segment
 
 @pytest.fixture(scope="module")
 def backup(tmp_path_factory, traces):
-    """A backup of the whole of trace A (several segments), and the live DB it came from."""
+    """A backup of the whole of trace A (several segments, one generation: automatic
+    compaction off), and the live DB it came from."""
     root = tmp_path_factory.mktemp("backup")
     dest = root / "usb"
     dest.mkdir()
-    node = driver.Node(root, {"pibackup-destination": str(dest), "pibackup-segment-size": "128K"})
+    opts = {"pibackup-destination": str(dest), "pibackup-segment-size": "128K", "pibackup-compact-ratio": "0"}
+    node = driver.Node(root, opts)
     driver.run_sessions(node, traces["A"])
     node.live.close()
     assert len(segments(dest)) >= 3

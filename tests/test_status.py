@@ -90,7 +90,7 @@ def test_a_persisting_failure_is_logged_once(make_node, traces, tmp_path):
 
 
 def test_offline_status_command(make_node, traces, dest):
-    node = make_node()
+    node = make_node(pibackup_compact_ratio="0")  # one generation, so its name is known
     driver.run_sessions(node, traces["A"])
     r = cli("status", str(dest), "--json")
     assert r.returncode == 0, r.stderr
