@@ -192,3 +192,36 @@ def test_io_errors_halt_the_node_and_lose_nothing(syscall, stick, traces, make_n
     assert_nothing_acknowledged_lost(dest, node, tmp_path, "eio", recs[i])
     node.plugin_prefix = ()
     resume_on_fixed_medium(node, recs, i, dest, tmp_path)
+
+
+def test_a_segment_that_cannot_be_started_refuses_nothing_and_the_roll_over_is_retried(traces, make_node, dest, tmp_path):
+    """The next segment cannot be created (here: a directory sits where its temporary file
+    goes). The frame that filled the current segment is durable, so its call is answered
+    `continue`; the writer goes on past the segment size and starts the next segment once
+    it can."""
+    recs = driver.first_run(traces["A"])
+    node = make_node(pibackup_segment_size="64K", pibackup_compact_ratio="0", pibackup_batch_seconds=0)
+    node.start(recs[:9])
+    blocker = dest / "gen-000001" / "seg-000002.pbj.tmp"
+    blocker.mkdir()
+    seg1 = dest / "gen-000001" / "seg-000001.pbj"
+    i = 9
+    while seg1.stat().st_size <= 80 * 1024:  # well past the segment size: every flush retried
+        node.call(recs[i])  # raises Halted if refused
+        i += 1
+    assert not (dest / "gen-000001" / "seg-000002.pbj").exists()
+    log = node.log_text()
+    assert log.count("could not start the next journal segment") == 1, log
+    out = tmp_path / "while-blocked.sqlite3"
+    assert cli("restore", str(dest), str(out)).returncode == 0
+    assert dbcompare.backup_differences(node.live.path, out) == []
+    blocker.rmdir()
+    node.calls(recs[i : i + 20])
+    assert (dest / "gen-000001" / "seg-000002.pbj").exists()
+    node.calls(recs[i + 20 :])
+    node.stop()
+    v = cli("verify", str(dest))
+    assert v.returncode == 0, v.stdout + v.stderr
+    out2 = tmp_path / "after.sqlite3"
+    assert cli("restore", str(dest), str(out2)).returncode == 0
+    assert dbcompare.backup_differences(node.live.path, out2) == []
