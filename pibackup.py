@@ -11,7 +11,11 @@ if "MALLOC_ARENA_MAX" not in os.environ and sys.platform.startswith("linux") and
     # glibc reads the variable only at start, so set it and start again: same process,
     # same pipes to lightningd. The user's own setting is kept.
     os.environ["MALLOC_ARENA_MAX"] = "1"
-    os.execv(sys.executable, sys.orig_argv)
+    if sys.executable:
+        try:
+            os.execv(sys.executable, sys.orig_argv)
+        except OSError:
+            pass  # run on as we are: only memory is at stake
 
 _here = os.path.dirname(os.path.realpath(__file__))
 # The Debian package keeps its pinned pyln-client in vendor/ beside this file; a checkout

@@ -19,7 +19,17 @@ from . import filter as flt
 from .compact import CompactionError, Compactor, Superseded, crash_point
 from .errors import PibackupError
 from .generation import DamageError, Tail, generation_info, read_tail
-from .journal import FLAG_DEFLATE, HEADER_SIZE, KIND_INFO, KIND_PRAGMA, KIND_TX, SegmentHeader, SegmentWriter, decode_header
+from .journal import (
+    FLAG_DEFLATE,
+    HEADER_SIZE,
+    KIND_INFO,
+    KIND_PRAGMA,
+    KIND_TX,
+    SegmentHeader,
+    SegmentWriter,
+    decode_header,
+    trim_zeros,
+)
 from .sequence import Action, classify, is_pragma_only, reconcile
 from .snapshot import live_data_version, take_snapshot
 
@@ -135,6 +145,7 @@ class Backup:
         self.journal_bytes = 0
         self.snapshot_bytes = 0
         self._reserved: Optional[int] = None  # generation number a compaction is building
+        self.untrimmed: List[Tuple[str, int]] = []  # (closed segment, valid length): zeros to give back
         self.base_version: Optional[int] = None  # of the current generation
         self.compactor: Optional[Compactor] = None
         if keep_generations > 0:
@@ -311,7 +322,12 @@ class Backup:
     def info_lines(self) -> List[str]:
         return [f"pibackup={__version__}", "filter-tables=" + ",".join(sorted(self.filter_tables))]
 
-    def _open_segment(self, like: SegmentHeader, number: int, prev_length: int, prev_checksum: int) -> None:
+    def _open_segment(
+        self, like: SegmentHeader, number: int, prev_length: int, prev_checksum: int, trim_now: bool = True
+    ) -> None:
+        """Start segment `number` and close the one being written. Its preallocated zeros are
+        given back now (a roll-over: one more sync, once per segment), or with `trim_now`
+        False by the compactor's thread later, outside the lock (trim_closed)."""
         assert self.generation is not None
         header = SegmentHeader(
             generation=like.generation,
@@ -324,14 +340,18 @@ class Backup:
             created=int(time.time()),
             flags=self.segment_flags,
         )
-        if self.writer is not None:
-            self.writer.trim()  # before the next segment exists, so a shipper never sees it shrink once closed
         writer = SegmentWriter.create(
             os.path.join(self.generation, dst.segment_filename(number)), header, self.chunk_for(self.snapshot_bytes)
         )
-        if self.writer is not None:
-            self.writer.close()
-        self.writer = writer
+        old, self.writer = self.writer, writer
+        self._roll_failed = False
+        if old is not None:
+            if not trim_now and old.allocated > old.size:
+                self.untrimmed.append((old.path, old.size))
+            try:
+                old.close(trim=trim_now)
+            except OSError:
+                pass  # its frames were synced; the file is done with
 
     def chunk_for(self, snapshot_bytes: int) -> int:
         """Preallocation chunk for a segment of a generation whose snapshot has this size:
@@ -428,11 +448,15 @@ class Backup:
         if w.size >= self.segment_bytes:
             try:
                 self._open_segment(w.header, w.header.segment + 1, w.size, w.checksum)
-                self._roll_failed = False
             except OSError as e:
                 # What was just flushed is durable: the call it answers is not refused for
                 # this. The segment goes on past its size and the roll-over is tried again at
                 # the next flush; a medium that takes no new file fails that write instead.
+                # Unless the new segment could not be removed again: it would claim to
+                # continue a segment that keeps growing, so that is a failure.
+                assert self.generation is not None
+                if os.path.lexists(os.path.join(self.generation, dst.segment_filename(w.header.segment + 1))):
+                    raise
                 if not self._roll_failed:
                     where = io_error_message(e, self.generation or self.destination)
                     self.log(f"could not start the next journal segment ({where}); going on in {w.path}", "warn")
@@ -521,8 +545,13 @@ class Backup:
             assert w is not None
             if w.size > HEADER_SIZE:  # (after a roll-over by _flush the new segment is empty)
                 try:
-                    self._open_segment(w.header, w.header.segment + 1, w.size, w.checksum)
-                except OSError as e:  # nothing is lost: the writer goes on in its segment
+                    self._open_segment(w.header, w.header.segment + 1, w.size, w.checksum, trim_now=False)
+                except OSError as e:
+                    if os.path.lexists(os.path.join(self.generation, dst.segment_filename(w.header.segment + 1))):
+                        self.failure = io_error_message(e, self.generation or self.destination)
+                        self.log(f"pibackup: {self.failure}. lightningd will be halted at its next database write.", "error")
+                        return None
+                    # nothing is lost: the writer goes on in its segment
                     raise CompactionError(io_error_message(e, self.generation or self.destination)) from e
             w = self.writer
             assert w is not None
@@ -537,6 +566,18 @@ class Backup:
                 return None
             self._reserved = max(self.dest.next_generation_number(), gen.number + 1)
             return gen, closed, self._reserved
+
+    def trim_closed(self) -> None:
+        """Give back the preallocated zeros of segments closed by a compaction's cut or
+        switch (the compactor's thread, not the hook's). Best effort: a file that is gone
+        (retention) or cannot be trimmed keeps its zeros, which are valid."""
+        with self._lock:
+            todo, self.untrimmed = self.untrimmed, []
+        for path, length in todo:
+            try:
+                trim_zeros(path, length)
+            except OSError:
+                pass
 
     def release_reservation(self) -> None:
         with self._lock:
@@ -584,8 +625,13 @@ class Backup:
             crash_point("switch-renamed")
             new = target.writer
             new.path = os.path.join(final, os.path.basename(new.path))
-            w.close()
             self.writer = new
+            if w.allocated > w.size:
+                self.untrimmed.append((w.path, w.size))
+            try:
+                w.close(trim=False)  # its zeros go later, outside the lock (trim_closed)
+            except OSError:
+                pass
             self.generation = final
             self.journal_bytes = target.closed_bytes + new.size
             self.snapshot_bytes = _size(os.path.join(final, dst.snapshot_filename(target.version)))

@@ -38,7 +38,7 @@ RETRY_AFTER_FAILURE = 3600.0  # automatic retries of a failed compaction; the RP
 CHECK_INTERVAL = 30.0  # the thread also wakes at once when a flush crosses the threshold
 _FOLLOW_PAUSE = 0.05  # between passes that copy the frames written meanwhile
 _CAUGHT_UP_BYTES = 64 * 1024  # copy at most about this much while holding the writer's lock
-_COPY_BATCH = 32 * 1024  # frames copied per write + fdatasync into the new generation (small: peak RSS)
+_COPY_BATCH = 64 * 1024  # frames copied per write + fdatasync (small for peak RSS; one sync under the lock)
 
 
 class CompactionError(PibackupError):
@@ -339,6 +339,7 @@ class Compactor:
             raise
         finally:
             b.release_reservation()
+            b.trim_closed()  # the segments the cut and the switch closed: off the hook's path
         self.log(
             f"compacted {src.name} into {os.path.basename(final)}: snapshot at data_version {built['version']} "
             f"({built['snapshot_bytes']:,} bytes) from {built['transactions']:,} journalled transactions",

@@ -391,16 +391,20 @@ class SegmentWriter:
         synced, then renamed, then the directory is synced. A segment never exists without
         its whole header."""
         tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)  # read too: trimming checks for zeros
+        renamed = False
         try:
             _write_all(fd, header.encode())
             os.fsync(fd)
             os.rename(tmp, path)
+            renamed = True
             fsync_dir(os.path.dirname(path))
         except BaseException:
             os.close(fd)
             try:
-                os.unlink(tmp)
+                # A caller that goes on without this segment must not leave it behind: it
+                # would claim to continue a segment that keeps growing.
+                os.unlink(path if renamed else tmp)
             except OSError:
                 pass
             raise
@@ -453,22 +457,19 @@ class SegmentWriter:
         self.add(kind, data_version, statements)
         return self.flush()
 
-    def trim(self) -> None:
-        """Give back the zeros written ahead of the last frame, when nothing more will be
-        appended. Not synced, and it need not be: the file is valid with or without them,
-        and everything before `size` is already durable. A failure leaves them in place."""
-        if self.fd >= 0 and self.allocated > self.size:
-            try:
-                os.ftruncate(self.fd, self.size)
-                self.allocated = self.size
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            self.trim()
-            os.close(self.fd)
-            self.fd = -1
+    def close(self, trim: bool = True) -> None:
+        """Close the file; with `trim`, first give back the zeros written ahead of the last
+        frame (trim_zeros). A failed trim leaves them: the file is valid either way."""
+        if self.fd < 0:
+            return
+        fd, self.fd = self.fd, -1
+        try:
+            if trim and self.allocated > self.size:
+                _trim_fd(fd, self.size, self.allocated)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -483,6 +484,36 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _trim_fd(fd: int, length: int, end: int) -> bool:
+    """Cut the file to `length` if everything from there to `end` (its size) is zeros; sync.
+
+    The sync is not for the data (valid with or without the zeros) but for FAT: there a
+    truncate shortens the cluster chain at once while the directory entry keeps the old
+    size until written, and a power cut between the two leaves a file whose end cannot be
+    read. Returns whether it cut."""
+    pos = length
+    while pos < end:
+        b = os.pread(fd, min(_CHUNK, end - pos), pos)
+        if not b:
+            break
+        if b.count(0) != len(b):
+            return False  # never cut anything but the zeros written ahead
+        pos += len(b)
+    os.ftruncate(fd, length)
+    os.fsync(fd)
+    return True
+
+
+def trim_zeros(path: str, length: int) -> bool:
+    """Give back a closed segment's preallocated zeros after its valid `length` bytes."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        end = os.fstat(fd).st_size
+        return end > length and _trim_fd(fd, length, end)
+    finally:
+        os.close(fd)
 
 
 def fsync_file(path: str) -> None:

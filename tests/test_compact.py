@@ -13,6 +13,7 @@ import pytest
 import dbcompare
 import driver
 from helpers import cli, restore_to
+from pibackup.journal import scan_segment
 
 
 def status(node: driver.Node) -> Dict[str, Any]:
@@ -54,6 +55,9 @@ def test_manual_compaction_while_writes_go_on_restores_everything(traces, make_n
     restored_equals_live(dest, node, tmp_path / "r.sqlite3")
     gens = sorted(p.name for p in dest.iterdir() if p.name.startswith("gen-"))
     assert gens == ["gen-000001", "gen-000002"], gens
+    # The segments the cut and the switch closed gave back their preallocated zeros.
+    for seg in sorted((dest / "gen-000001").glob("seg-*.pbj")):
+        assert scan_segment(str(seg)).valid_length == seg.stat().st_size, seg
     snaps = list((dest / "gen-000002").glob("snapshot-v*.sqlite3"))
     assert len(snaps) == 1
     base = int(snaps[0].name[len("snapshot-v") : -len(".sqlite3")])

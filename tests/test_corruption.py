@@ -57,7 +57,8 @@ class Backup:
         self.dest.mkdir(parents=True)
         recs = driver.first_run(records)[:300]
         early = [r for r in recs if r.pre_init]
-        node = driver.Node(root / "node", {"pibackup-destination": str(self.dest), "pibackup-segment-size": "64K"})
+        opts = {"pibackup-destination": str(self.dest), "pibackup-segment-size": "64K", "pibackup-compact-ratio": "0"}
+        node = driver.Node(root / "node", opts)
         node.start(early)
         node.calls(recs[len(early) : 200])
         node.stop()

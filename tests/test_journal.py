@@ -19,6 +19,7 @@ from pibackup.journal import (
     SegmentHeader,
     SegmentWriter,
     scan_segment,
+    trim_zeros,
 )
 from pibackup.sequence import Action, classify, reconcile
 
@@ -257,3 +258,16 @@ def test_deflate_frames_are_smaller_and_a_plain_frame_in_a_deflate_segment_is_re
     data = packed.read_bytes() + plain.read_bytes()[HEADER_SIZE:]
     scan = scan_segment(str(packed), data)
     assert len(scan.frames) == len(FRAMES) and not scan.clean
+
+
+def test_trimming_cuts_only_zeros(tmp_path):
+    p = tmp_path / "seg.pbj"
+    ends = make_preallocated(p, FRAMES, chunk=64 * 1024)
+    assert p.stat().st_size == 64 * 1024
+    assert not trim_zeros(str(p), ends[-2])  # the last frame is not zeros: left alone
+    assert p.stat().st_size == 64 * 1024
+    assert trim_zeros(str(p), ends[-1])
+    assert p.stat().st_size == ends[-1]
+    assert not trim_zeros(str(p), ends[-1])  # nothing left to give back
+    scan = scan_segment(str(p))
+    assert scan.clean and len(scan.frames) == len(FRAMES)
