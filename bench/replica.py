@@ -3,9 +3,8 @@
 transaction committed one by one to a second sqlite3 file, synchronous=FULL, the default
 rollback journal, foreign keys on. Prints commit latencies as JSON.
 
-usage: replica.py DB WORKLOAD [N]   (WORKLOAD: a trace name, or "synthetic")
-The synthetic calls repeat ids, so there INSERT becomes INSERT OR REPLACE and foreign keys
-are off: the point is the I/O a commit costs, not the data."""
+usage: replica.py DB WORKLOAD [N]   (WORKLOAD: a trace name, or "synthetic": the growing
+synthetic trace of workloads.synthetic_growing, which applies with foreign keys on)"""
 
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ def main() -> None:
     conn.execute("PRAGMA synchronous = FULL")
     latencies = []
 
-    def commit(writes, relaxed=False) -> None:
+    def commit(writes) -> None:
         if driver.is_pragma_only(writes):
             for w in writes:
                 conn.execute(w)
@@ -36,23 +35,14 @@ def main() -> None:
         t0 = time.perf_counter()
         conn.execute("BEGIN")
         for w in writes:
-            if relaxed and w.startswith("INSERT INTO"):
-                w = "INSERT OR REPLACE INTO" + w[len("INSERT INTO") :]
-            try:
-                conn.execute(w)
-            except sqlite3.IntegrityError:
-                if not relaxed:
-                    raise
+            conn.execute(w)
         conn.execute("COMMIT")
         latencies.append(time.perf_counter() - t0)
 
     if workload == "synthetic":
-        prefix, calls = workloads.synthetic(int(sys.argv[3]))
-        for r in prefix:
+        prefix, calls = workloads.synthetic_growing(int(sys.argv[3]))
+        for r in [*prefix, *calls]:
             commit(r.writes)
-        conn.execute("PRAGMA foreign_keys = OFF")
-        for r in calls:
-            commit(r.writes, relaxed=True)
     else:
         for r in driver.load_trace(workload):
             commit(r.writes)

@@ -212,13 +212,14 @@ def xz_floor(workload: str, prefix: List[Record], calls: Iterable[Record], limit
 SYSTEMS = [
     ("pibackup", {}),
     ("pibackup, no preallocation", {"pibackup-preallocate-kb": 0}),
+    ("pibackup, automatic compaction off", {"pibackup-compact-ratio": "0"}),
     ("bare pyln-client plugin", {}),
 ]
 
 
 def workload_calls(name: str, n: int):
     if name == "synthetic":
-        return workloads.synthetic(n)
+        return workloads.synthetic_growing(n)  # applies cleanly, so compaction (on by default) can run
     return driver.load_trace(name), iter(())
 
 
