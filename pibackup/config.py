@@ -161,6 +161,12 @@ def _mode(options: Mapping[str, Any]) -> str:
             "pibackup-mode=replica cannot be shipped (a replica changes in place; rsync can only append): "
             "use pibackup-mode=journal with pibackup-ship"
         )
+    dests = options.get("pibackup-destination")
+    if mode == "replica" and isinstance(dests, list) and len([d for d in dests if d != ""]) > 1:
+        raise ConfigError(
+            "pibackup-mode=replica keeps one replica: give pibackup-destination once, or use pibackup-mode=journal "
+            "for several destinations"
+        )
     return mode
 
 

@@ -10,6 +10,7 @@ Layout and rules: FORMAT.md, "Replica mode".
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -32,10 +33,13 @@ REPLICA_FILE = "replica.sqlite3"
 STATE_TABLE = "pibackup_replica"
 _DIR = re.compile(r"^replica-(\d{6})$")
 _PARTIAL = re.compile(r"^replica-(\d{6})\.(partial|deleted)$")
+_ANY = re.compile(r"^replica-(\d{6})(\..*)?$")  # complete, partial, deleted or set aside as damaged
 _SCHEMA = (
     f"CREATE TABLE {STATE_TABLE} (id INTEGER PRIMARY KEY CHECK (id = 1), applied INTEGER NOT NULL, "
-    "pending_version INTEGER, pending BLOB, filter_tables TEXT NOT NULL, pibackup TEXT NOT NULL)"
+    "pending_version INTEGER, pending BLOB, filter_tables TEXT NOT NULL, pibackup TEXT NOT NULL, pending_fk INTEGER)"
 )
+# pending_fk: lightningd's foreign_keys setting when the pending transaction was stored (a
+# migration runs some with foreign keys off); NULL in replicas made before it existed: on.
 
 
 class ReplicaError(PibackupError):
@@ -77,6 +81,7 @@ class ReplicaState:
     pending_version: Optional[int]  # the newest transaction, stored and not applied yet
     pending: Optional[List[str]]
     filter_tables: str
+    pending_fk: bool = True
 
     @property
     def last(self) -> int:
@@ -85,13 +90,21 @@ class ReplicaState:
 
 def read_state(conn: sqlite3.Connection) -> ReplicaState:
     try:
-        row = conn.execute(f"SELECT applied, pending_version, pending, filter_tables FROM {STATE_TABLE} WHERE id = 1").fetchone()
+        cols = [r[1] for r in conn.execute(f"PRAGMA table_info({STATE_TABLE})")]
+        fk = "pending_fk" if "pending_fk" in cols else "NULL"
+        row = conn.execute(f"SELECT applied, pending_version, pending, filter_tables, {fk} FROM {STATE_TABLE} WHERE id = 1").fetchone()
     except sqlite3.Error as e:
         raise ReplicaError(f"not a pibackup replica ({e})") from e
     if row is None:
         raise ReplicaError("the replica's state row is missing")
     pending = decode_statements(row[2]) if row[2] is not None else None
-    return ReplicaState(int(row[0]), None if row[1] is None else int(row[1]), pending, row[3])
+    return ReplicaState(int(row[0]), None if row[1] is None else int(row[1]), pending, row[3], row[4] is None or bool(row[4]))
+
+
+def _damage(e: sqlite3.Error) -> bool:
+    """An SQLite error that says the file is not (or no longer) a sound database, as
+    opposed to a medium that cannot be read or written."""
+    return (getattr(e, "sqlite_errorcode", 0) & 0xFF) in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT)
 
 
 class Replica:
@@ -112,6 +125,7 @@ class Replica:
         self.last_flush: Optional[float] = None
         self.compactor = None  # no compaction in replica mode: the replica never grows past the DB
         self._lock = threading.Lock()
+        self._place: Optional[Tuple[Tuple[int, int], Tuple[int, int]]] = None  # (dir, file) (st_dev, st_ino)
 
     # --- start-up --------------------------------------------------------------------
     def start(self, early: Sequence[Call]) -> None:
@@ -149,18 +163,24 @@ class Replica:
             self._replay_early(early)
             return
         number, path = dirs[-1]
-        conn = _connect(os.path.join(path, REPLICA_FILE))
-        try:
-            state = read_state(conn)
-        except ReplicaError as e:
-            conn.close()
-            self.log(f"{path}: {e}; it is kept as it is and a new replica is built from the live database", "warn")
+        opened = self._open_existing(path)
+        if isinstance(opened, str):  # what is wrong with it
+            self._set_aside_damaged(path, opened, live)
+            self._new_replica(snapshot=True)
+            self._replay_early(early)
+            return
+        state = opened
+        if state.filter_tables != ",".join(sorted(self.filter_tables)):
+            self.log(
+                f"pibackup-filter-tables changed (the replica in {path} filters {state.filter_tables or 'nothing'}): "
+                "building a new replica from a snapshot, so that one replica never mixes the two",
+                "warn",
+            )
             self._new_replica(snapshot=True)
             self._replay_early(early)
             return
         action = reconcile(state.last, state.pending_version is not None, calls, live)
         if action is Action.BEHIND:
-            conn.close()
             raise BehindError(
                 f"lightningd's database {self.live_db} (data_version {live}) is OLDER than the replica in {path} "
                 f"(data_version {state.last}). Running on it could lose funds. Stop lightningd and restore the newer "
@@ -168,7 +188,6 @@ class Replica:
                 "The replica was left untouched"
             )
         if action is Action.GAP:
-            conn.close()
             self.log(
                 f"the replica ends at data_version {state.last} and cannot be continued (live database at {live}): "
                 "building a new replica from a snapshot",
@@ -176,9 +195,88 @@ class Replica:
             )
             self._new_replica(snapshot=True)
         else:
+            conn = _connect(os.path.join(path, REPLICA_FILE))  # the first write to it, now that it is ours to go on
             self.conn, self.generation = conn, path
             self.last, self.last_is_journaled = state.last, state.pending_version is not None
+            if "pending_fk" not in [r[1] for r in conn.execute(f"PRAGMA table_info({STATE_TABLE})")]:
+                conn.execute(f"ALTER TABLE {STATE_TABLE} ADD COLUMN pending_fk INTEGER")
+            if state.pending_version is not None and not state.pending_fk:
+                conn.execute("PRAGMA foreign_keys = OFF")  # as lightningd had it when it sent the pending one
+            self._remember_place()
         self._replay_early(early)
+
+    @staticmethod
+    def _open_existing(path: str) -> Any:
+        """A replica's state, read without writing to it (a replica that is refused stays
+        byte for byte as it was), or a description of its damage. Errors of the medium
+        itself (read-only, I/O, full) are raised: they are not damage."""
+        try:
+            conn = sqlite3.connect(f"file:{os.path.join(path, REPLICA_FILE)}?mode=ro", uri=True, isolation_level=None)
+        except sqlite3.Error as e:
+            if not _damage(e):
+                raise
+            return str(e)
+        try:
+            return read_state(conn)
+        except ReplicaError as e:
+            cause = e.__cause__
+            schema = isinstance(cause, sqlite3.Error) and (getattr(cause, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_ERROR
+            if isinstance(cause, sqlite3.Error) and not (_damage(cause) or schema):
+                raise cause from None  # the medium, not the file: busy, I/O error, cannot open
+            return str(e)
+        finally:
+            conn.close()
+
+    def _set_aside_damaged(self, path: str, problem: str, live: int) -> None:
+        """A replica that cannot be read is renamed replica-NNNNNN.damaged (never deleted),
+        unless the live database may be older than it: then the node is refused."""
+        held: Optional[int] = None
+        try:
+            c = sqlite3.connect(f"file:{os.path.join(path, REPLICA_FILE)}?mode=ro", uri=True, isolation_level=None)
+            try:
+                held = read_data_version(c)
+            finally:
+                c.close()
+        except (sqlite3.Error, PibackupError):
+            pass
+        if held is not None and live < held:
+            raise BehindError(
+                f"the replica in {path} cannot be used ({problem}), and lightningd's database {self.live_db} "
+                f"(data_version {live}) is OLDER than what it holds (data_version {held}). Running on it could lose "
+                "funds. Stop lightningd; see `pibackup verify` and README, Restoring. The replica was left untouched"
+            )
+        aside = path + ".damaged"
+        k = 1
+        while os.path.lexists(aside):
+            k += 1
+            aside = f"{path}.damaged{k}"
+        os.rename(path, aside)
+        fsync_dir(self.destination)
+        self.log(
+            f"{path}: {problem}. It is kept as {os.path.basename(aside)} (delete it once you no longer need it) "
+            "and a new replica is built from the live database",
+            "warn",
+        )
+
+    def _remember_place(self) -> None:
+        assert self.generation is not None
+        d = os.stat(self.destination)
+        f = os.stat(os.path.join(self.generation, REPLICA_FILE))
+        self._place = ((d.st_dev, d.st_ino), (f.st_dev, f.st_ino))
+
+    def _check_in_place(self) -> None:
+        """The directory and the replica must still be where we opened them: after a stick
+        is unplugged (or lazily unmounted) or the directory deleted, SQLite's commits and
+        syncs succeed into files nobody will see again (journal mode: the same check)."""
+        if self._place is None or self.generation is None:
+            return
+        try:
+            d = os.stat(self.destination)
+            f = os.stat(os.path.join(self.generation, REPLICA_FILE))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(errno.ENOENT, "the backup directory vanished", self.destination) from e
+        if ((d.st_dev, d.st_ino), (f.st_dev, f.st_ino)) != self._place:
+            raise FileNotFoundError(errno.ENOENT, "the backup directory was replaced (stick unplugged?)", self.destination)
 
     def _replay_early(self, early: Sequence[Call]) -> None:
         for c in early:
@@ -191,7 +289,8 @@ class Replica:
         """Build replica-NNNNNN.partial (a snapshot of the live DB, or an empty database for a
         new node), make it durable, rename it into place, then drop the older one."""
         dirs = replica_dirs(self.destination)
-        number = dirs[-1][0] + 1 if dirs else 1
+        taken = [int(m.group(1)) for m in map(_ANY.match, os.listdir(self.destination)) if m]
+        number = max(taken) + 1 if taken else 1
         final = os.path.join(self.destination, f"replica-{number:06d}")
         partial = final + ".partial"
         os.mkdir(partial, 0o700)
@@ -206,7 +305,7 @@ class Replica:
             try:
                 conn.execute(_SCHEMA)
                 conn.execute(
-                    f"INSERT INTO {STATE_TABLE} VALUES (1, ?, NULL, NULL, ?, ?)",
+                    f"INSERT INTO {STATE_TABLE} VALUES (1, ?, NULL, NULL, ?, ?, NULL)",
                     (version, ",".join(sorted(self.filter_tables)), _release()),
                 )
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -224,11 +323,15 @@ class Replica:
         self.generation = final
         self.last, self.last_is_journaled = version, False
         self.counters.generations_started += 1
+        self._remember_place()
         for _, old in dirs:  # the new replica is complete and synced: the old ones can go
-            doomed = old + ".deleted"
-            os.rename(old, doomed)
-            fsync_dir(self.destination)
-            shutil.rmtree(doomed)
+            try:
+                doomed = old + ".deleted"
+                os.rename(old, doomed)
+                fsync_dir(self.destination)
+                shutil.rmtree(doomed)
+            except OSError as e:  # the new one is complete: a leftover costs space, not safety
+                self.log(f"could not delete the old replica {old}: {io_error_message(e, old)}; it goes at the next start", "warn")
         what = f"a snapshot at data_version {version}" if snapshot else "an empty database (new node)"
         self.log(f"started replica {os.path.basename(final)} from {what}", "info")
 
@@ -277,7 +380,8 @@ class Replica:
             try:
                 self._apply_pending(c)
                 c.execute(
-                    f"UPDATE {STATE_TABLE} SET applied = ?, pending_version = NULL, pending = NULL WHERE id = 1", (data_version,)
+                    f"UPDATE {STATE_TABLE} SET applied = ?, pending_version = NULL, pending = NULL, pending_fk = NULL WHERE id = 1",
+                    (data_version,),
                 )
                 c.execute("COMMIT")
             except BaseException:
@@ -289,6 +393,7 @@ class Replica:
         else:
             cl = flt.classify(writes, self.filter_tables)
             self.counters.statements_dropped += cl.dropped
+            fk = int(c.execute("PRAGMA foreign_keys").fetchone()[0])
             c.execute("BEGIN IMMEDIATE")
             try:
                 if a is Action.APPEND:
@@ -298,13 +403,13 @@ class Replica:
                     self.log(f"data_version {data_version} sent again: the earlier one was never committed; replaced", "info")
                 if a is Action.APPEND:  # the pending one (if any) is applied now: `last` is applied
                     c.execute(
-                        f"UPDATE {STATE_TABLE} SET applied = ?, pending_version = ?, pending = ? WHERE id = 1",
-                        (self.last, data_version, encode_statements(cl.writes)),
+                        f"UPDATE {STATE_TABLE} SET applied = ?, pending_version = ?, pending = ?, pending_fk = ? WHERE id = 1",
+                        (self.last, data_version, encode_statements(cl.writes), fk),
                     )
                 else:  # a rewind: the pending one is replaced, never applied
                     c.execute(
-                        f"UPDATE {STATE_TABLE} SET pending_version = ?, pending = ? WHERE id = 1",
-                        (data_version, encode_statements(cl.writes)),
+                        f"UPDATE {STATE_TABLE} SET pending_version = ?, pending = ?, pending_fk = ? WHERE id = 1",
+                        (data_version, encode_statements(cl.writes), fk),
                     )
                 c.execute("COMMIT")
             except BaseException:
@@ -315,6 +420,7 @@ class Replica:
                 self.counters.critical_frames += 1
             else:
                 self.counters.bulk_frames += 1
+        self._check_in_place()  # before the answer: a commit into a detached file is no backup
         self.counters.frames += 1
         self.counters.syncs += 1
         self.last_flush = time.time()
@@ -368,7 +474,8 @@ class Replica:
                         try:
                             self._apply_pending(c)
                             c.execute(
-                                f"UPDATE {STATE_TABLE} SET applied = ?, pending_version = NULL, pending = NULL WHERE id = 1",
+                                f"UPDATE {STATE_TABLE} SET applied = ?, pending_version = NULL, pending = NULL, "
+                                "pending_fk = NULL WHERE id = 1",
                                 (live,),
                             )
                             c.execute("COMMIT")
@@ -376,8 +483,12 @@ class Replica:
                         except (sqlite3.Error, PibackupError) as e:
                             self._rollback(c)
                             self.log(f"could not mark the last transaction committed in the replica: {e}", "warn")
-                if c is not None:
+                if c is not None and self.failure is None:
+                    # Everything into the main file, and back to a rollback journal: a WAL
+                    # database without its -shm cannot be opened on a read-only medium, which
+                    # is how a restore may find it.
                     c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    c.execute("PRAGMA journal_mode = DELETE")
             except sqlite3.Error as e:
                 self.log(f"replica: {e}", "warn")
             finally:
@@ -459,9 +570,7 @@ def restore_replica(backup_dir: str, output: str, force: bool = False) -> Replic
             f"a running pibackup (inside lightningd) is writing {backup_dir}: stop lightningd before you replace {output}"
         )
     tmp = output + ".pibackup-tmp"
-    for stale in (tmp, tmp + "-journal"):
-        if os.path.lexists(stale):
-            os.unlink(stale)
+    remove_tmp(tmp)
     try:
         source = sqlite3.connect(f"file:{src}?mode=ro", uri=True, isolation_level=None)
         try:
@@ -477,11 +586,14 @@ def restore_replica(backup_dir: str, output: str, force: bool = False) -> Replic
             conn.execute("PRAGMA journal_mode = DELETE")
             conn.execute("PRAGMA foreign_keys = ON")
             state = read_state(conn)
+            if not state.pending_fk:  # stored inside a migration that runs with foreign keys off
+                conn.execute("PRAGMA foreign_keys = OFF")
             conn.execute("BEGIN")
             for s in state.pending or []:
                 conn.execute(s)
             conn.execute(f"DROP TABLE {STATE_TABLE}")
             conn.execute("COMMIT")
+            conn.execute("PRAGMA foreign_keys = ON")
             got = read_data_version(conn) if state.last else 0
             if got != state.last:
                 raise RestoreError(f"restored replica says data_version {got} but its state says {state.last}: run `pibackup verify`")

@@ -298,7 +298,7 @@ def publish(tmp: str, output: str) -> None:
 
 
 def remove_tmp(tmp: str) -> None:
-    for stale in (tmp, tmp + "-journal"):
+    for stale in (tmp, tmp + "-journal", tmp + "-wal", tmp + "-shm"):
         if os.path.lexists(stale):
             os.unlink(stale)
 

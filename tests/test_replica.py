@@ -4,7 +4,9 @@ crash safety; restore is a verified copy. The core issue's tests, for this mode.
 from __future__ import annotations
 
 import random
+import shutil
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import dbcompare
 import driver
 from conftest import kill_points
 from driver import Halted, Record
-from helpers import cli, restore_to
+from helpers import assert_nothing_acknowledged_lost, cli, restore_to, tmpfs
 
 TRACE_NAMES = driver.trace_names()
 MODES = {
@@ -160,6 +162,7 @@ def test_one_mode_on_the_other_modes_backup_is_a_clear_error(first, then, traces
     [
         ({"pibackup-mode": "mirror"}, "give journal or replica"),
         ({"pibackup-mode": "replica", "pibackup-ship": "pi@host:/srv/x"}, "cannot be shipped"),
+        ({"pibackup-mode": "replica", "pibackup-destination": ["/media/a/pb", "/media/b/pb"]}, "give pibackup-destination once"),
     ],
 )
 def test_bad_mode_gets_a_clear_message(options, message):
@@ -167,5 +170,144 @@ def test_bad_mode_gets_a_clear_message(options, message):
     from pibackup.errors import PibackupError
 
     with pytest.raises(PibackupError) as e:
-        parse_options({"pibackup-destination": "/media/usb/pibackup", **options})
+        parse_options({"pibackup-destination": "/media/usb/pibackup", **options})  # type: ignore[dict-item]
     assert message in str(e.value)
+
+
+def test_replica_directory_moved_away_under_the_plugin_halts_and_loses_nothing(traces, make_node, dest, tmp_path):
+    """SQLite keeps committing into the open files of a directory that is gone from its
+    path (deleted, unplugged, lazily unmounted): the next call must be refused."""
+    recs = driver.first_run(traces["A"])
+    node = replica_node(make_node)
+    node.start(recs[:9])
+    node.calls(recs[9:60])
+    before = node.live.version()
+    moved = tmp_path / "moved"
+    dest.rename(moved)
+    with pytest.raises(Halted):
+        node.call(recs[60])
+    assert node.live.version() == before
+    assert "the backup directory vanished" in node.log_text()
+    assert_nothing_acknowledged_lost(moved, node, tmp_path, "moved", recs[60])
+
+
+def test_replica_full_medium_halts_the_node_and_loses_nothing(traces, make_node, tmp_path):
+    with tmpfs(tmp_path / "stick", "size=640k") as stick:  # room for the start, not for the whole trace
+        dest = stick / "pibackup"
+        dest.mkdir()
+        recs = driver.first_run(traces["A"])
+        node = replica_node(make_node, pibackup_destination=str(dest))
+        node.start(recs[:9])
+        refused = None
+        for r in recs[9:]:
+            try:
+                node.call(r)
+            except Halted:
+                refused = r
+                break
+        assert refused is not None, "a 640 KiB stick should fill up"
+        assert "backing up" in node.log_text()  # after the start: every call before it was written
+        assert "the backup medium is full" in node.log_text(), node.log_text()
+        copy = tmp_path / "copy"
+        shutil.copytree(dest, copy)
+    assert_nothing_acknowledged_lost(copy, node, tmp_path, "full", refused)
+
+
+def _damage_replica(dest: Path) -> None:
+    f = dest / "replica-000001" / "replica.sqlite3"
+    data = bytearray(f.read_bytes())
+    data[:16] = b"not a database!!"
+    f.write_bytes(bytes(data))
+
+
+def test_a_damaged_replica_is_set_aside_not_deleted_and_a_new_one_is_built(traces, make_node, dest, tmp_path):
+    recs = driver.first_run(traces["A"])
+    node = replica_node(make_node)
+    node.start(recs[:9])
+    node.calls(recs[9:80])
+    node.stop()
+    _damage_replica(dest)
+    node.start([])
+    node.calls(recs[80:200])
+    node.stop()
+    log = node.log_text()
+    assert "It is kept as replica-000001.damaged" in log, log
+    names = sorted(p.name for p in dest.iterdir() if p.name.startswith("replica-"))
+    assert names == ["replica-000001.damaged", "replica-000002"], names
+    restore_matches(dest, node, tmp_path / "r.sqlite3")
+
+
+def test_a_damaged_replica_newer_than_the_live_database_refuses_the_node(traces, make_node, dest, tmp_path):
+    recs = driver.first_run(traces["A"])[:80]
+    node = replica_node(make_node)
+    node.start(recs[:9])
+    node.calls(recs[9:50])
+    node.stop()
+    f = dest / "replica-000001" / "replica.sqlite3"
+    c = sqlite3.connect(f)
+    c.execute("DROP TABLE pibackup_replica")  # unusable as a replica, its data_version still readable
+    c.close()
+    before = f.read_bytes()
+    old = replica_node(make_node)  # an old copy of the node: behind what the damaged replica holds
+    old.start(recs[:9])
+    with pytest.raises(Halted):
+        old.calls(recs[9:20])
+    assert "is OLDER than what it holds" in old.log_text(), old.log_text()
+    assert f.read_bytes() == before
+    assert sorted(p.name for p in dest.iterdir() if p.name.startswith("replica-")) == ["replica-000001"]
+
+
+def test_a_changed_filter_starts_a_new_replica(traces, make_node, dest, tmp_path):
+    recs = driver.first_run(traces["A"])
+    node = replica_node(make_node)
+    node.start(recs[:9])
+    node.calls(recs[9:150])
+    node.stop()
+    node.options["pibackup-filter-tables"] = "none"
+    node.start([])
+    node.calls(recs[150:])
+    node.stop()
+    assert "pibackup-filter-tables changed" in node.log_text()
+    assert sorted(p.name for p in dest.iterdir() if p.name.startswith("replica-")) == ["replica-000002"]
+    restore_matches(dest, node, tmp_path / "r.sqlite3", filtered=())
+
+
+def test_a_pending_transaction_of_a_migration_restores_with_foreign_keys_off(traces, make_node, dest, tmp_path):
+    """lightningd runs a migration's table rebuild between PRAGMA foreign_keys = OFF and ON.
+    If the backup ends there, the restore applies it as lightningd did."""
+    recs = driver.load_trace("A")[:3]  # v1, PRAGMA foreign_keys = OFF, v2 (a table rebuild)
+    assert recs[1].writes == ("PRAGMA foreign_keys = OFF;",) and recs[2].data_version == 2
+    node = replica_node(make_node)
+    node.start(list(recs))
+    node.kill()
+    assert replica_state(dest)[1] == 2  # v2 stored as the pending transaction, with foreign keys off
+    f = dest / "replica-000001" / "replica.sqlite3"
+    c = sqlite3.connect(f"file:{f}?mode=ro", uri=True)
+    assert c.execute("SELECT pending_fk FROM pibackup_replica").fetchone() == (0,)
+    c.close()
+    out = tmp_path / "r.sqlite3"
+    r = restore_to(dest, out)
+    assert r.returncode == 0, r.stderr
+    assert dbcompare.backup_differences(node.live.path, out, ("utxoset",)) == []
+
+
+def test_restore_from_a_read_only_copy_after_a_clean_stop(traces, make_node, dest, tmp_path):
+    recs = driver.first_run(traces["A"])
+    node = replica_node(make_node)
+    node.start(recs[:9])
+    node.calls(recs[9:200])
+    node.stop()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "--bind", str(dest), str(ro)], capture_output=True).returncode != 0:
+        pytest.skip("needs root for a read-only bind mount")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
+        out = tmp_path / "r.sqlite3"
+        r = restore_to(ro, out)
+        assert r.returncode == 0, r.stderr
+        assert dbcompare.backup_differences(node.live.path, out, ("utxoset",)) == []
+        v = cli("verify", str(ro))
+        assert v.returncode == 0, v.stdout + v.stderr
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
