@@ -65,23 +65,24 @@ def test_replica_of_a_replayed_trace_restores_to_the_real_lightningd_database(tr
     assert not list(dest.glob("gen-*"))
 
 
-def test_sigkill_at_random_points_loses_no_acknowledged_transaction_in_replica_mode(traces, make_node, tmp_path):
-    records = traces["A"]
+@pytest.mark.parametrize("trace", TRACE_NAMES)
+def test_sigkill_at_random_points_loses_no_acknowledged_transaction_in_replica_mode(trace, traces, make_node, tmp_path):
+    records = traces[trace]
     total = max(4, kill_points() // 2)  # 10 by default; `make test-long`: 250
     done = rounds = 0
     while done < total:
-        rng = random.Random(f"replica-{total}-{rounds}")
+        rng = random.Random(f"replica-{trace}-{total}-{rounds}")
         kills = plan_kills(len(records), min(len(records) // 4, total - done), rng)
         dest = tmp_path / f"round{rounds}" / "usb"
         dest.mkdir(parents=True)
         node = replica_node(make_node, pibackup_destination=str(dest))
         wanted = len(kills)
         assert replay_with_kills(node, records, kills, rng) == wanted
-        restore_matches(dest, node, tmp_path / f"r{rounds}.sqlite3", trace="A")
+        restore_matches(dest, node, tmp_path / f"r{rounds}.sqlite3", trace=trace)
         assert "started replica replica-000002" in node.log_text()  # the kills made gaps, as they do
         done += wanted
         rounds += 1
-    print(f"replica: {done} SIGKILLs in {rounds} replay(s), every acknowledged transaction restored")
+    print(f"replica, {trace}: {done} SIGKILLs in {rounds} replay(s), every acknowledged transaction restored")
 
 
 def test_replica_rewind_replaces_the_uncommitted_transaction(traces, make_node, dest, tmp_path):

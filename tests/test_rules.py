@@ -14,6 +14,8 @@ from driver import Halted, Record
 from helpers import cli, restore_to, tree_digest
 from pibackup.journal import scan_segment
 
+MODES = pytest.mark.parametrize("mode", ["journal", "replica"])  # the rules hold in both backup formats
+
 
 def restored(dest: Path, tmp_path: Path, name: str = "restored.sqlite3") -> Path:
     out = tmp_path / name
@@ -51,9 +53,10 @@ def test_rewind_replaces_the_uncommitted_transaction(traces, make_node, dest, tm
     assert ", 1 rewound" in cli("verify", str(dest)).stdout
 
 
-def test_rewind_of_an_identical_resend_keeps_one_copy(traces, make_node, dest, tmp_path):
+@MODES
+def test_rewind_of_an_identical_resend_keeps_one_copy(mode, traces, make_node, dest, tmp_path):
     recs = traces["A"][:60]
-    node = make_node()
+    node = make_node(pibackup_mode=mode)
     node.start([r for r in recs if r.pre_init])
     node.calls(recs[9:50])
     node.call_then_crash_before_commit(recs[50])
@@ -99,22 +102,27 @@ def test_gap_starts_a_new_generation_from_a_snapshot(traces, make_node, dest, tm
     assert cli("restore", str(dest), str(older), "--generation", "1").returncode == 0
 
 
-def test_first_start_on_an_existing_node_snapshots_it(traces, make_node, dest, tmp_path):
+@MODES
+def test_first_start_on_an_existing_node_snapshots_it(mode, traces, make_node, dest, tmp_path):
     recs = driver.first_run(traces["A"])
-    node = make_node()
+    node = make_node(pibackup_mode=mode)
     for r in recs[:400]:
         node.commit_without_plugin(r)
     node.start([recs[400], recs[401], recs[402]])
     node.calls(recs[403:450])
     node.stop()
-    snaps = list(dest.glob("gen-000001/snapshot-v*.sqlite3"))
-    assert [s.name for s in snaps] == [f"snapshot-v{recs[402].data_version}.sqlite3"]
+    if mode == "journal":
+        snaps = list(dest.glob("gen-000001/snapshot-v*.sqlite3"))
+        assert [s.name for s in snaps] == [f"snapshot-v{recs[402].data_version}.sqlite3"]
+    else:
+        assert f"started replica replica-000001 from a snapshot at data_version {recs[402].data_version}" in node.log_text()
     assert dbcompare.backup_differences(node.live.path, restored(dest, tmp_path)) == []
 
 
-def test_live_database_older_than_the_backup_halts_and_leaves_the_backup_untouched(traces, make_node, dest, tmp_path):
+@MODES
+def test_live_database_older_than_the_backup_halts_and_leaves_the_backup_untouched(mode, traces, make_node, dest, tmp_path):
     recs = driver.first_run(traces["A"])
-    node = make_node()
+    node = make_node(pibackup_mode=mode)
     node.start([r for r in recs if r.pre_init])
     node.calls(recs[9:100])
     node.stop()
@@ -130,26 +138,30 @@ def test_live_database_older_than_the_backup_halts_and_leaves_the_backup_untouch
     node.live = driver.LiveDB(node.live.path)
     early = recs[100:102]
     node.start(early)  # lightningd's pre-init writes on the old DB, then init
-    assert "OLDER than the backup" in node.plugin.log_text()
+    assert "OLDER than the" in node.plugin.log_text()
     with pytest.raises(Halted):
         node.call(recs[102])
     assert tree_digest(dest) == before
     assert "Traceback" not in node.log_text()
 
 
-def test_calls_before_init_are_backed_up(traces, make_node, dest, tmp_path):
+@MODES
+def test_calls_before_init_are_backed_up(mode, traces, make_node, dest, tmp_path):
     recs = traces["A"]
-    node = make_node()
+    node = make_node(pibackup_mode=mode)
     node.start(recs[:9])  # a fresh node: 9 calls before init, schema included
     node.stop()
     out = restored(dest, tmp_path)
     assert dbcompare.backup_differences(node.live.path, out) == []
     assert not list(dest.glob("gen-*/snapshot*")), "a fresh node needs no snapshot"
+    if mode == "replica":
+        assert "from an empty database (new node)" in node.log_text()
 
 
-def test_plugin_killed_before_init_repairs_the_gap_from_the_live_db(traces, make_node, dest, tmp_path):
+@MODES
+def test_plugin_killed_before_init_repairs_the_gap_from_the_live_db(mode, traces, make_node, dest, tmp_path):
     recs = driver.first_run(traces["A"])
-    node = make_node()
+    node = make_node(pibackup_mode=mode)
     node.start(recs[:9])
     node.calls(recs[9:100])
     node.stop()
@@ -161,9 +173,10 @@ def test_plugin_killed_before_init_repairs_the_gap_from_the_live_db(traces, make
     assert dbcompare.backup_differences(node.live.path, restored(dest, tmp_path)) == []
 
 
-def test_writes_after_shutdown_are_backed_up_until_stdin_closes(traces, make_node, dest, tmp_path):
+@MODES
+def test_writes_after_shutdown_are_backed_up_until_stdin_closes(mode, traces, make_node, dest, tmp_path):
     recs = driver.first_run(traces["A"])
-    node = make_node()
+    node = make_node(pibackup_mode=mode)
     node.start(recs[:9])
     node.calls(recs[9:100])
     rc = node.stop(after_shutdown=recs[100:103])
@@ -218,12 +231,13 @@ def test_torn_tail_after_a_rewound_transaction_continues_in_a_new_segment(traces
     assert cli("verify", str(dest)).returncode == 0
 
 
-def test_a_transaction_that_replaced_ours_before_an_init_that_never_came_is_not_lost(traces, make_node, dest, tmp_path):
+@MODES
+def test_a_transaction_that_replaced_ours_before_an_init_that_never_came_is_not_lost(mode, traces, make_node, dest, tmp_path):
     """lightningd gets continue for N and dies before committing it; on the next start it
     commits a different N before init, and the plugin never reaches init; on the start
     after that the backup must not keep our never-committed N."""
     recs = driver.first_run(traces["A"])
-    node = make_node()
+    node = make_node(pibackup_mode=mode)
     node.start(recs[:9])
     node.calls(recs[9:100])
     v = recs[100].data_version
