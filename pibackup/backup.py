@@ -18,7 +18,7 @@ from . import destination as dst
 from . import filter as flt
 from .compact import CompactionError, Compactor, Superseded, crash_point
 from .errors import PibackupError
-from .generation import DamageError, Tail, generation_info, read_tail
+from .generation import DamageError, Tail, generation_info, generation_settings, read_tail
 from .journal import (
     FLAG_DEFLATE,
     HEADER_SIZE,
@@ -200,6 +200,8 @@ class Backup:
                 "warn",
             )
             action = Action.GAP
+        elif action is not Action.GAP and self._filter_changed(tail.generation):
+            action = Action.GAP
         elif action is Action.GAP:
             self.log(
                 f"the backup ends at data_version {tail.last} and cannot be continued (live database at {live}: "
@@ -212,6 +214,20 @@ class Backup:
         else:
             self._continue(tail)
         self._replay_early(early)
+
+    def _filter_changed(self, gen: dst.Generation) -> bool:
+        """A generation holds one filter's frames: with another pibackup-filter-tables it is
+        not continued (a restore would mix filtered and unfiltered rows of those tables)."""
+        was = generation_settings(gen).get("filter-tables")
+        now = ",".join(sorted(self.filter_tables))
+        if was is None or was == now:
+            return False
+        self.log(
+            f"pibackup-filter-tables changed ({gen.name} filters {was or 'nothing'}, now {now or 'nothing'}): "
+            "starting a new generation from a snapshot, so that one generation never mixes the two",
+            "warn",
+        )
+        return True
 
     def _behind_message(self, backup_version: int, live: int, gen: str) -> str:
         return (

@@ -7,7 +7,7 @@ at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from .destination import Generation
 from .errors import PibackupError
@@ -165,6 +165,22 @@ def read_tail(gen: Generation) -> Tail:
             break
     assert tail is not None
     return tail
+
+
+def generation_settings(gen: Generation) -> Dict[str, str]:
+    """The key=value lines of a generation's INFO frame (the first frame of its first
+    segment): the writer's release and filter-tables. Empty if it has none or cannot be read."""
+    if not gen.segments:
+        return {}
+    try:
+        with _open(gen.segments[0]) as r:
+            for f in r.frames():
+                if f.kind != KIND_INFO:
+                    return {}
+                return dict(line.partition("=")[::2] for line in f.statements)
+    except (OSError, PibackupError):
+        pass
+    return {}
 
 
 def generation_info(gen: Generation) -> GenerationInfo:

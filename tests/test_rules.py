@@ -269,3 +269,21 @@ def test_developer_mode_argument_is_accepted(traces, make_node, dest, tmp_path):
     node.calls(recs[9:40])
     node.stop()
     assert dbcompare.backup_differences(node.live.path, restored(dest, tmp_path)) == []
+
+
+def test_a_changed_filter_starts_a_new_generation(traces, make_node, dest, tmp_path):
+    """Continuing a generation after pibackup-filter-tables changed would mix filtered and
+    unfiltered frames of the same table in one journal."""
+    recs = driver.first_run(traces["A"])
+    node = make_node(pibackup_compact_ratio="0")
+    node.start(recs[:9])
+    node.calls(recs[9:150])
+    node.stop()
+    node.options["pibackup-filter-tables"] = "none"
+    node.start([])
+    node.calls(recs[150:])
+    node.stop()
+    assert "pibackup-filter-tables changed (gen-000001 filters utxoset, now nothing)" in node.log_text()
+    assert sorted(p.name for p in dest.iterdir() if p.name.startswith("gen-")) == ["gen-000001", "gen-000002"]
+    out = restored(dest, tmp_path)
+    assert dbcompare.differences(node.live.path, out) == []  # nothing filtered: equal, utxoset too
