@@ -26,6 +26,7 @@ from .journal import (
     KIND_PRAGMA,
     KIND_TX,
     SegmentHeader,
+    SegmentLeftBehind,
     SegmentWriter,
     decode_header,
     trim_zeros,
@@ -471,7 +472,9 @@ class Backup:
                 # Unless the new segment could not be removed again: it would claim to
                 # continue a segment that keeps growing, so that is a failure.
                 assert self.generation is not None
-                if os.path.lexists(os.path.join(self.generation, dst.segment_filename(w.header.segment + 1))):
+                nxt = os.path.join(self.generation, dst.segment_filename(w.header.segment + 1))
+                if isinstance(e, SegmentLeftBehind) or os.path.lexists(nxt):
+                    self.failure = io_error_message(e, self.generation)  # nothing more reaches this writer's files
                     raise
                 if not self._roll_failed:
                     where = io_error_message(e, self.generation or self.destination)
@@ -563,7 +566,8 @@ class Backup:
                 try:
                     self._open_segment(w.header, w.header.segment + 1, w.size, w.checksum, trim_now=False)
                 except OSError as e:
-                    if os.path.lexists(os.path.join(self.generation, dst.segment_filename(w.header.segment + 1))):
+                    nxt = os.path.join(self.generation, dst.segment_filename(w.header.segment + 1))
+                    if isinstance(e, SegmentLeftBehind) or os.path.lexists(nxt):
                         self.failure = io_error_message(e, self.generation or self.destination)
                         self.log(f"pibackup: {self.failure}. lightningd will be halted at its next database write.", "error")
                         return None
@@ -586,9 +590,12 @@ class Backup:
     def trim_closed(self) -> None:
         """Give back the preallocated zeros of segments closed by a compaction's cut or
         switch (the compactor's thread, not the hook's). Best effort: a file that is gone
-        (retention) or cannot be trimmed keeps its zeros, which are valid."""
+        (retention) or cannot be trimmed keeps its zeros, which are valid. Nothing after a
+        failure: then nothing more reaches the medium."""
         with self._lock:
             todo, self.untrimmed = self.untrimmed, []
+            if self.failure is not None:
+                return
         for path, length in todo:
             try:
                 trim_zeros(path, length)
@@ -637,7 +644,15 @@ class Backup:
             crash_point("switch-synced")
             # Every file in the .partial was created with a directory sync (segments, the
             # snapshot's rename); only a segment begun just now could need another.
-            final = self.dest.commit_generation(target.partial, dir_synced=target.writer.header.segment == segment)
+            try:
+                final = self.dest.commit_generation(target.partial, dir_synced=target.writer.header.segment == segment)
+            except OSError as e:
+                if os.path.lexists(target.partial[: -len(".partial")]):
+                    # Renamed but not synced: the new generation may be what a restore reads,
+                    # so going on in the old one could put answered calls where none looks.
+                    self.failure = io_error_message(e, target.partial)
+                    self.log(f"pibackup: {self.failure}. lightningd will be halted at its next database write.", "error")
+                raise
             crash_point("switch-renamed")
             new = target.writer
             new.path = os.path.join(final, os.path.basename(new.path))
@@ -709,7 +724,7 @@ class Backup:
         finally:
             with self._lock:
                 if self.writer is not None:
-                    self.writer.close()
+                    self.writer.close(trim=self.failure is None)  # after a failure nothing more reaches the medium
                     self.writer = None
             self.dest.close()
 

@@ -278,7 +278,10 @@ class Compactor:
             self.state, self.error, self.step = "running", None, "cut"
             started = time.monotonic()
             try:
-                self.last = self._compact()
+                try:
+                    self.last = self._compact()
+                finally:
+                    self.backup.trim_closed()  # the segments the cut and the switch closed: off the hook's path
                 if self.last is not None:
                     self.last["seconds"] = round(time.monotonic() - started, 3)
                     self.runs += 1
@@ -339,7 +342,6 @@ class Compactor:
             raise
         finally:
             b.release_reservation()
-            b.trim_closed()  # the segments the cut and the switch closed: off the hook's path
         self.log(
             f"compacted {src.name} into {os.path.basename(final)}: snapshot at data_version {built['version']} "
             f"({built['snapshot_bytes']:,} bytes) from {built['transactions']:,} journalled transactions",

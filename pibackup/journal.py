@@ -182,6 +182,10 @@ _FRAME_STARTS = tuple(bytes([k, e, 0, 0]) for k in KINDS for e in ENCODINGS)
 _CHUNK = 64 * 1024  # zero scans and preallocation: small buffers, so two writers at once (compaction) stay light
 
 
+class SegmentLeftBehind(OSError):
+    """A segment whose creation failed after its rename, and whose removal failed too."""
+
+
 class SegmentReader:
     """Streams the valid frames of one segment file, then says how the file ended.
 
@@ -399,14 +403,18 @@ class SegmentWriter:
             os.rename(tmp, path)
             renamed = True
             fsync_dir(os.path.dirname(path))
-        except BaseException:
+        except BaseException as e:
             os.close(fd)
             try:
                 # A caller that goes on without this segment must not leave it behind: it
-                # would claim to continue a segment that keeps growing.
+                # would claim to continue a segment that keeps growing. Once renamed, only
+                # a synced removal makes it gone.
                 os.unlink(path if renamed else tmp)
+                if renamed:
+                    fsync_dir(os.path.dirname(path))
             except OSError:
-                pass
+                if renamed and isinstance(e, OSError):
+                    raise SegmentLeftBehind(e.errno or 0, f"{e.strerror or e}; and the new segment could not be removed", path) from e
             raise
         return cls(path, fd, header, HEADER_SIZE, header.checksum, preallocate)
 

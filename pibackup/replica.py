@@ -126,6 +126,10 @@ class Replica:
         self.compactor = None  # no compaction in replica mode: the replica never grows past the DB
         self._lock = threading.Lock()
         self._place: Optional[Tuple[Tuple[int, int], Tuple[int, int]]] = None  # (dir, file) (st_dev, st_ino)
+        # lightningd's foreign_keys setting, as its PRAGMA calls leave it (on at each of its
+        # starts), and the one the pending transaction was stored under (None: no pending).
+        self._lightningd_fk = True
+        self._pending_fk: Optional[bool] = None
 
     # --- start-up --------------------------------------------------------------------
     def start(self, early: Sequence[Call]) -> None:
@@ -200,8 +204,7 @@ class Replica:
             self.last, self.last_is_journaled = state.last, state.pending_version is not None
             if "pending_fk" not in [r[1] for r in conn.execute(f"PRAGMA table_info({STATE_TABLE})")]:
                 conn.execute(f"ALTER TABLE {STATE_TABLE} ADD COLUMN pending_fk INTEGER")
-            if state.pending_version is not None and not state.pending_fk:
-                conn.execute("PRAGMA foreign_keys = OFF")  # as lightningd had it when it sent the pending one
+            self._pending_fk = state.pending_fk if state.pending_version is not None else None
             self._remember_place()
         self._replay_early(early)
 
@@ -210,8 +213,22 @@ class Replica:
         """A replica's state, read without writing to it (a replica that is refused stays
         byte for byte as it was), or a description of its damage. Errors of the medium
         itself (read-only, I/O, full) are raised: they are not damage."""
+        f = os.path.join(path, REPLICA_FILE)
+        if os.path.exists(f + "-journal"):
+            # A hot rollback journal (a crash while switching journal modes) must be rolled
+            # back before anyone may read the file, and a read-only connection cannot.
+            try:
+                rw = sqlite3.connect(f, isolation_level=None)
+                try:
+                    rw.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                finally:
+                    rw.close()
+            except sqlite3.Error as e:
+                if not _damage(e):
+                    raise
+                return str(e)
         try:
-            conn = sqlite3.connect(f"file:{os.path.join(path, REPLICA_FILE)}?mode=ro", uri=True, isolation_level=None)
+            conn = sqlite3.connect(f"file:{f}?mode=ro", uri=True, isolation_level=None)
         except sqlite3.Error as e:
             if not _damage(e):
                 raise
@@ -322,6 +339,7 @@ class Replica:
         self.conn = _connect(os.path.join(final, REPLICA_FILE))
         self.generation = final
         self.last, self.last_is_journaled = version, False
+        self._pending_fk = None
         self.counters.generations_started += 1
         self._remember_place()
         for _, old in dirs:  # the new replica is complete and synced: the old ones can go
@@ -375,6 +393,9 @@ class Replica:
         committed, and store this one as pending (or replace it, for a rewind)."""
         c = self.conn
         assert c is not None
+        # The pending transaction is applied as lightningd ran it (a migration's table
+        # rebuild runs with foreign keys off); PRAGMA foreign_keys is a no-op in a transaction.
+        self._set_fk(c, self._lightningd_fk if self._pending_fk is None else self._pending_fk)
         if a is Action.PRAGMA:
             c.execute("BEGIN IMMEDIATE")
             try:
@@ -387,13 +408,15 @@ class Replica:
             except BaseException:
                 self._rollback(c)
                 raise
+            self._pending_fk = None
             for s in writes:
                 c.execute(s)  # outside a transaction, as lightningd runs them
+            self._lightningd_fk = bool(c.execute("PRAGMA foreign_keys").fetchone()[0])
             self.last_is_journaled = False
         else:
             cl = flt.classify(writes, self.filter_tables)
             self.counters.statements_dropped += cl.dropped
-            fk = int(c.execute("PRAGMA foreign_keys").fetchone()[0])
+            fk = int(self._lightningd_fk)
             c.execute("BEGIN IMMEDIATE")
             try:
                 if a is Action.APPEND:
@@ -416,6 +439,7 @@ class Replica:
                 self._rollback(c)
                 raise
             self.last, self.last_is_journaled = data_version, True
+            self._pending_fk = bool(fk)
             if cl.critical:
                 self.counters.critical_frames += 1
             else:
@@ -424,6 +448,11 @@ class Replica:
         self.counters.frames += 1
         self.counters.syncs += 1
         self.last_flush = time.time()
+
+    @staticmethod
+    def _set_fk(c: sqlite3.Connection, on: bool) -> None:
+        if bool(c.execute("PRAGMA foreign_keys").fetchone()[0]) != on:
+            c.execute(f"PRAGMA foreign_keys = {'ON' if on else 'OFF'}")
 
     def _apply_pending(self, c: sqlite3.Connection) -> None:
         row = c.execute(f"SELECT pending_version, pending FROM {STATE_TABLE} WHERE id = 1").fetchone()
@@ -470,6 +499,7 @@ class Replica:
                     except PibackupError:
                         live = None
                     if live == self.last:
+                        self._set_fk(c, self._pending_fk is not False)
                         c.execute("BEGIN IMMEDIATE")
                         try:
                             self._apply_pending(c)

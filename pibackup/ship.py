@@ -405,15 +405,21 @@ class Shipper:
                 st.file_id = enc.file_id.hex()
             src.seek(st.staged)
             pos = st.staged
+            ended = False
             while pos < length:
                 piece = src.read(min(WRITE_CHUNK, length - pos))
                 if not piece:
-                    raise ShipError(f"{path} is shorter than expected ({pos} < {length} bytes)")
+                    if not closed:
+                        raise ShipError(f"{path} is shorter than expected ({pos} < {length} bytes)")
+                    # A closed segment gave back its preallocated zeros after it was listed
+                    # (journal.trim_zeros): the file ends here.
+                    length, ended = pos, True
+                    break
                 last = pos + len(piece) >= length
                 out.write(piece if enc is None else enc.chunk(piece, final=closed and last))
                 pos += len(piece)
-            if enc is not None and closed and st.staged >= length:
-                out.write(enc.chunk(b"", final=True))  # an open segment that closed with nothing new
+            if enc is not None and closed and (st.staged >= length or ended):
+                out.write(enc.chunk(b"", final=True))  # closed with nothing new (or nothing more)
             out.flush()
             # No fsync: the copy is rebuilt if a crash loses it, and the stick is spared a sync.
             st.staged_size = out.tell()

@@ -79,7 +79,8 @@ def calls_until_dead(node: driver.Node, recs, i: int) -> int:
                 node.call(recs[i])
                 i += 1
             else:
-                status(node)
+                c = status(node)["compaction"]
+                assert c["state"] == "running", f"the compaction ended without reaching the crash point: {c}"
                 time.sleep(0.02)
         except driver.PluginDied:
             node.kill()
@@ -99,8 +100,9 @@ def test_plugin_killed_at_each_compaction_step_loses_nothing(step, traces, make_
     node.start([r for r in recs if r.pre_init])
     node.calls(recs[9:250])
     assert node.rpc("pibackup-compact")["compaction"] == "started"
+    # It returns once the plugin has died at the step (a slow machine may get there only
+    # after the last call: the compaction runs at nice 19, so the kill may find it idle).
     i = calls_until_dead(node, recs, 250)
-    assert i < len(recs) or step in ("retention", "switch-renamed", "switch-synced"), "crash point never reached"
     # A restore of what the crash left: every committed transaction. The call in flight at
     # the kill may be in it too (journalled, answer lost): lightningd resends that
     # data_version at its restart, and it replaces the journalled one (a rewind).
