@@ -107,3 +107,28 @@ def test_keygen_writes_a_private_key_once(tmp_path):
     r = cli("keygen", str(k))
     assert r.returncode == 1 and "exists; a key is never overwritten" in r.stderr
     assert k.read_bytes() == before
+
+
+def test_a_closed_segment_that_lost_its_zeros_after_listing_stages_whole(tmp_path):
+    """The compactor trims a closed segment's preallocated zeros outside the writer's lock,
+    so the shipper may list it at its old length and find it shorter: the staged copy ends
+    where the file ends, finished (its final chunk), not a failed round."""
+    from pibackup.crypt import Key, decrypt_file
+    from pibackup.ship import FileState, ShipConfig, Shipper, parse_target
+
+    dest = tmp_path / "pibackup"
+    (dest / "gen-000001").mkdir(parents=True)
+    seg = dest / "gen-000001" / "seg-000001.pbj"
+    content = os.urandom(5000)
+    seg.write_bytes(content)
+    key = Key(os.urandom(32))
+    cfg = ShipConfig(parse_target("pi@host:/srv/pb"), 22, None, None, 60.0, 900.0, key)
+    sh = Shipper(cfg, str(dest), lambda: None, lambda *a: None)
+    os.makedirs(sh.staging)
+    st = FileState()
+    rel = "gen-000001/seg-000001.pbj"
+    assert sh._stage(rel, str(seg), len(content) + 4096, True, st)  # listed with its zeros
+    assert st.final and st.staged == len(content)
+    out = io.BytesIO()
+    d = decrypt_file(sh._staging_path(rel), out, key, rel)
+    assert d.final and not d.torn and out.getvalue() == content
