@@ -361,7 +361,7 @@ class Backup:
             os.path.join(self.generation, dst.segment_filename(number)), header, self.chunk_for(self.snapshot_bytes)
         )
         old, self.writer = self.writer, writer
-        self._roll_failed = False
+        self.roll_failed = False
         if old is not None:
             if not trim_now and old.allocated > old.size:
                 self.untrimmed.append((old.path, old.size))
@@ -476,12 +476,12 @@ class Backup:
                 if isinstance(e, SegmentLeftBehind) or os.path.lexists(nxt):
                     self.failure = io_error_message(e, self.generation)  # nothing more reaches this writer's files
                     raise
-                if not self._roll_failed:
+                if not self.roll_failed:
                     where = io_error_message(e, self.generation or self.destination)
                     self.log(f"could not start the next journal segment ({where}); going on in {w.path}", "warn")
-                self._roll_failed = True
+                self.roll_failed = True
 
-    _roll_failed = False
+    roll_failed = False  # the last roll-over could not start the next segment (a warning in status)
 
     def _check_destination_in_place(self) -> None:
         """A stick unplugged (or lazily unmounted) under us: our open files live on in a

@@ -226,7 +226,14 @@ class Destinations:
     def warnings(self) -> List[str]:
         with self._lock:
             on = ", ".join(b.destination for b in self.active) or "nothing"
-            return [f"destination {p} is not in use ({why}); the backup is on {on} only" for p, why in self.dropped.items()]
+            out = [f"destination {p} is not in use ({why}); the backup is on {on} only" for p, why in self.dropped.items()]
+            out += [
+                f"cannot start a new journal segment in {b.destination}: the current one grows past "
+                "pibackup-segment-size until it can (see the log for the cause)"
+                for b in self.active
+                if getattr(b, "roll_failed", False)
+            ]
+            return out
 
     def status(self) -> Dict[str, Any]:
         with self._lock:

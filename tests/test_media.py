@@ -231,12 +231,14 @@ def test_a_segment_that_cannot_be_started_refuses_nothing_and_the_roll_over_is_r
     assert not (dest / "gen-000001" / "seg-000002.pbj").exists()
     log = node.log_text()
     assert log.count("could not start the next journal segment") == 1, log
+    assert any("cannot start a new journal segment" in w for w in node.rpc("pibackup-status")["warnings"])
     out = tmp_path / "while-blocked.sqlite3"
     assert cli("restore", str(dest), str(out)).returncode == 0
     assert dbcompare.backup_differences(node.live.path, out) == []
     blocker.rmdir()
     node.calls(recs[i : i + 20])
     assert (dest / "gen-000001" / "seg-000002.pbj").exists()
+    assert node.rpc("pibackup-status")["warnings"] == []
     node.calls(recs[i + 20 :])
     node.stop()
     v = cli("verify", str(dest))
