@@ -9,12 +9,13 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Any, FrozenSet, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, FrozenSet, Mapping, Optional, Tuple
 
-from .crypt import load_key
 from .errors import PibackupError
 from .filter import parse_filter
-from .ship import ShipConfig, check_local_file, parse_target
+
+if TYPE_CHECKING:
+    from .ship import ShipConfig
 
 SEGMENT_SIZE_DEFAULT = "32M"
 SEGMENT_MIN = 64 * 1024
@@ -199,6 +200,10 @@ def parse_ship(options: Mapping[str, Any]) -> Optional[ShipConfig]:
         if stray:
             raise ConfigError(f"{stray[0]} is set but pibackup-ship is not: add pibackup-ship=[user@]host:/path, or remove it")
         return None
+    # Only now: shipping's modules cost about 2 MB of RSS that a node without it never needs.
+    from .crypt import load_key
+    from .ship import ShipConfig, check_local_file, parse_target
+
     target = parse_target(spec)
     for tool, package in (("rsync", "rsync"), ("ssh", "openssh-client")):
         if shutil.which(tool) is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import Any, Dict, List, Mapping, Optional, cast
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, cast
 
 from .backup import Backup, Call, Log
 from .config import Config, parse_options
@@ -16,8 +16,10 @@ from .errors import PibackupError
 from .livedb import find_live_db
 from .multi import Destinations
 from .replica import Replica
-from .ship import Shipper
 from .status import REMINDER_SECONDS, Led, Reporter, StatusError, systemd_notifier
+
+if TYPE_CHECKING:
+    from .ship import Shipper
 
 CONTINUE: Dict[str, Any] = {"result": "continue"}
 # Anything but "continue" makes lightningd stop without committing the transaction.
@@ -168,6 +170,8 @@ class HookHandler:
         """Shipping runs beside the backup; it can fail without touching it."""
         assert cfg.ship is not None
         path = cfg.destination
+        from .ship import Shipper  # only when configured (see config.parse_ship)
+
         shipper = Shipper(cfg.ship, path, lambda: backup.open_segment_of(path), self.log)
         try:
             shipper.start()
