@@ -73,7 +73,7 @@ plugin.add_option(
     "pibackup-preallocate-kb",
     PREALLOCATE_KB_DEFAULT,
     "Extend journal segments with zeros this many KiB at a time, so that an append does not change "
-    "the file's size (fewer metadata writes per sync). 0: off.",
+    "the file's size (fewer metadata writes per sync); at most 1/16 of the snapshot's size. 0: off.",
     opt_type="int",
 )
 plugin.add_option(
