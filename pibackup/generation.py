@@ -72,11 +72,13 @@ class End:
     leftovers: List[str] = field(default_factory=list)  # bytes after a closed segment's valid content
 
 
-def iter_frames(gen: Generation, end: End) -> Iterator[Tuple[Frame, str]]:
+def iter_frames(gen: Generation, end: End, limit: Optional[int] = None) -> Iterator[Tuple[Frame, str]]:
     """Every valid frame of a generation, in order, with "file offset N" for messages.
 
     Raises DamageError at the first damage, after yielding every frame before it. A torn
-    tail in the last segment is not damage: it is noted in `end.torn_tail`.
+    tail in the last segment is not damage: it is noted in `end.torn_tail`. `limit` reads
+    only the first `limit` bytes of the last segment (compaction's cut: what the writer had
+    made durable in the segment it goes on appending to).
     """
     if not gen.segments:
         raise DamageError(f"{gen.path}: generation has no journal segment", gen.path, None)
@@ -97,9 +99,9 @@ def iter_frames(gen: Generation, end: End) -> Iterator[Tuple[Frame, str]]:
                     )
             first = first or reader.header
             end.segments += 1
-            for f in reader.frames():
-                yield f, f"{path} offset {f.offset}"
             last = i == len(gen.segments) - 1
+            for f in reader.frames(limit if last else None):
+                yield f, f"{path} offset {f.offset}"
             if reader.bad_offset is not None and not last:
                 # The next segment's header (checked next) confirms where this one's valid
                 # content ends; what follows is a write cut short before the writer moved on.

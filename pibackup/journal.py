@@ -220,6 +220,14 @@ class SegmentReader:
     def clean(self) -> bool:
         return self.bad_offset is None
 
+    def resume_at(self, offset: int, checksum: int) -> None:
+        """Read on from `offset`, a frame boundary where the writer restarted its deflate
+        stream (SegmentWriter.restart_stream), `checksum` being the chain value there: the
+        frames before it need not be read (a compaction follows its journal from its cut)."""
+        self.valid_length, self.final_checksum = offset, checksum
+        self._resumed = True
+        self._inflate = zlib.decompressobj(-15) if self._encoding == ENCODING_DEFLATE else None
+
     def close(self) -> None:
         self._f.close()
 
@@ -356,6 +364,14 @@ class SegmentScan:
     def clean(self) -> bool:
         return self.bad_offset is None
 
+    def resume_at(self, offset: int, checksum: int) -> None:
+        """Read on from `offset`, a frame boundary where the writer restarted its deflate
+        stream (SegmentWriter.restart_stream), `checksum` being the chain value there: the
+        frames before it need not be read (a compaction follows its journal from its cut)."""
+        self.valid_length, self.final_checksum = offset, checksum
+        self._resumed = True
+        self._inflate = zlib.decompressobj(-15) if self._encoding == ENCODING_DEFLATE else None
+
     @property
     def torn_tail(self) -> bool:
         return self.bad_offset is not None and self.torn
@@ -417,6 +433,13 @@ class SegmentWriter:
                     raise SegmentLeftBehind(e.errno or 0, f"{e.strerror or e}; and the new segment could not be removed", path) from e
             raise
         return cls(path, fd, header, HEADER_SIZE, header.checksum, preallocate)
+
+    def restart_stream(self) -> None:
+        """Frames added from now on inflate without the ones before (FORMAT.md: a full
+        flush; its output, an empty stored block, is dropped like the sync flush's tail)."""
+        if self._deflate is not None:
+            out = self._deflate.flush(zlib.Z_FULL_FLUSH)
+            assert out == b"\x00" + _SYNC_TAIL, out
 
     def add(self, kind: int, data_version: int, statements: Sequence[str]) -> int:
         """Encode one frame after the others; returns its size. Not durable until flush()."""
