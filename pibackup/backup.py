@@ -546,10 +546,14 @@ class Backup:
             return None if w is None else (w.path, w.size)
 
     # --- compaction (the compactor thread calls these; each takes the lock briefly) ---------
-    def cut_for_compaction(self) -> Optional[Tuple[dst.Generation, int, int]]:
-        """Close the segment being written, so the generation's journal up to here is
-        immutable for the child to replay. Returns (generation, closed segments, number
-        reserved for the new generation), or None when there is nothing to compact."""
+    def cut_for_compaction(self) -> Optional[Tuple[dst.Generation, int, int, int, int]]:
+        """Make everything answered so far durable and note where the journal ends: segments
+        before the writer's and the first `length` bytes of its segment never change again
+        (appends only), so the child can replay them while the hook goes on. The writer
+        restarts its deflate stream there, so the frames after the cut can be read without
+        the ones before. No file is created or closed: a call waiting meanwhile pays one
+        sync at most. Returns (generation, segment number, length, chain checksum there,
+        number reserved for the new generation), or None when there is nothing to compact."""
         with self._lock:
             w = self.writer
             if self.failure is not None or w is None or self.generation is None:
@@ -562,30 +566,16 @@ class Backup:
                 return None
             w = self.writer
             assert w is not None
-            if w.size > HEADER_SIZE:  # (after a roll-over by _flush the new segment is empty)
-                try:
-                    self._open_segment(w.header, w.header.segment + 1, w.size, w.checksum, trim_now=False)
-                except OSError as e:
-                    nxt = os.path.join(self.generation, dst.segment_filename(w.header.segment + 1))
-                    if isinstance(e, SegmentLeftBehind) or os.path.lexists(nxt):
-                        self.failure = io_error_message(e, self.generation or self.destination)
-                        self.log(f"pibackup: {self.failure}. lightningd will be halted at its next database write.", "error")
-                        return None
-                    # nothing is lost: the writer goes on in its segment
-                    raise CompactionError(io_error_message(e, self.generation or self.destination)) from e
-            w = self.writer
-            assert w is not None
             committed = self.last if not self.last_is_journaled else (self.last or 0) - 1
             if self.last is None or committed == self.base_version:
                 return None  # nothing committed since the snapshot: nothing to compact, nothing to delete
-            closed = w.header.segment - 1
-            if closed < 1:
-                return None
             gen = next((g for g in self.dest.generations() if g.path == self.generation), None)
             if gen is None:
                 return None
             self._reserved = max(self.dest.next_generation_number(), gen.number + 1)
-            return gen, closed, self._reserved
+            self.cut_journal_bytes = self.journal_bytes
+            w.restart_stream()
+            return gen, w.header.segment, w.size, w.checksum, self._reserved
 
     def trim_closed(self) -> None:
         """Give back the preallocated zeros of segments closed by a compaction's cut or
@@ -620,10 +610,13 @@ class Backup:
             return None
         return w.header.segment, w.size
 
-    def switch_to(self, target: Any) -> str:
+    cut_journal_bytes = 0
+
+    def switch_to(self, target: Any) -> Tuple[str, int]:
         """The atomic switch, under the lock (the hook waits for it): the old generation's
         waiting frames are made durable, the last frames copied and synced, the `.partial`
-        renamed, and the writer goes on in the new generation's open segment."""
+        renamed, and the writer goes on in the new generation's open segment. Returns the new
+        generation's path and the journal bytes written to the old one since the cut."""
         with self._lock:
             src = self.generation
             position = self._position(target.source_number)
@@ -664,6 +657,7 @@ class Backup:
             except OSError:
                 pass
             self.generation = final
+            grown = max(0, self.journal_bytes - self.cut_journal_bytes)
             self.journal_bytes = target.closed_bytes + new.size
             self.snapshot_bytes = _size(os.path.join(final, dst.snapshot_filename(target.version)))
             self.base_version = target.version
@@ -671,7 +665,7 @@ class Backup:
             self.counters.compactions += 1
             self._reserved = None
             self.log(f"switched from {os.path.basename(src or '')} to {os.path.basename(final)}", "debug")
-            return final
+            return final, grown
 
     def generation_number(self) -> Optional[int]:
         g = self.generation

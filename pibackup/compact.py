@@ -1,9 +1,9 @@
 """Compaction: the next generation's snapshot built from the previous snapshot plus its
 journal (never from the live DB), in a child process, then an atomic switch; and retention.
 
-The child (`build_snapshot`) replays closed segments only. The compactor thread in the plugin
-copies the frames written since then into the new generation and switches under the
-writer's lock. Steps, and what a crash at each leaves, are in FORMAT.md ("Compaction").
+The child (`build_snapshot`) replays the journal up to where it ended at the cut (appends
+never change those bytes). The compactor thread in the plugin copies the frames written
+since then into the new generation and switches under the writer's lock. Steps, and what a crash at each leaves, are in FORMAT.md ("Compaction").
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from . import destination as dst
 from .errors import PibackupError
 from .generation import DamageError, End, generation_info, iter_frames
-from .journal import KIND_INFO, Frame, JournalError, SegmentHeader, SegmentReader, SegmentWriter, fsync_dir, fsync_file
+from .journal import HEADER_SIZE, KIND_INFO, Frame, JournalError, SegmentHeader, SegmentReader, SegmentWriter, fsync_dir, fsync_file
 from .restore import REPLAY_BATCH, Outcome, OutputError, Replayer, copy_snapshot
 from .snapshot import read_data_version, sha256_file
 
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 CRASH_ENV = "PIBACKUP_TEST_CRASH"
 RETRY_AFTER_FAILURE = 3600.0  # automatic retries of a failed compaction; the RPC retries at once
 CHECK_INTERVAL = 30.0  # the thread also wakes at once when a flush crosses the threshold
-_FOLLOW_PAUSE = 0.05  # between passes that copy the frames written meanwhile
+SPARE_IDLE = float(os.environ.get("PIBACKUP_TEST_SPARE_IDLE", 60.0))  # a compaction process started ahead and not used by then is stopped
 _CAUGHT_UP_BYTES = 64 * 1024  # copy at most about this much while holding the writer's lock
 _COPY_BATCH = 64 * 1024  # frames copied per write + fdatasync (small for peak RSS; one sync under the lock)
 
@@ -60,9 +60,9 @@ class Built:
     pending: List[Tuple[int, int, List[str]]]  # (kind, data_version, statements) not yet known committed
 
 
-def build_snapshot(gen: dst.Generation, segments: int, partial: str) -> Built:
-    """Replay generation `gen`'s snapshot and its first `segments` segments (closed ones)
-    into `partial`/snapshot-vV.sqlite3, synced, named by V, its last confirmed version.
+def build_snapshot(gen: dst.Generation, segments: int, partial: str, limit: Optional[int] = None) -> Built:
+    """Replay generation `gen`'s snapshot and its first `segments` segments (the last of them
+    up to `limit` bytes, the cut) into `partial`/snapshot-vV.sqlite3, synced, named by V, its last confirmed version.
     The newest transaction (and the PRAGMA frames after it) may still be rewound: it is
     returned in `pending`, for the new generation's journal, and is not in the snapshot."""
     info = generation_info(gen)
@@ -79,7 +79,7 @@ def build_snapshot(gen: dst.Generation, segments: int, partial: str) -> Built:
         conn.execute("PRAGMA synchronous = OFF")  # one fsync at the end
         conn.execute("PRAGMA cache_size = -2048")  # 2 MiB, whatever the size of the journal
         replayer = Replayer(conn, info.base_version, out, batch=REPLAY_BATCH)
-        for n, (frame, where) in enumerate(iter_frames(part, End())):
+        for n, (frame, where) in enumerate(iter_frames(part, End(), limit)):
             replayer.feed(frame, where)
             if n % 256 == 0:
                 if os.getppid() != parent:  # the plugin died: its next start removes the .partial
@@ -113,7 +113,10 @@ class NothingToDo(PibackupError):
 
 
 def child_main() -> None:
-    """`python3 -c ... child_main()` ARGS_JSON: build a snapshot, print the result as JSON."""
+    """`python3 -c ... child_main()` {"parent": PID}: reads its job (JSON, one line) from
+    stdin, builds the snapshot, prints the result as JSON. Started ahead of time when the
+    plugin expects a compaction soon (a spare), it waits for the job; end of input without
+    one: it exits, nothing done."""
     args = json.loads(sys.argv[1])
     try:
         import ctypes
@@ -129,12 +132,16 @@ def child_main() -> None:
         os.nice(19)  # the replay is CPU work lightningd must never wait for: lowest priority
     except OSError:
         pass
+    job = sys.stdin.readline()
+    if not job:
+        return  # a spare that was not needed
+    args.update(json.loads(job))
     gen = dst.Destination(args["destination"]).generations()
     src = next((g for g in gen if g.number == args["generation"]), None)
     try:
         if src is None:
             raise CompactionError(f"generation {args['generation']} vanished")
-        b = build_snapshot(src, args["segments"], args["partial"])
+        b = build_snapshot(src, args["segments"], args["partial"], args.get("limit"))
         result: Dict[str, Any] = {
             "version": b.version,
             "sha256": b.sha256.hex(),
@@ -199,6 +206,16 @@ class Compactor:
         self._manual = False
         self._retain = True  # once at start (keep-generations may have been lowered), and after a gap
         self._child: Optional[subprocess.Popen[bytes]] = None
+        # At a high rate a compaction's own start-up (a new Python process) is a good part of
+        # it, and the journal written meanwhile is held twice; so when the next compaction is
+        # near as one ends, its process is started at once and waits for its job.
+        self._spare: Optional[Tuple[subprocess.Popen[bytes], float]] = None
+        self.started_ahead = 0
+        # Journal bytes written to the previous generation while it was being compacted (at a
+        # high rate, a good part of a threshold): it keeps them, and the new generation holds
+        # them again, so they are taken off the new generation's threshold. The kept
+        # generations' journals then stay within about two thresholds at any rate.
+        self.overshoot = 0
         self._thread = threading.Thread(target=self._loop, name="pibackup-compactor", daemon=True)
 
     def start(self) -> None:
@@ -208,7 +225,7 @@ class Compactor:
         """Journal bytes at which the generation is compacted; None when automatic compaction is off."""
         if self.ratio <= 0:
             return None
-        return max(self.min_bytes, int(self.ratio * snapshot_bytes))
+        return max(self.min_bytes, int(self.ratio * snapshot_bytes) - self.overshoot)
 
     def request(self) -> str:
         """`lightning-cli pibackup-compact`: start one now (in the background)."""
@@ -224,6 +241,7 @@ class Compactor:
 
     def retain(self) -> None:
         """A new generation started (a gap): apply retention in the background."""
+        self.overshoot = 0
         self._retain = True
         self._wake.set()
 
@@ -235,9 +253,10 @@ class Compactor:
             child.kill()
         if self._thread.is_alive():
             self._thread.join()
+        self._drop_spare()
 
     def status(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {"state": self.state, "runs": self.runs}
+        out: Dict[str, Any] = {"state": self.state, "runs": self.runs, "processes_started_ahead": self.started_ahead}
         if self.state == "running":
             out["step"] = self.step
         if self.error:
@@ -270,9 +289,12 @@ class Compactor:
                         apply_retention(self.backup.dest, self.keep, self.log, protect=current)
                 except OSError as e:
                     self.log(f"could not delete an old backup generation: {_describe(e)}", "warn")
-            self._wake.wait(CHECK_INTERVAL)
+            spare_left = SPARE_IDLE - (time.monotonic() - self._spare[1]) if self._spare else CHECK_INTERVAL
+            self._wake.wait(max(0.0, min(CHECK_INTERVAL, spare_left)))
             self._wake.clear()
             if self._stop.is_set() or self.backup.failure is not None or not self._due():
+                if self._spare is not None and (self.backup.failure is not None or time.monotonic() - self._spare[1] >= SPARE_IDLE):
+                    self._drop_spare()
                 continue
             self._manual = False
             self.state, self.error, self.step = "running", None, "cut"
@@ -304,13 +326,14 @@ class Compactor:
 
     def _compact(self) -> Optional[Dict[str, Any]]:
         b = self.backup
-        cut = b.cut_for_compaction()  # under the writer's lock: close the segment being written
+        cut = b.cut_for_compaction()  # under the writer's lock: where the durable journal ends
         if cut is None:
             if b.failure is None:
                 self.log("nothing to compact: no transaction committed since the current generation's snapshot", "info")
             return None
-        src, segments, number = cut
+        src, segments, length, checksum, number = cut
         crash_point("cut")
+        self._spare_if_busy(self.overshoot)  # the previous one's tail was large: so will this one's be
         partial = ""
         target: Optional[_NewGeneration] = None
         try:
@@ -320,18 +343,20 @@ class Compactor:
             apply_retention(b.dest, max(1, self.keep - 1), self.log, protect=src.number, configured=self.keep)
             self.step = "snapshot"
             partial = b.dest.begin_generation(number)
-            built = self._run_child(src, segments, partial)
+            built = self._run_child(src, segments, length, partial)
             if built is None:
                 shutil.rmtree(partial, ignore_errors=True)
                 self.log(f"nothing to compact: {src.name} holds no committed transaction after its snapshot yet", "info")
                 return None
             self.step = "journal"
+            self._spare_if_busy(b.journal_bytes - b.cut_journal_bytes)
             target = _NewGeneration(b, partial, number, built, src)
             crash_point("segment")
-            target.follow(src, segments + 1, self._stop)
+            target.follow(src, segments, length, checksum, self._stop)
             self.step = "switch"
-            final = b.switch_to(target)  # under the writer's lock
+            final, grown = b.switch_to(target)  # under the writer's lock
             partial = ""
+            self.overshoot = grown if self.keep >= 2 else 0  # with keep 1, src is deleted now
             self.step = "retention"
             apply_retention(b.dest, self.keep, self.log, protect=number)
         except BaseException:
@@ -356,25 +381,46 @@ class Compactor:
             "finished": int(time.time()),
         }
 
-    def _run_child(self, src: dst.Generation, segments: int, partial: str) -> Optional[Dict[str, Any]]:
+    def _spawn(self) -> subprocess.Popen[bytes]:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        args = {
-            "destination": self.backup.destination,
-            "generation": src.number,
-            "segments": segments,
-            "partial": partial,
-            "parent": os.getpid(),
-        }
         code = f"import sys; sys.path.insert(0, {root!r}); from pibackup.compact import child_main; child_main()"
-        child = subprocess.Popen(  # -I (isolated), as the Debian package runs the plugin itself
-            [sys.executable, "-I", "-c", code, json.dumps(args)],
-            stdin=subprocess.DEVNULL,
+        return subprocess.Popen(  # -I (isolated), as the Debian package runs the plugin itself
+            [sys.executable, "-I", "-c", code, json.dumps({"parent": os.getpid()})],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
+
+    def _spare_if_busy(self, tail: int) -> None:
+        """Start the next compaction's process now if `tail`, the journal written during a
+        compaction (held by both generations), is a good part of a threshold: at such a rate
+        the next compaction is due soon after this one, and its start-up would lengthen it."""
+        if self.ratio > 0 and self._spare is None and tail >= max(self.min_bytes, int(self.ratio * self.backup.snapshot_bytes)) // 4:
+            self._spare = (self._spawn(), time.monotonic())
+            self.started_ahead += 1
+
+    def _drop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare[0].kill()
+            spare[0].communicate()
+
+    def _run_child(self, src: dst.Generation, segments: int, length: int, partial: str) -> Optional[Dict[str, Any]]:
+        job = {
+            "destination": self.backup.destination,
+            "generation": src.number,
+            "segments": segments,
+            "limit": length,
+            "partial": partial,
+        }
+        spare, self._spare = self._spare, None
+        if spare is not None and spare[0].poll() is not None:
+            spare[0].communicate()
+            spare = None
+        child = spare[0] if spare is not None else self._spawn()
         self._child = child
         try:
-            out, err = child.communicate()
+            out, err = child.communicate((json.dumps(job) + "\n").encode())
         finally:
             self._child = None
         if self._stop.is_set():
@@ -458,24 +504,31 @@ class _NewGeneration:
             self.closed_bytes += w.size
             w.close()
 
-    def follow(self, src: dst.Generation, first: int, stop: threading.Event) -> None:
-        """Copy the old generation's frames from segment `first` on, while the hook keeps
-        appending to it, until little is left to copy: the rest is copied under the lock."""
+    def follow(self, src: dst.Generation, first: int, offset: int, checksum: int, stop: threading.Event) -> None:
+        """Copy the old generation's frames from `offset` of segment `first` on (the cut:
+        the child replayed what comes before; `checksum` is the chain value there), while the
+        hook keeps appending to it, until little is left to copy: the rest is copied under
+        the lock."""
         self._index = first
+        self._resume: Optional[Tuple[int, int]] = (offset, checksum)
         while True:
             if stop.is_set():
                 raise _Stopped()
-            state = self.backup.writer_position(src.number)
-            if state is None:
-                raise Superseded("a new generation was started meanwhile (a gap); this compaction is dropped")
-            before = self.writer.size + self.writer.pending_bytes
-            self.copy_available(*state)
+            self.copy_available(*self._position(src))
             self.flush()
             crash_point("follow")
-            moved = self.writer.size - before
-            if self._index == state[0] and moved < _CAUGHT_UP_BYTES:
+            # Caught up when little is left behind the writer: that rest is copied under its
+            # lock. Otherwise go on at once (no pause: at a high rate a pause only lets the
+            # tail grow, and the tail is held by both generations).
+            segment, durable = self._position(src)
+            if self._index == segment and durable - (self._reader.valid_length if self._reader else HEADER_SIZE) < _CAUGHT_UP_BYTES:
                 return
-            time.sleep(_FOLLOW_PAUSE)
+
+    def _position(self, src: dst.Generation) -> Tuple[int, int]:
+        state = self.backup.writer_position(src.number)
+        if state is None:
+            raise Superseded("a new generation was started meanwhile (a gap); this compaction is dropped")
+        return state
 
     def copy_available(self, segment: int, durable: int) -> None:
         """Copy the frames of the old generation up to (`segment`, `durable` bytes): what its
@@ -489,6 +542,9 @@ class _NewGeneration:
                     raise CompactionError(f"cannot follow {path}: {e}") from e
                 if self._index > 1 and self._prev_end is not None and self._reader.header.prev_valid_length != self._prev_end:
                     raise DamageError(f"{path}: does not continue the segment before it", path, 0)
+                if self._resume is not None:
+                    self._reader.resume_at(*self._resume)
+                    self._resume = None
             r = self._reader
             closed = self._index < segment
             for f in r.frames(None if closed else durable):
@@ -503,6 +559,7 @@ class _NewGeneration:
             self._index += 1
 
     _prev_end: Optional[int] = None
+    _resume: Optional[Tuple[int, int]] = None  # where the cut was, until that segment is opened
 
     def close(self) -> None:
         if self._reader is not None:
