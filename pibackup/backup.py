@@ -649,6 +649,7 @@ class Backup:
             crash_point("switch-renamed")
             new = target.writer
             new.path = os.path.join(final, os.path.basename(new.path))
+            new.preallocate = target.chunk  # zeros ahead from the hook's next append on
             self.writer = new
             if w.allocated > w.size:
                 self.untrimmed.append((w.path, w.size))

@@ -462,9 +462,10 @@ class _NewGeneration:
             created=int(time.time()),
             flags=b.segment_flags,
         )
-        self.writer = SegmentWriter.create(
-            os.path.join(partial, dst.segment_filename(1)), header, b.chunk_for(int(built["snapshot_bytes"]))
-        )
+        # No zeros ahead while only the tail is copied in: the hook's appends get them after
+        # the switch (they would be space held twice while both generations are on the medium).
+        self.chunk = b.chunk_for(int(built["snapshot_bytes"]))
+        self.writer = SegmentWriter.create(os.path.join(partial, dst.segment_filename(1)), header, 0)
         self.writer.add(KIND_INFO, self.version, b.info_lines())
         for kind, version, statements in built["pending"]:
             self.writer.add(kind, version, statements)

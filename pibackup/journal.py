@@ -467,6 +467,7 @@ class SegmentWriter:
         self._pending = []
         self.pending_bytes = 0
         self.size += len(data)
+        self.allocated = max(self.allocated, self.size)  # also when nothing is preallocated
         return len(data)
 
     def _extend(self, end: int) -> None:
