@@ -122,7 +122,6 @@ def main() -> None:
         # The same rate on a grown database (about 8.5 MB): 24,000 calls, 20 minutes.
         lambda: run(min(n, 24_000), "defaults, paced at 20 calls/s, from a database grown by 200,000 calls", {}, 20.0, 200_000),
     ]
-    rows = [runs[i]() for i in which]
     print(f"\nLong run: {n:,} synthetic transactions (payments shaped like trace A's, a growing database)\n")
     print(
         "| backup | calls | compactions | p50 ms | p99 ms | p99 outside compaction ms | p99 during compaction ms "
@@ -131,7 +130,8 @@ def main() -> None:
         + " | final DB MB | final destination MB | wall s |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(BANDS) + "---:|---:|---:|")
-    for r in rows:
+    for i in which:  # each row as soon as its run ends (the whole takes about an hour)
+        r = runs[i]()
         lat = r["during"] + r["outside"]  # type: ignore[operator]
         bands = " | ".join(
             "-" if not w else f"{w:.2f}x (at {db / 1e6:.1f} MB)"
@@ -140,7 +140,8 @@ def main() -> None:
         print(
             f"| {r['label']} | {r['calls']:,} | {r['runs']} | {fmt(pct(lat, 0.5))} | {fmt(pct(lat, 0.99))} | "
             f"{fmt(pct(r['outside'], 0.99))} | {fmt(pct(r['during'], 0.99))} | {r['hwm_mb']:.1f} | {bands} | "  # type: ignore[arg-type]
-            f"{r['db'] / 1e6:.1f} | {r['dest'] / 1e6:.1f} | {r['seconds']:,.0f} |"  # type: ignore[operator]
+            f"{r['db'] / 1e6:.1f} | {r['dest'] / 1e6:.1f} | {r['seconds']:,.0f} |",  # type: ignore[operator]
+            flush=True,
         )
 
 

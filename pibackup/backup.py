@@ -578,7 +578,7 @@ class Backup:
             return gen, w.header.segment, w.size, w.checksum, self._reserved
 
     def trim_closed(self) -> None:
-        """Give back the preallocated zeros of segments closed by a compaction's cut or
+        """Give back the preallocated zeros of segments closed by a compaction's
         switch (the compactor's thread, not the hook's). Best effort: a file that is gone
         (retention) or cannot be trimmed keeps its zeros, which are valid. Nothing after a
         failure: then nothing more reaches the medium."""
@@ -612,11 +612,11 @@ class Backup:
 
     cut_journal_bytes = 0
 
-    def switch_to(self, target: Any) -> Tuple[str, int]:
+    def switch_to(self, target: Any) -> str:
         """The atomic switch, under the lock (the hook waits for it): the old generation's
         waiting frames are made durable, the last frames copied and synced, the `.partial`
         renamed, and the writer goes on in the new generation's open segment. Returns the new
-        generation's path and the journal bytes written to the old one since the cut."""
+        generation's path."""
         with self._lock:
             src = self.generation
             position = self._position(target.source_number)
@@ -631,7 +631,7 @@ class Backup:
             w = self.writer
             assert w is not None
             segment = target.writer.header.segment
-            target.copy_available(w.header.segment, w.size)
+            target.copy_available(w.header.segment, w.size, w.checksum)
             target.flush()
             target.close()
             crash_point("switch-synced")
@@ -649,7 +649,6 @@ class Backup:
             crash_point("switch-renamed")
             new = target.writer
             new.path = os.path.join(final, os.path.basename(new.path))
-            new.preallocate = target.chunk  # zeros ahead from the hook's next append on
             self.writer = new
             if w.allocated > w.size:
                 self.untrimmed.append((w.path, w.size))
@@ -659,6 +658,8 @@ class Backup:
                 pass
             self.generation = final
             grown = max(0, self.journal_bytes - self.cut_journal_bytes)
+            if self.compactor is not None:  # the old generation stays (keep >= 2) holding what it grew by
+                self.compactor.overshoot = grown if self.compactor.keep >= 2 else 0
             self.journal_bytes = target.closed_bytes + new.size
             self.snapshot_bytes = _size(os.path.join(final, dst.snapshot_filename(target.version)))
             self.base_version = target.version
@@ -666,7 +667,7 @@ class Backup:
             self.counters.compactions += 1
             self._reserved = None
             self.log(f"switched from {os.path.basename(src or '')} to {os.path.basename(final)}", "debug")
-            return final, grown
+            return final
 
     def generation_number(self) -> Optional[int]:
         g = self.generation

@@ -2,8 +2,10 @@
 journal (never from the live DB), in a child process, then an atomic switch; and retention.
 
 The child (`build_snapshot`) replays the journal up to where it ended at the cut (appends
-never change those bytes). The compactor thread in the plugin copies the frames written
-since then into the new generation and switches under the writer's lock. Steps, and what a crash at each leaves, are in FORMAT.md ("Compaction").
+never change those bytes), then follows what the writer makes durable after it until it is
+close behind. The compactor thread in the plugin copies the frames written after the
+child's end into the new generation and switches under the writer's lock. Steps, and what
+a crash at each leaves, are in FORMAT.md ("Compaction").
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from . import destination as dst
 from .errors import PibackupError
@@ -36,9 +38,11 @@ if TYPE_CHECKING:
 CRASH_ENV = "PIBACKUP_TEST_CRASH"
 RETRY_AFTER_FAILURE = 3600.0  # automatic retries of a failed compaction; the RPC retries at once
 CHECK_INTERVAL = 30.0  # the thread also wakes at once when a flush crosses the threshold
-SPARE_IDLE = float(os.environ.get("PIBACKUP_TEST_SPARE_IDLE", 60.0))  # a compaction process started ahead and not used by then is stopped
+# A compaction process started ahead and not used by then is stopped (shorter in tests).
+SPARE_IDLE = float(os.environ.get("PIBACKUP_TEST_SPARE_IDLE", 60.0))
 _CAUGHT_UP_BYTES = 64 * 1024  # copy at most about this much while holding the writer's lock
 _COPY_BATCH = 64 * 1024  # frames copied per write + fdatasync (small for peak RSS; one sync under the lock)
+_MAX_ROUNDS = 32  # the child catches up with the writer at most this many times before it finishes
 
 
 class CompactionError(PibackupError):
@@ -58,13 +62,96 @@ class Built:
     snapshot_bytes: int
     transactions: int  # replayed into it
     pending: List[Tuple[int, int, List[str]]]  # (kind, data_version, statements) not yet known committed
+    end: Tuple[int, int] = (0, 0)  # (segment, offset) where the replay stopped: the copy starts there
 
 
-def build_snapshot(gen: dst.Generation, segments: int, partial: str, limit: Optional[int] = None) -> Built:
+class JournalFollower:
+    """Reads a generation's journal from its cut on: segment `first` at `offset`, where the
+    writer restarted its deflate stream (`checksum`: the chain value there). Each call of
+    frames() goes up to what the writer has made durable, across roll-overs, checking that
+    each segment continues the one before and that nothing durable is unreadable. Frames
+    before `skip_to` (segment, offset) are read but not returned."""
+
+    def __init__(self, gen_path: str, first: int, offset: int, checksum: int, skip_to: Tuple[int, int] = (0, 0)):
+        self.gen_path = gen_path
+        self.index = first
+        self.skip_to = tuple(skip_to)
+        self._resume: Optional[Tuple[int, int]] = (offset, checksum)
+        self._reader: Optional[SegmentReader] = None
+        self._prev_end: Optional[Tuple[int, int]] = None  # (valid length, last checksum) of the segment before
+        self._offset = offset
+
+    def position(self) -> Tuple[int, int]:
+        """(segment, offset) up to which the journal has been read."""
+        return self.index, self._reader.valid_length if self._reader is not None else self._offset
+
+    def frames(self, segment: int, durable: int, checksum: Optional[int] = None) -> Iterator[Tuple[Frame, str]]:
+        """The frames up to (`segment`, `durable` bytes), with "file offset N" for messages;
+        `checksum`, when known, is the writer's chain value there. Closed segments are read
+        to their end."""
+        while True:
+            if self._reader is None:
+                path = os.path.join(self.gen_path, dst.segment_filename(self.index))
+                try:
+                    self._reader = SegmentReader(path)
+                except (JournalError, OSError) as e:
+                    raise CompactionError(f"cannot follow {path}: {e}") from e
+                h = self._reader.header
+                if self._prev_end is not None and (h.prev_valid_length, h.prev_checksum) != self._prev_end:
+                    raise DamageError(f"{path}: does not continue the segment before it", path, 0)
+                if self._resume is not None:
+                    self._reader.resume_at(*self._resume)
+                    self._resume = None
+            r = self._reader
+            closed = self.index < segment
+            for f in r.frames(None if closed else durable):
+                if (self.index, f.offset) >= self.skip_to:
+                    yield f, f"{r.path} offset {f.offset}"
+            if not closed:
+                if r.valid_length != durable or (checksum is not None and r.final_checksum != checksum):
+                    # Never switch to a generation short of an acknowledged frame (nor loop
+                    # forever waiting for one that cannot be read).
+                    raise DamageError(
+                        f"{r.path}: its frames end at offset {r.valid_length} ({r.bad_reason or 'checksum chain differs'}), "
+                        f"its writer's at {durable}",
+                        r.path,
+                        r.valid_length,
+                    )
+                return
+            if r.bad_offset is not None and not r.torn:
+                raise DamageError(f"{r.path}: damaged at offset {r.bad_offset} ({r.bad_reason})", r.path, r.bad_offset)
+            self._prev_end = (r.valid_length, r.final_checksum)
+            r.close()
+            self._reader = None
+            self.index += 1
+            self._offset = HEADER_SIZE
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._offset = self._reader.valid_length  # position() stays right
+            self._reader.close()
+            self._reader = None
+
+
+def build_snapshot(
+    gen: dst.Generation,
+    segments: int,
+    partial: str,
+    limit: Optional[int] = None,
+    checksum: Optional[int] = None,
+    more: Optional[Callable[[Tuple[int, int]], Optional[Tuple[int, int]]]] = None,
+) -> Built:
     """Replay generation `gen`'s snapshot and its first `segments` segments (the last of them
-    up to `limit` bytes, the cut) into `partial`/snapshot-vV.sqlite3, synced, named by V, its last confirmed version.
-    The newest transaction (and the PRAGMA frames after it) may still be rewound: it is
-    returned in `pending`, for the new generation's journal, and is not in the snapshot."""
+    up to `limit` bytes, the cut) into `partial`/snapshot-vV.sqlite3, synced, named by V, its
+    last confirmed version. The newest transaction (and the PRAGMA frames after it) may still
+    be rewound: it is returned in `pending`, for the new generation's journal, and is not in
+    the snapshot.
+
+    With `more` (and the cut's `checksum`), the journal written since the cut is replayed
+    too: `more(position)` says how far the writer has made it durable (segment, bytes), or
+    None to stop. Whatever is replayed here is not copied into the new generation's journal
+    afterwards, so the journal both generations hold shrinks to what is written while the
+    snapshot is finished. `end` in the result is where the replay stopped."""
     info = generation_info(gen)
     part = dst.Generation(gen.number, gen.path, gen.snapshots, gen.segments[:segments])
     tmp = os.path.join(partial, "snapshot.tmp")
@@ -86,6 +173,19 @@ def build_snapshot(gen: dst.Generation, segments: int, partial: str, limit: Opti
                     raise CompactionError("the plugin exited")
                 if n:
                     crash_point("child-replay")
+        end = (segments, limit if limit is not None else 0)
+        if more is not None and limit is not None and checksum is not None:
+            tail = JournalFollower(gen.path, segments, limit, checksum)
+            try:
+                for _ in range(_MAX_ROUNDS):
+                    target = more(tail.position())
+                    if target is None or os.getppid() != parent:
+                        break
+                    for frame, where in tail.frames(*target):
+                        replayer.feed(frame, where)
+                end = tail.position()
+            finally:
+                tail.close()
         replayer.commit()
         version = replayer.current
         if out.transactions:
@@ -105,7 +205,9 @@ def build_snapshot(gen: dst.Generation, segments: int, partial: str, limit: Opti
     os.rename(tmp, final)
     fsync_dir(partial)
     crash_point("child-snapshot")
-    return Built(version, sha, os.path.getsize(final), out.transactions, [(f.kind, f.data_version, f.statements) for f in pending])
+    return Built(
+        version, sha, os.path.getsize(final), out.transactions, [(f.kind, f.data_version, f.statements) for f in pending], end
+    )
 
 
 class NothingToDo(PibackupError):
@@ -141,13 +243,14 @@ def child_main() -> None:
     try:
         if src is None:
             raise CompactionError(f"generation {args['generation']} vanished")
-        b = build_snapshot(src, args["segments"], args["partial"], args.get("limit"))
+        b = build_snapshot(src, args["segments"], args["partial"], args.get("limit"), args.get("checksum"), _ask_parent)
         result: Dict[str, Any] = {
             "version": b.version,
             "sha256": b.sha256.hex(),
             "snapshot_bytes": b.snapshot_bytes,
             "transactions": b.transactions,
             "pending": b.pending,
+            "end": list(b.end),
         }
     except NothingToDo as e:
         result = {"nothing": str(e)}
@@ -156,8 +259,20 @@ def child_main() -> None:
         result = {"error": _describe(full) if full else f"{e} (in {args['partial']})"}
     except (PibackupError, sqlite3.Error, OSError) as e:
         result = {"error": _describe(e)}
-    sys.stdout.write(json.dumps(result))
+    sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
+
+
+def _ask_parent(position: Tuple[int, int]) -> Optional[Tuple[int, int]]:
+    """The child's side of following the journal: say how far it has replayed, read how far
+    the writer has made it durable since, or None (finish the snapshot now)."""
+    sys.stdout.write(json.dumps({"at": list(position)}) + "\n")
+    sys.stdout.flush()
+    line = sys.stdin.readline()
+    if not line:
+        return None
+    reply = json.loads(line)
+    return None if "more" not in reply else (int(reply["more"][0]), int(reply["more"][1]))
 
 
 def _describe(e: BaseException) -> str:
@@ -303,7 +418,7 @@ class Compactor:
                 try:
                     self.last = self._compact()
                 finally:
-                    self.backup.trim_closed()  # the segments the cut and the switch closed: off the hook's path
+                    self.backup.trim_closed()  # the segment the switch closed: off the hook's path
                 if self.last is not None:
                     self.last["seconds"] = round(time.monotonic() - started, 3)
                     self.runs += 1
@@ -333,7 +448,6 @@ class Compactor:
             return None
         src, segments, length, checksum, number = cut
         crash_point("cut")
-        self._spare_if_busy(self.overshoot)  # the previous one's tail was large: so will this one's be
         partial = ""
         target: Optional[_NewGeneration] = None
         try:
@@ -343,7 +457,7 @@ class Compactor:
             apply_retention(b.dest, max(1, self.keep - 1), self.log, protect=src.number, configured=self.keep)
             self.step = "snapshot"
             partial = b.dest.begin_generation(number)
-            built = self._run_child(src, segments, length, partial)
+            built = self._run_child(src, segments, length, checksum, partial)
             if built is None:
                 shutil.rmtree(partial, ignore_errors=True)
                 self.log(f"nothing to compact: {src.name} holds no committed transaction after its snapshot yet", "info")
@@ -354,9 +468,9 @@ class Compactor:
             crash_point("segment")
             target.follow(src, segments, length, checksum, self._stop)
             self.step = "switch"
-            final, grown = b.switch_to(target)  # under the writer's lock
+            target.writer.preallocate_ahead(target.chunk)  # the zeros now, not on the hook's next call
+            final = b.switch_to(target)  # under the writer's lock; sets self.overshoot
             partial = ""
-            self.overshoot = grown if self.keep >= 2 else 0  # with keep 1, src is deleted now
             self.step = "retention"
             apply_retention(b.dest, self.keep, self.log, protect=number)
         except BaseException:
@@ -381,6 +495,29 @@ class Compactor:
             "finished": int(time.time()),
         }
 
+    def _converse(self, child: subprocess.Popen[bytes], src: dst.Generation, job: Dict[str, Any]) -> bytes:
+        """Send the job; answer each "at" (how far the child has replayed) with how far the
+        writer has made the journal durable since, until less than _CAUGHT_UP_BYTES is left
+        (then "done": the child finishes the snapshot). Returns the result line (b"" if the
+        child died or stopped)."""
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            child.stdin.write((json.dumps(job) + "\n").encode())
+            child.stdin.flush()
+            while True:
+                line = child.stdout.readline()
+                msg = json.loads(line) if line.startswith(b'{"at"') else None
+                if msg is None:
+                    return line
+                seg, off = msg["at"]
+                pos = self.backup.writer_position(src.number)
+                more = pos is not None and (pos[0] != seg or pos[1] - off >= _CAUGHT_UP_BYTES) and not self._stop.is_set()
+                reply: Dict[str, Any] = {"more": list(pos)} if pos is not None and more else {"done": True}
+                child.stdin.write((json.dumps(reply) + "\n").encode())
+                child.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            return b""  # (communicate() then closes its stdin and collects what is left)
+
     def _spawn(self) -> subprocess.Popen[bytes]:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = f"import sys; sys.path.insert(0, {root!r}); from pibackup.compact import child_main; child_main()"
@@ -396,7 +533,11 @@ class Compactor:
         compaction (held by both generations), is a good part of a threshold: at such a rate
         the next compaction is due soon after this one, and its start-up would lengthen it."""
         if self.ratio > 0 and self._spare is None and tail >= max(self.min_bytes, int(self.ratio * self.backup.snapshot_bytes)) // 4:
-            self._spare = (self._spawn(), time.monotonic())
+            try:
+                self._spare = (self._spawn(), time.monotonic())
+            except OSError as e:  # only a head start lost: the next compaction starts its own
+                self.log(f"could not start the next compaction's process ahead: {e}", "debug")
+                return
             self.started_ahead += 1
 
     def _drop_spare(self) -> None:
@@ -405,12 +546,13 @@ class Compactor:
             spare[0].kill()
             spare[0].communicate()
 
-    def _run_child(self, src: dst.Generation, segments: int, length: int, partial: str) -> Optional[Dict[str, Any]]:
+    def _run_child(self, src: dst.Generation, segments: int, length: int, checksum: int, partial: str) -> Optional[Dict[str, Any]]:
         job = {
             "destination": self.backup.destination,
             "generation": src.number,
             "segments": segments,
             "limit": length,
+            "checksum": checksum,
             "partial": partial,
         }
         spare, self._spare = self._spare, None
@@ -420,7 +562,8 @@ class Compactor:
         child = spare[0] if spare is not None else self._spawn()
         self._child = child
         try:
-            out, err = child.communicate((json.dumps(job) + "\n").encode())
+            out = self._converse(child, src, job)
+            err = child.communicate()[1]
         finally:
             self._child = None
         if self._stop.is_set():
@@ -467,19 +610,29 @@ class _NewGeneration:
         self.chunk = b.chunk_for(int(built["snapshot_bytes"]))
         self.writer = SegmentWriter.create(os.path.join(partial, dst.segment_filename(1)), header, 0)
         self.writer.add(KIND_INFO, self.version, b.info_lines())
+        self.last = self.version
         for kind, version, statements in built["pending"]:
             self.writer.add(kind, version, statements)
+            self.last = version
         self.writer.flush()
         self.copied = 0
         self.closed_bytes = 0  # valid bytes of the new generation's closed segments
-        self._reader: Optional[SegmentReader] = None
-        self._index = 0  # segment number of the old generation being followed
-        self._src = src
+        self._follower: Optional[JournalFollower] = None
+        end = built.get("end") or (0, 0)
+        self._end = (int(end[0]), int(end[1]))  # the child replayed up to here
         self.source_number = src.number
 
     def add(self, frame: Frame) -> None:
         if frame.kind == KIND_INFO:
             return
+        if frame.data_version not in (self.last, (self.last + 1) & 0xFFFFFFFF):
+            # Each frame appends, rewinds or repeats the version (FORMAT.md, replay rules):
+            # anything else would make the new generation unrestorable. Never switch to it.
+            raise CompactionError(
+                f"the journal to copy does not follow the new snapshot: data_version {frame.data_version} "
+                f"after {self.last} (internal error; please report it)"
+            )
+        self.last = frame.data_version
         self.writer.add(frame.kind, frame.data_version, frame.statements)
         self.copied += 1
         if self.writer.pending_bytes >= _COPY_BATCH:  # memory stays bounded however far behind
@@ -506,12 +659,11 @@ class _NewGeneration:
             w.close()
 
     def follow(self, src: dst.Generation, first: int, offset: int, checksum: int, stop: threading.Event) -> None:
-        """Copy the old generation's frames from `offset` of segment `first` on (the cut:
-        the child replayed what comes before; `checksum` is the chain value there), while the
-        hook keeps appending to it, until little is left to copy: the rest is copied under
-        the lock."""
-        self._index = first
-        self._resume: Optional[Tuple[int, int]] = (offset, checksum)
+        """Copy the old generation's frames from the cut (`offset` of segment `first`;
+        `checksum` is the chain value there) on, those the child replayed left out, while
+        the hook keeps appending to it, until little is left to copy: the rest is copied
+        under the lock."""
+        self._follower = JournalFollower(src.path, first, offset, checksum, skip_to=self._end)
         while True:
             if stop.is_set():
                 raise _Stopped()
@@ -522,7 +674,8 @@ class _NewGeneration:
             # lock. Otherwise go on at once (no pause: at a high rate a pause only lets the
             # tail grow, and the tail is held by both generations).
             segment, durable = self._position(src)
-            if self._index == segment and durable - (self._reader.valid_length if self._reader else HEADER_SIZE) < _CAUGHT_UP_BYTES:
+            at, offset_read = self._follower.position()
+            if at == segment and durable - offset_read < _CAUGHT_UP_BYTES:
                 return
 
     def _position(self, src: dst.Generation) -> Tuple[int, int]:
@@ -531,41 +684,16 @@ class _NewGeneration:
             raise Superseded("a new generation was started meanwhile (a gap); this compaction is dropped")
         return state
 
-    def copy_available(self, segment: int, durable: int) -> None:
+    def copy_available(self, segment: int, durable: int, checksum: Optional[int] = None) -> None:
         """Copy the frames of the old generation up to (`segment`, `durable` bytes): what its
-        writer has made durable. Closed segments are read to their end."""
-        while True:
-            if self._reader is None:
-                path = os.path.join(self._src.path, dst.segment_filename(self._index))
-                try:
-                    self._reader = SegmentReader(path)
-                except (JournalError, OSError) as e:
-                    raise CompactionError(f"cannot follow {path}: {e}") from e
-                if self._index > 1 and self._prev_end is not None and self._reader.header.prev_valid_length != self._prev_end:
-                    raise DamageError(f"{path}: does not continue the segment before it", path, 0)
-                if self._resume is not None:
-                    self._reader.resume_at(*self._resume)
-                    self._resume = None
-            r = self._reader
-            closed = self._index < segment
-            for f in r.frames(None if closed else durable):
-                self.add(f)
-            if not closed:
-                return
-            if r.bad_offset is not None and not r.torn:
-                raise DamageError(f"{r.path}: damaged at offset {r.bad_offset} ({r.bad_reason})", r.path, r.bad_offset)
-            self._prev_end = r.valid_length
-            r.close()
-            self._reader = None
-            self._index += 1
-
-    _prev_end: Optional[int] = None
-    _resume: Optional[Tuple[int, int]] = None  # where the cut was, until that segment is opened
+        writer has made durable (`checksum`: its chain value there, when known)."""
+        assert self._follower is not None
+        for f, _ in self._follower.frames(segment, durable, checksum):
+            self.add(f)
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        if self._follower is not None:
+            self._follower.close()
 
     def abort(self) -> None:
         """A failed compaction: close its files (the caller removes the .partial)."""

@@ -364,14 +364,6 @@ class SegmentScan:
     def clean(self) -> bool:
         return self.bad_offset is None
 
-    def resume_at(self, offset: int, checksum: int) -> None:
-        """Read on from `offset`, a frame boundary where the writer restarted its deflate
-        stream (SegmentWriter.restart_stream), `checksum` being the chain value there: the
-        frames before it need not be read (a compaction follows its journal from its cut)."""
-        self.valid_length, self.final_checksum = offset, checksum
-        self._resumed = True
-        self._inflate = zlib.decompressobj(-15) if self._encoding == ENCODING_DEFLATE else None
-
     @property
     def torn_tail(self) -> bool:
         return self.bad_offset is not None and self.torn
@@ -436,14 +428,28 @@ class SegmentWriter:
 
     def restart_stream(self) -> None:
         """Frames added from now on inflate without the ones before (FORMAT.md: a full
-        flush; its output, an empty stored block, is dropped like the sync flush's tail)."""
-        if self._deflate is not None:
+        flush; its output, an empty stored block, is dropped like the sync flush's tail).
+        Only between flushed frames. Nothing to do when no frame was added since the
+        segment began or the last restart (zlib would then have nothing to flush)."""
+        assert not self._pending, "restart_stream with frames not yet flushed"
+        if self._deflate is not None and self._dirty:
             out = self._deflate.flush(zlib.Z_FULL_FLUSH)
             assert out == b"\x00" + _SYNC_TAIL, out
+            self._dirty = False
+
+    _dirty = False  # frames were compressed since the stream began or was restarted
+
+    def preallocate_ahead(self, chunk: int) -> None:
+        """Turn preallocation on (a compaction's new segment, just before the switch) and
+        write the first chunk of zeros now, so the hook's first append does not."""
+        self.preallocate = chunk
+        if chunk and self.allocated <= self.size:
+            self._extend(self.size + 1)
 
     def add(self, kind: int, data_version: int, statements: Sequence[str]) -> int:
         """Encode one frame after the others; returns its size. Not durable until flush()."""
         data, crc = encode_frame(kind, data_version, statements, self.checksum, self._deflate)
+        self._dirty = True
         self._pending.append(data)
         self.pending_bytes += len(data)
         self.checksum = crc

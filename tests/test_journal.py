@@ -89,6 +89,27 @@ def test_a_restarted_stream_reads_whole_and_from_the_restart(tmp_path, flags):
 
 
 @ENCODINGS
+def test_restarts_back_to_back_and_on_an_empty_segment_change_nothing(tmp_path, flags):
+    # A compaction that failed after its cut, then another cut before lightningd wrote again;
+    # or a cut right after a roll-over: zlib has nothing to flush, and the writer skips it.
+    p = tmp_path / "seg.pbj"
+    h = SegmentHeader(generation=1, generation_id=os.urandom(16), segment=1, base_version=0, snapshot_sha256=b"\0" * 32, flags=flags)
+    w = SegmentWriter.create(str(p), h, 0)
+    w.restart_stream()
+    w.append(*FRAMES[0])
+    w.restart_stream()
+    w.restart_stream()
+    cut, seed = w.size, w.checksum
+    for kind, v, stmts in FRAMES[1:]:
+        w.append(kind, v, stmts)
+    w.close()
+    assert [f.data_version for f in scan_segment(str(p)).frames] == [v for _, v, _ in FRAMES]
+    with SegmentReader(str(p)) as r:
+        r.resume_at(cut, seed)
+        assert [f.data_version for f in r.frames()] == [v for _, v, _ in FRAMES[1:]] and r.clean
+
+
+@ENCODINGS
 def test_truncation_at_every_byte_of_the_last_frame_is_a_torn_tail(tmp_path, flags):
     p = tmp_path / "seg.pbj"
     ends = make_segment(p, FRAMES, flags)
