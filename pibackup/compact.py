@@ -42,6 +42,7 @@ CHECK_INTERVAL = 30.0  # the thread also wakes at once when a flush crosses the 
 SPARE_IDLE = float(os.environ.get("PIBACKUP_TEST_SPARE_IDLE", 60.0))
 _CAUGHT_UP_BYTES = 64 * 1024  # copy at most about this much while holding the writer's lock
 _COPY_BATCH = 64 * 1024  # frames copied per write + fdatasync (small for peak RSS; one sync under the lock)
+_SYNC_EVERY = 1 << 20  # the snapshot copy is synced every MiB (the hook's syncs never wait behind a big one)
 _MAX_ROUNDS = 32  # the child catches up with the writer at most this many times before it finishes
 
 
@@ -156,7 +157,7 @@ def build_snapshot(
     part = dst.Generation(gen.number, gen.path, gen.snapshots, gen.segments[:segments])
     tmp = os.path.join(partial, "snapshot.tmp")
     if gen.snapshot is not None:
-        copy_snapshot(gen.snapshot, tmp, info.snapshot_sha256)
+        copy_snapshot(gen.snapshot, tmp, info.snapshot_sha256, sync_every=_SYNC_EVERY)
     out = Outcome(gen.name, info.base_version, info.base_version)
     parent = os.getppid()
     conn = sqlite3.connect(tmp, isolation_level=None)
