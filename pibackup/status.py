@@ -6,6 +6,7 @@ A monitor thread looks at the backup every few seconds; a failure is reported at
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ class Health:
     state: str = OK  # ok, warning or failed
     warnings: List[str] = field(default_factory=list)
     failure: Optional[str] = None
+
+
+_NUMBER = re.compile(r"\d[\d,.]*")
 
 
 def check_destination(path: str, min_free_bytes: int) -> List[str]:
@@ -126,7 +130,7 @@ class Reporter:
         self._lock = threading.Lock()
         self._last_status: Optional[str] = None
         self._last_sent = 0.0
-        self._logged: Dict[str, float] = {}  # message -> when it was last logged
+        self._logged: Dict[str, float] = {}  # message (its numbers left out) -> when it was last logged
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -162,14 +166,16 @@ class Reporter:
         self._send_status(now)
 
     def _log_once(self, message: str, level: str, now: float, first_already: bool = False) -> None:
-        """Log a persisting problem once, then a reminder every REMINDER_SECONDS."""
-        last = self._logged.get(message)
+        """Log a persisting problem once, then a reminder every REMINDER_SECONDS. The same
+        problem with other numbers in it (free space shrinking by a MiB) is the same problem."""
+        key = _NUMBER.sub("#", message)
+        last = self._logged.get(key)
         if last is None:
-            self._logged[message] = now
+            self._logged[key] = now
             if not first_already:  # the caller has logged it with its context already
                 self.log(message, level)
         elif now - last >= REMINDER_SECONDS:
-            self._logged[message] = now
+            self._logged[key] = now
             self.log(f"still: {message}", level)
 
     # --- systemd ---------------------------------------------------------------------

@@ -112,3 +112,18 @@ def test_a_read_only_medium_is_a_warning(tmp_path):
         warnings = check_destination(str(mnt), 0)
     assert len(warnings) == 1 and "read-only" in warnings[0] and "replace it" in warnings[0]
     assert "unplugged" in check_destination(str(tmp_path / "gone"), 0)[0]
+
+
+def test_a_warning_whose_numbers_change_is_logged_once(tmp_path):
+    # Free space shrinking by a MiB between two checks is the same problem: one log line
+    # (then an hourly reminder), not one per check. It made the LED test above flaky while
+    # other programs wrote to the same disk.
+    from pibackup.status import Reporter
+
+    logged = []
+    free = iter([80123, 80122, 80121])
+    r = Reporter(lambda m, lvl: logged.append(m), dict, lambda: [], 0, lambda: [f"only {next(free)} MiB free on /x"])
+    for _ in range(3):
+        r.check()
+    assert logged == ["only 80123 MiB free on /x"]
+    assert r.health.warnings == ["only 80121 MiB free on /x"]  # status shows the latest figure
