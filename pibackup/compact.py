@@ -55,7 +55,7 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-# --- the child process: snapshot + closed segments -> new snapshot -------------------------
+# --- the child process: snapshot + journal up to the cut (and past it) -> new snapshot ----
 @dataclass
 class Built:
     version: int  # data_version of the new snapshot
