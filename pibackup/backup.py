@@ -265,6 +265,9 @@ class Backup:
         damage = None
         if t.bad_offset is not None and not t.torn:
             damage = f"{t.path} is damaged at offset {t.bad_offset} ({t.bad_reason})"
+        mark = dst.damage_mark(gen.path)
+        if damage is None and mark is not None:
+            damage = f"a compaction found it damaged: {mark}"
         if t.last_frame is None:
             return _Tail(gen, t.header.base_version, False, t, damage)
         # The last frame decides: a PRAGMA frame (a commit mark when empty) repeats the
@@ -326,6 +329,7 @@ class Backup:
             self.writer.close()
         self.writer = writer
         self.generation = final
+        self.damaged = None
         self.last, self.last_is_journaled = version, False
         self.base_version = version
         self.counters.generations_started += 1
@@ -389,12 +393,16 @@ class Backup:
     def _write(self, data_version: int, writes: List[str]) -> None:
         a = classify(self.last, data_version, is_pragma_only(writes), self.last_is_journaled)
         try:
-            if a is Action.GAP:
-                self.log(
-                    f"gap: backup ends at data_version {self.last}, lightningd sent {data_version}; "
-                    "taking a snapshot of the live database",
-                    "warn",
-                )
+            if a is Action.GAP or (self.damaged is not None and a is not Action.BEHIND):
+                if a is Action.GAP:
+                    self.log(
+                        f"gap: backup ends at data_version {self.last}, lightningd sent {data_version}; "
+                        "taking a snapshot of the live database",
+                        "warn",
+                    )
+                else:
+                    name = os.path.basename(self.generation or "")
+                    self.log(f"replacing the damaged {name}: taking a snapshot of the live database", "warn")
                 self._new_generation(snapshot=True)
                 a = classify(self.last, data_version, is_pragma_only(writes), False)
                 if a is not Action.APPEND and a is not Action.PRAGMA:
@@ -482,6 +490,31 @@ class Backup:
                 self.roll_failed = True
 
     roll_failed = False  # the last roll-over could not start the next segment (a warning in status)
+    damaged: Optional[str] = None  # why the writer's generation cannot be restored whole (a warning in status)
+
+    def mark_damaged(self, generation: str, why: str) -> None:
+        """A compaction found `generation` damaged: a restore of it would stop at the damage,
+        short of calls already answered. If the writer is still in it, the next call starts a
+        new generation from a snapshot of the live database (the hook's path, as after a gap:
+        only then is the live database known to hold exactly what was answered). The damaged
+        generation is kept as it is, until retention deletes it."""
+        name = os.path.basename(generation)
+        with self._lock:
+            if self.generation != generation or self.failure is not None:
+                # A gap moved on meanwhile (its snapshot is of the live database) or the backup failed.
+                self.log(f"backup generation {name} is damaged ({why}); the backup is no longer written to it", "warn")
+                return
+            self.damaged = why
+            self.log(
+                f"backup generation {name} is damaged ({why}): a restore of it would stop there. A new generation is "
+                f"started from a snapshot of the live database at lightningd's next database write; {name} is kept as "
+                "it is. Damage on a healthy medium is rare: check it (dmesg, fsck) and think of replacing it",
+                "warn",
+            )
+        try:
+            dst.write_damage_mark(generation, why)  # a restart before that write must not continue it either
+        except OSError as e:
+            self.log(f"could not mark {name} damaged on the medium: {e}", "warn")
 
     def _check_destination_in_place(self) -> None:
         """A stick unplugged (or lazily unmounted) under us: our open files live on in a

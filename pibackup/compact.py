@@ -50,6 +50,12 @@ class CompactionError(PibackupError):
     pass
 
 
+class GenerationDamaged(CompactionError):
+    """The generation being compacted cannot be read whole (its snapshot or a journal frame
+    is damaged): a restore of it would stop short, so the backup starts a new generation
+    from the live database (Backup.mark_damaged)."""
+
+
 def crash_point(name: str) -> None:
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -255,6 +261,10 @@ def child_main() -> None:
         }
     except NothingToDo as e:
         result = {"nothing": str(e)}
+    except DamageError as e:
+        # An unreadable file (EIO, a vanished stick) is the medium's failure, not damage a
+        # new generation would cure; the next attempt or the writer's own errors tell.
+        result = {"error": str(e), "damaged": not isinstance(e.__cause__, OSError)}
     except OutputError as e:
         full = OSError(errno.ENOSPC, "No space left on device", args["partial"]) if e.full else None
         result = {"error": _describe(full) if full else f"{e} (in {args['partial']})"}
@@ -322,6 +332,7 @@ class Compactor:
         self._manual = False
         self._retain = True  # once at start (keep-generations may have been lowered), and after a gap
         self._child: Optional[subprocess.Popen[bytes]] = None
+        self._source = ""  # the generation being compacted
         # At a high rate a compaction's own start-up (a new Python process) is a good part of
         # it, and the journal written meanwhile is held twice; so when the next compaction is
         # near as one ends, its process is started at once and waits for its job.
@@ -347,6 +358,8 @@ class Compactor:
         """`lightning-cli pibackup-compact`: start one now (in the background)."""
         if self.state == "running":
             return "already running"
+        if self.backup.damaged is not None:
+            return "refused"  # its replacement is a snapshot of the live database, at the next write
         self.state, self.step, self.error = "running", "queued", None
         self._manual = True
         self._wake.set()
@@ -358,6 +371,7 @@ class Compactor:
     def retain(self) -> None:
         """A new generation started (a gap): apply retention in the background."""
         self.overshoot = 0
+        self._failed_at = None  # a failure compacting the old generation says nothing of the new one
         self._retain = True
         self._wake.set()
 
@@ -388,6 +402,8 @@ class Compactor:
 
     # --- the thread ---------------------------------------------------------------------
     def _due(self) -> bool:
+        if self.backup.damaged is not None:
+            return False  # the next write replaces the generation: compacting it would only read the damage again
         if self._manual:
             return True
         limit = self.threshold(self.backup.snapshot_bytes)
@@ -429,11 +445,20 @@ class Compactor:
             except Superseded as e:
                 self.state = "idle"
                 self.log(str(e), "info")
+            except (GenerationDamaged, DamageError) as e:
+                # The generation being written to cannot be restored whole: the fix is a new
+                # generation from the live database, not a retry of this compaction. (The
+                # state first: the new generation's retain() resets _failed_at.)
+                self.state, self.error, self._failed_at = "failed", str(e), time.monotonic()
+                self.backup.mark_damaged(self._source, str(e))
             except Exception as e:  # a failed compaction never fails the backup: it goes on in the old generation
                 msg = _describe(e) if isinstance(e, (OSError, sqlite3.Error)) else str(e)
                 if not isinstance(e, (PibackupError, OSError, sqlite3.Error)):
                     msg = f"internal error ({type(e).__name__}: {e}); please report it"
                 self.state, self.error, self._failed_at = "failed", msg, time.monotonic()
+                if self.backup.failure is not None:
+                    self.log(f"compaction failed: {msg}", "warn")  # and the backup with it: logged as an error already
+                    continue
                 self.log(
                     f"compaction failed: {msg}. The backup goes on in the current generation; the next automatic "
                     f"attempt is in {int(RETRY_AFTER_FAILURE // 60)} minutes, or run lightning-cli pibackup-compact",
@@ -448,6 +473,7 @@ class Compactor:
                 self.log("nothing to compact: no transaction committed since the current generation's snapshot", "info")
             return None
         src, segments, length, checksum, number = cut
+        self._source = src.path  # for a damage found on the way (_loop)
         crash_point("cut")
         partial = ""
         target: Optional[_NewGeneration] = None
@@ -574,7 +600,8 @@ class Compactor:
             raise CompactionError(f"the compaction process died ({tail[0]})")
         result: Dict[str, Any] = json.loads(out)
         if "error" in result:
-            raise CompactionError(f"cannot build the new snapshot from {src.name}: {result['error']}")
+            kind = GenerationDamaged if result.get("damaged") else CompactionError
+            raise kind(f"cannot build the new snapshot from {src.name}: {result['error']}")
         if "nothing" in result:
             return None
         return result
@@ -616,7 +643,6 @@ class _NewGeneration:
             self.writer.add(kind, version, statements)
             self.last = version
         self.writer.flush()
-        self.copied = 0
         self.closed_bytes = 0  # valid bytes of the new generation's closed segments
         self._follower: Optional[JournalFollower] = None
         end = built.get("end") or (0, 0)
@@ -635,7 +661,6 @@ class _NewGeneration:
             )
         self.last = frame.data_version
         self.writer.add(frame.kind, frame.data_version, frame.statements)
-        self.copied += 1
         if self.writer.pending_bytes >= _COPY_BATCH:  # memory stays bounded however far behind
             self.flush()
 

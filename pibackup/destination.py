@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from .errors import PibackupError
-from .journal import fsync_dir
+from .journal import fault_point, fsync_dir
 
 MARKER = "PIBACKUP"
 MARKER_TEXT = "pibackup backup directory\nformat 1\n"
@@ -58,6 +58,29 @@ def segment_filename(number: int) -> str:
 
 def snapshot_filename(version: int) -> str:
     return f"snapshot-v{version}.sqlite3"
+
+
+DAMAGE_MARK = "DAMAGED"  # in a generation directory: a writer found it damaged (FORMAT.md)
+
+
+def damage_mark(gen_path: str) -> Optional[str]:
+    """What the writer that found generation `gen_path` damaged wrote, or None."""
+    try:
+        with open(os.path.join(gen_path, DAMAGE_MARK), encoding="utf-8", errors="replace") as f:
+            return f.read(4096).strip() or "damaged"
+    except FileNotFoundError:
+        return None
+
+
+def write_damage_mark(gen_path: str, why: str) -> None:
+    """Mark a generation damaged, durably: no later start continues it."""
+    tmp = os.path.join(gen_path, DAMAGE_MARK + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(why + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, os.path.join(gen_path, DAMAGE_MARK))
+    fsync_dir(gen_path)
 
 
 def check_marker(path: str) -> None:
@@ -255,7 +278,9 @@ class Destination:
         if not dir_synced:
             fsync_dir(partial)
         final = partial[: -len(".partial")]
+        fault_point("generation-rename", partial)
         os.rename(partial, final)
+        fault_point("generation-renamed", self.path)
         fsync_dir(self.path)
         return final
 

@@ -158,8 +158,8 @@ class HookHandler:
             "shipping": self.shipper.status() if self.shipper is not None else "not configured",
             "compaction": "none",
         }
-        if self.failure:
-            out["failure"] = self.failure
+        if self.failure or (r is not None and r.health.failure):
+            out["failure"] = self.failure or (r.health.failure if r is not None else None)
         if b is None:
             out["calls_before_init"] = len(self.early)
             return out
@@ -194,7 +194,12 @@ class HookHandler:
         # Each destination compacts its own backup.
         started = {m.destination: m.compactor.request() for m in list(b.active) if m.compactor is not None}
         first = next(iter(started.values()), "refused")
-        return {"compaction": first, "destinations": started, "generation": b.generation and b.generation.rsplit("/", 1)[-1]}
+        generation = b.generation and b.generation.rsplit("/", 1)[-1]
+        out: Dict[str, Any] = {"compaction": first, "destinations": started, "generation": generation}
+        damaged = next((m.damaged for m in list(b.active) if getattr(m, "damaged", None)), None)
+        if first == "refused" and damaged:
+            out["reason"] = f"the current generation is damaged ({damaged}); lightningd's next write replaces it from the live DB"
+        return out
 
     def _start_reporter(self, cfg: Optional[Config]) -> None:
         """systemd status and the LED; a wrong LED name is a warning, not a reason to halt."""
@@ -209,6 +214,7 @@ class HookHandler:
             self._figures,
             lambda: [b.destination for b in self.backup.active] if self.backup is not None else [],
             extra_warnings=self._extra_warnings,
+            pending_failure=lambda: self.backup.pending_failure() if self.backup is not None else None,
             min_free_bytes=cfg.min_free_bytes if cfg is not None else 0,
             led=led,
             notify=systemd_notifier(),

@@ -563,7 +563,26 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
+# Tests only: with PIBACKUP_TEST_FAULT=FILE, while FILE exists, the points named in it (one
+# word each) fail with EIO, as a failing medium's would. Unset (always, outside the tests),
+# fault_point costs one comparison.
+_FAULT_FILE = os.environ.get("PIBACKUP_TEST_FAULT")
+
+
+def fault_point(name: str, path: str = "") -> None:
+    if _FAULT_FILE is None:
+        return
+    try:
+        with open(_FAULT_FILE, encoding="utf-8") as f:
+            armed = f.read().split()
+    except FileNotFoundError:
+        return
+    if name in armed:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), path or None)
+
+
 def fsync_dir(path: str) -> None:
+    fault_point("dirsync", path)
     fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)

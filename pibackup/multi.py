@@ -74,6 +74,20 @@ class Destinations:
         for b in self.active:
             b.failure = message
 
+    def pending_failure(self) -> Optional[str]:
+        """A failure a background thread (flusher, compaction's switch) met in a member: the
+        next write halts the node on it (halt, or no other destination left). Until then
+        status, systemd and the LED say so already."""
+        with self._lock:
+            failed = [b for b in self.active if b.failure is not None]
+            if self._failure is not None or not failed:
+                return None
+            if self.policy != HALT and len(failed) < len(self.active):
+                return None  # warnings() says which one is dropped at the next write
+            b = failed[0]
+            where = "" if len(self.paths) == 1 else f"destination {b.destination}: "
+            return f"{where}{b.failure}. lightningd will be halted at its next database write"
+
     def open_segment(self) -> Optional[Tuple[str, int]]:
         return self.first.open_segment()
 
@@ -232,6 +246,18 @@ class Destinations:
                 "pibackup-segment-size until it can (see the log for the cause)"
                 for b in self.active
                 if getattr(b, "roll_failed", False)
+            ]
+            if self.policy != HALT and self._failure is None:
+                out += [
+                    f"destination {b.destination} failed ({b.failure}); it is dropped at lightningd's next write"
+                    for b in self.active
+                    if b.failure
+                ]
+            out += [
+                f"the backup in {b.destination} is damaged ({b.damaged}); a new generation is started from a snapshot of "
+                "the live database at lightningd's next database write"
+                for b in self.active
+                if getattr(b, "damaged", None)
             ]
             return out
 

@@ -379,6 +379,9 @@ def verify(backup_dir: str) -> VerifyReport:
         for p in problems:
             rep.damaged = True
             rep.lines.append(f"  DAMAGED: {p}")
+        mark = dst.damage_mark(gen.path)
+        if mark is not None:
+            rep.lines.append(f"  note: the plugin found it damaged and started a newer generation: {mark}")
     return rep
 
 

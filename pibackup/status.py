@@ -116,6 +116,7 @@ class Reporter:
         led: Optional[Led] = None,
         notify: Optional[Callable[[str], None]] = None,
         interval: float = 10.0,
+        pending_failure: Callable[[], Optional[str]] = lambda: None,
     ):
         self.log = log
         self.snapshot = snapshot
@@ -125,6 +126,7 @@ class Reporter:
         self.led = led
         self.notify = notify
         self.interval = interval
+        self.pending_failure = pending_failure
         self.health = Health()
         self.started = time.time()
         self._lock = threading.Lock()
@@ -148,6 +150,8 @@ class Reporter:
                 warnings += check_destination(d, self.min_free_bytes)
             warnings += self.extra_warnings()
             self.health.warnings = warnings
+            if self.health.failure is None:
+                self.health.failure = self.pending_failure()
             self._refresh_locked()
 
     def _refresh_locked(self) -> None:

@@ -13,7 +13,11 @@ import pytest
 import dbcompare
 import driver
 from helpers import cli, restore_to
-from pibackup.journal import scan_segment
+from pibackup import destination as dst
+from pibackup.backup import Backup
+from pibackup.compact import CompactionError, JournalFollower, _NewGeneration
+from pibackup.generation import DamageError
+from pibackup.journal import FLAG_DEFLATE, KIND_TX, Frame, SegmentHeader, SegmentWriter, scan_segment
 
 
 def status(node: driver.Node) -> Dict[str, Any]:
@@ -39,6 +43,89 @@ def restored_equals_live(dest: Path, node: driver.Node, out: Path) -> None:
     assert dbcompare.backup_differences(node.live.path, out, ("utxoset",)) == []
     v = cli("verify", str(dest))
     assert v.returncode == 0, v.stdout + v.stderr
+
+
+def tx(v: int) -> tuple:
+    return KIND_TX, v, [f"INSERT INTO t VALUES ({v}, 'x{v}')", f"UPDATE vars SET intval={v} WHERE name='data_version'"]
+
+
+def header(segment: int, **kw: Any) -> SegmentHeader:
+    return SegmentHeader(generation=1, generation_id=b"g" * 16, segment=segment, base_version=0, snapshot_sha256=b"\0" * 32, **kw)
+
+
+@pytest.mark.parametrize("flags", [0, FLAG_DEFLATE], ids=["plain", "deflate"])
+def test_the_copy_never_comes_up_short_of_what_the_writer_made_durable(flags, tmp_path):
+    # What the compaction copies after the cut is followed up to the writer's durable end.
+    # A frame there that cannot be read (bit rot, or a bug) must stop the copy with its
+    # place: a new generation short of an answered call must never be switched to.
+    gen = tmp_path / "gen-000001"
+    gen.mkdir()
+    w = SegmentWriter.create(str(gen / dst.segment_filename(1)), header(1, flags=flags), 0)
+    for v in range(1, 11):
+        w.append(*tx(v))
+    cut, seed = w.size, w.checksum
+    w.restart_stream()
+    for v in range(11, 16):
+        w.append(*tx(v))
+    f = JournalFollower(str(gen), 1, cut, seed)
+    assert [fr.data_version for fr, _ in f.frames(1, w.size, w.checksum)] == list(range(11, 16))
+    assert f.position() == (1, w.size)
+    # The chain value the writer holds differs from what was read: refused.
+    mid = w.size
+    w.append(*tx(16))
+    with pytest.raises(DamageError, match="checksum chain differs"):
+        list(JournalFollower(str(gen), 1, cut, seed).frames(1, w.size, w.checksum ^ 1))
+    # A damaged frame below the writer's durable end: refused, with both places.
+    for v in range(17, 20):
+        w.append(*tx(v))
+    data = bytearray((gen / dst.segment_filename(1)).read_bytes())
+    data[mid + 12] ^= 0x04
+    (gen / dst.segment_filename(1)).write_bytes(bytes(data))
+    with pytest.raises(DamageError, match=f"frames end at offset {mid} .*its writer's at {w.size}"):
+        list(f.frames(1, w.size))
+    w.close()
+
+
+def test_the_copy_refuses_a_segment_that_does_not_continue_the_one_before(tmp_path):
+    gen = tmp_path / "gen-000001"
+    gen.mkdir()
+    w = SegmentWriter.create(str(gen / dst.segment_filename(1)), header(1), 0)
+    for v in range(1, 6):
+        w.append(*tx(v))
+    cut, seed = w.size, w.checksum
+    w.restart_stream()
+    w.append(*tx(6))
+    w.close()
+    w2 = SegmentWriter.create(str(gen / dst.segment_filename(2)), header(2, prev_valid_length=w.size - 1, prev_checksum=w.checksum), 0)
+    w2.append(*tx(7))
+    w2.close()
+    f = JournalFollower(str(gen), 1, cut, seed)
+    with pytest.raises(DamageError, match="does not continue the segment before it"):
+        list(f.frames(2, w2.size))
+
+
+def test_the_new_generation_takes_only_frames_that_follow_its_snapshot(tmp_path):
+    # Each copied frame appends, repeats (a PRAGMA) or rewinds (sent again) the version
+    # before it; anything else would make the new generation unrestorable, so it is refused.
+    d = tmp_path / "dest"
+    d.mkdir()
+    b = Backup(str(d), "", print, segment_bytes=1 << 20, filter_tables=frozenset(), batch_seconds=0, batch_bytes=0, preallocate=0)
+    partial = b.dest.begin_generation(2)
+    built = {"version": 10, "sha256": "00" * 32, "snapshot_bytes": 0, "pending": []}
+    src = dst.Generation(1, str(d / "gen-000001"), [], [])
+    ng = _NewGeneration(b, partial, 2, built, src)
+
+    def frame(v: int) -> Frame:
+        return Frame(KIND_TX, v, [f"UPDATE t SET v={v}"], 0, 0)
+
+    for v in (11, 12, 12, 13):
+        ng.add(frame(v))
+    for bad in (15, 11, 9):
+        with pytest.raises(CompactionError, match=f"data_version {bad} after 13"):
+            ng.add(frame(bad))
+    ng.flush()
+    assert [f.data_version for f in scan_segment(ng.writer.path).frames][1:] == [11, 12, 12, 13]
+    ng.abort()
 
 
 def test_manual_compaction_while_writes_go_on_restores_everything(traces, make_node, dest, tmp_path):
@@ -418,30 +505,131 @@ def wait_failed(node: driver.Node) -> Dict[str, Any]:
     raise AssertionError(c)
 
 
-def test_a_damaged_journal_fails_the_compaction_with_its_place_and_the_backup_goes_on(traces, make_node, dest, tmp_path):
-    from pibackup.journal import scan_segment
+@pytest.mark.parametrize("point", ["generation-rename", "generation-renamed"])
+def test_an_io_error_at_the_switch_loses_nothing(point, traces, make_node, dest, tmp_path):
+    """Before the new generation's rename, an I/O error fails the compaction and the backup
+    goes on in the old generation. After it (the directory's sync failed), a restore may
+    find either generation, and the new one gets no more frames: the backup fails, and
+    lightningd halts at its next write. Nothing answered is lost either way."""
+    recs = driver.first_run(traces["A"])[:450]
+    fault = tmp_path / "fault"
+    node = make_node(pibackup_compact_ratio="0", pibackup_batch_seconds=0)
+    node.plugin_env = {"PIBACKUP_TEST_FAULT": str(fault)}
+    node.start([r for r in recs if r.pre_init])
+    node.calls(recs[9:300])
+    fault.write_text(point)
+    node.rpc("pibackup-compact")
+    c = wait_failed(node)
+    assert "I/O error on the backup medium" in c["error"], c
+    fault.unlink()  # the medium works again: what was left must still restore whole
+    if point == "generation-rename":
+        assert generation_dirs(dest) == ["gen-000001"]
+        node.calls(recs[300:])
+        assert status(node)["state"] == "ok"
+        node.stop()
+        restored_equals_live(dest, node, tmp_path / "r.sqlite3")
+        return
+    assert generation_dirs(dest) == ["gen-000001", "gen-000002"]
+    assert "lightningd will be halted at its next database write" in node.log_text()
+    assert status(node)["state"] == "failed"
+    with pytest.raises(driver.Halted):
+        node.call(recs[300])
+    restored_equals_live(dest, node, tmp_path / "after-fault.sqlite3")
+    node.start(recs[300:301])  # lightningd restarted by its owner
+    node.calls(recs[301:])
+    node.stop()
+    restored_equals_live(dest, node, tmp_path / "after-restart.sqlite3")
 
+
+def flip_bit(path: Path, offset: int) -> None:
+    """Bit rot: one bit changed in place (the file is not rewritten)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("where", ["journal", "snapshot"])
+def test_a_damaged_generation_is_replaced_by_a_snapshot_of_the_live_db_at_the_next_call(where, traces, make_node, dest, tmp_path):
+    # Bit rot on the stick, found by a compaction: a restore of that generation would stop
+    # at the damage, short of answered calls. The next call starts a new generation from
+    # the live database; the damaged one is kept as it is, and nothing answered is lost.
+    recs = driver.first_run(traces["A"])[:400]
+    node = make_node(pibackup_compact_ratio="0", pibackup_segment_size="64K")
+    node.start([r for r in recs if r.pre_init])
+    node.calls(recs[9:290])
+    if where == "journal":
+        victim = dest / "gen-000001" / "seg-000001.pbj"
+        assert (dest / "gen-000001" / "seg-000002.pbj").exists()  # so seg-000001 is closed
+        frames = scan_segment(str(victim)).frames
+        offset = frames[len(frames) // 2].offset + 20
+        place = f"{victim}: damaged at offset {offset - 20}"
+    else:
+        node.rpc("pibackup-compact")  # gen-000002 starts from a snapshot
+        wait_compacted(node, 1)
+        victim = next((dest / "gen-000002").glob("snapshot-v*.sqlite3"))
+        offset = victim.stat().st_size // 2
+        place = f"{victim}: snapshot is damaged"
+    node.calls(recs[290:300])
+    flip_bit(victim, offset)
+    damaged = generation_dirs(dest)[-1]
+    assert node.rpc("pibackup-compact")["compaction"] == "started"
+    c = wait_failed(node)
+    assert place in c["error"], c
+    for _ in range(200):  # the log line comes right after the failed state
+        if f"backup generation {damaged} is damaged" in node.log_text():
+            break
+        time.sleep(0.05)
+    assert "next database write" in node.log_text(), node.log_text()
+    st = status(node)  # the health check says so too (status, systemd, LED)
+    assert st["state"] == "warning" and any("is damaged" in w for w in st["warnings"]), st
+    refused = node.rpc("pibackup-compact")  # compacting it again would only read the damage again
+    assert refused["compaction"] == "refused" and "is damaged" in refused["reason"], refused
+    assert (dest / damaged / "DAMAGED").exists()
+    node.calls(recs[300:301])  # lightningd's next write: a new generation, from the live database
+    assert f"replacing the damaged {damaged}" in node.log_text()
+    st = status(node)
+    assert st["generation"] != damaged and damaged in generation_dirs(dest), (st["generation"], generation_dirs(dest))
+    assert st["warnings"] == [] and st["state"] == "ok", st
+    node.calls(recs[301:])
+    node.stop()
+    r = restore_to(dest, tmp_path / "r.sqlite3")
+    assert r.returncode == 0, r.stderr
+    assert dbcompare.backup_differences(node.live.path, tmp_path / "r.sqlite3", ("utxoset",)) == []
+    # verify still finds the damage, in the damaged generation only.
+    v = cli("verify", str(dest))
+    assert v.returncode == 1 and str(victim) in v.stdout and "found it damaged" in v.stdout, v.stdout
+    newest = [line for line in v.stdout.splitlines() if "newest" in line]
+    assert newest and damaged not in newest[0], v.stdout
+    r = restore_to(dest, tmp_path / "old.sqlite3", "--generation", str(int(damaged[4:])), "--partial")
+    assert r.returncode != 0 and str(victim) in r.stderr, r.stderr
+
+
+def test_a_generation_found_damaged_is_not_continued_after_a_restart(traces, make_node, dest, tmp_path):
+    # The plugin stops (or dies) between finding the damage and lightningd's next write:
+    # the mark on the medium makes the next start begin a new generation all the same.
     recs = driver.first_run(traces["A"])[:400]
     node = make_node(pibackup_compact_ratio="0", pibackup_segment_size="64K")
     node.start([r for r in recs if r.pre_init])
     node.calls(recs[9:300])
-    seg = dest / "gen-000001" / "seg-000001.pbj"
-    frames = scan_segment(str(seg)).frames
-    victim = frames[len(frames) // 2]
-    data = bytearray(seg.read_bytes())
-    data[victim.offset + 20] ^= 0x10  # bit rot in a closed segment
-    seg.write_bytes(bytes(data))
+    victim = dest / "gen-000001" / "seg-000001.pbj"
+    flip_bit(victim, scan_segment(str(victim)).frames[5].offset + 20)
     node.rpc("pibackup-compact")
-    c = wait_failed(node)
-    assert f"{seg}: damaged at offset {victim.offset}" in c["error"], c
-    assert "compaction failed" in node.log_text() and "pibackup-compact" in node.log_text()
-    node.calls(recs[300:])  # lightningd goes on; so does the backup, in gen-000001
-    assert status(node)["state"] == "ok"
+    wait_failed(node)
+    for _ in range(200):
+        if (dest / "gen-000001" / "DAMAGED").exists():
+            break
+        time.sleep(0.05)
+    node.kill()
+    node.start(recs[300:302])
+    assert "gen-000001 is damaged" in node.log_text() and "a compaction found it damaged" in node.log_text()
+    assert status(node)["generation"] == "gen-000002"
+    node.calls(recs[302:])
     node.stop()
-    assert generation_dirs(dest) == ["gen-000001"]
-    out = tmp_path / "partial.sqlite3"
-    r = restore_to(dest, out, "--partial")
-    assert r.returncode == 1 and f"offset {victim.offset}" in r.stderr
+    r = restore_to(dest, tmp_path / "r.sqlite3")
+    assert r.returncode == 0, r.stderr
+    assert dbcompare.backup_differences(node.live.path, tmp_path / "r.sqlite3", ("utxoset",)) == []
 
 
 def test_a_full_stick_fails_the_compaction_not_the_node(traces, make_node, tmp_path):

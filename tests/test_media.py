@@ -246,3 +246,30 @@ def test_a_segment_that_cannot_be_started_refuses_nothing_and_the_roll_over_is_r
     out2 = tmp_path / "after.sqlite3"
     assert cli("restore", str(dest), str(out2)).returncode == 0
     assert dbcompare.backup_differences(node.live.path, out2) == []
+
+
+def test_a_new_segment_that_cannot_be_removed_again_halts_the_node_and_loses_nothing(traces, make_node, dest, tmp_path):
+    """Every directory sync fails from some point on (a failing card): at the next roll-over
+    the new segment is renamed in place, but neither its creation nor its removal can be
+    made durable. After a power cut it may be there, claiming to continue the current
+    segment, so the current segment must not grow again: the backup fails."""
+    recs = driver.first_run(traces["A"])
+    fault = tmp_path / "fault"
+    node = make_node(pibackup_segment_size="64K", pibackup_compact_ratio="0", pibackup_batch_seconds=0)
+    node.plugin_env = {"PIBACKUP_TEST_FAULT": str(fault)}
+    node.start(recs[:9])
+    seg1 = dest / "gen-000001" / "seg-000001.pbj"
+    before = None
+
+    def fail_dir_syncs() -> None:
+        nonlocal before
+        before = seg1.stat().st_size
+        fault.write_text("dirsync")
+
+    i = run_until_halted(node, recs, 9, fail_dir_syncs, 20)
+    assert EIO["journal"] in node.log_text(), node.log_text()
+    assert seg1.stat().st_size >= 64 * 1024 > before  # halted at the roll-over
+    assert not (dest / "gen-000001" / "seg-000002.pbj").exists()
+    fault.unlink()
+    assert_nothing_acknowledged_lost(dest, node, tmp_path, "left-behind", recs[i])
+    resume_on_fixed_medium(node, recs, i, dest, tmp_path)
