@@ -22,8 +22,10 @@ lint:
 	$(VENV)/bin/ruff check pibackup tests pibackup.py
 	$(VENV)/bin/mypy
 
+# Two workers at most where there are two cores (pytest-xdist): most tests wait on fsync
+# and on the plugin's process, so the suite takes about half as long.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses=4
 
 # The large runs: >= 500 SIGKILLs of the plugin per recording; every crash state of trace A
 # (tests/crashstates.py), with its figures.
