@@ -113,6 +113,7 @@ def fmt(v: Optional[float]) -> str:
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+    workloads.byte_compile()
     which = [int(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else [0, 1, 2, 3]
     paced = min(n, 4000)
     runs = [

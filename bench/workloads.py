@@ -20,6 +20,16 @@ _BLOB = re.compile(r"x'([0-9a-fA-F]*)'")
 _DDL = re.compile(r"\s*(CREATE|ALTER|DROP|PRAGMA)\b", re.I)
 
 
+def byte_compile() -> None:
+    """Write the plugin's .pyc files first, as the Debian package does when it is installed.
+    Without them (PYTHONDONTWRITEBYTECODE is set on the development machine) every start of
+    the plugin compiles its sources, which adds about 1.4 MB to its peak RSS that an
+    installed plugin never pays, while pyln-client's come compiled by pip."""
+    import compileall
+
+    compileall.compile_dir(str(Path(__file__).resolve().parents[1] / "pibackup"), quiet=1)
+
+
 def synthetic(n: int, seed: int = 1) -> Tuple[List[Record], Iterator[Record]]:
     """(prefix, calls): the prefix is trace A's first run, replayed for real so the live DB
     exists; then n calls shaped like A's after its channel opened. Blobs (signatures,

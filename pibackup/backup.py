@@ -59,6 +59,7 @@ class Counters:
     write_calls: int = 0
     syncs: int = 0  # frame flushes (write + fdatasync)
     bulk_syncs: int = 0  # of which for bulk frames alone (batch timer or size)
+    other_syncs: int = 0  # of which for a compaction's cut or switch, a new generation, a start or a stop
     rewinds: int = 0
     generations_started: int = 0
     compactions: int = 0
@@ -167,7 +168,7 @@ class Backup:
             self._dest_id = (st.st_dev, st.st_ino)
             with self._lock:
                 self._start(early)
-                self._flush()
+                self._flush(other=True)
         except OSError as e:
             raise dst.DestinationError(io_error_message(e, self.destination)) from e
         if self.batch_seconds > 0:
@@ -298,7 +299,7 @@ class Backup:
     # --- generations and segments ---------------------------------------------------
     def _new_generation(self, snapshot: bool) -> None:
         if self.writer is not None:
-            self._flush()  # what was answered before the gap stays in the old generation
+            self._flush(other=True)  # what was answered before the gap stays in the old generation
         number = self.dest.next_generation_number()
         if self._reserved is not None:
             number = max(number, self._reserved + 1)  # a compaction is building that one: it will notice and give up
@@ -450,7 +451,7 @@ class Backup:
         elif self._pending_since is None:
             self._pending_since = time.monotonic()
 
-    def _flush(self, bulk: bool = False) -> None:
+    def _flush(self, bulk: bool = False, other: bool = False) -> None:
         """Write and sync everything pending (caller holds the lock); roll the segment over when full."""
         w = self.writer
         if w is None:
@@ -470,6 +471,7 @@ class Backup:
             self.counters.write_calls += 1
             self.counters.syncs += 1
             self.counters.bulk_syncs += bulk
+            self.counters.other_syncs += other
         if w.size >= self.segment_bytes:
             try:
                 self._open_segment(w.header, w.header.segment + 1, w.size, w.checksum)
@@ -534,7 +536,7 @@ class Backup:
         with self._lock:
             if self.failure is None:
                 try:
-                    self._flush()
+                    self._flush(other=True)
                 except OSError as e:
                     self.failure = io_error_message(e, self.generation or self.destination)
                     raise dst.DestinationError(self.failure) from e
@@ -592,7 +594,7 @@ class Backup:
             if self.failure is not None or w is None or self.generation is None:
                 return None
             try:
-                self._flush()
+                self._flush(other=True)
             except OSError as e:
                 self.failure = io_error_message(e, self.generation or self.destination)
                 self.log(f"pibackup: {self.failure}. lightningd will be halted at its next database write.", "error")
@@ -656,7 +658,7 @@ class Backup:
             if position is None:
                 raise Superseded("a new generation was started meanwhile (a gap); this compaction is dropped")
             try:
-                self._flush()
+                self._flush(other=True)
             except OSError as e:
                 self.failure = io_error_message(e, self.generation or self.destination)
                 self.log(f"pibackup: {self.failure}. lightningd will be halted at its next database write.", "error")
