@@ -659,3 +659,39 @@ def test_compact_before_init_is_refused_with_a_reason(make_node):
     r = node.rpc("pibackup-compact")
     assert r["compaction"] == "refused" and "has not started yet" in r["reason"]
     node.kill()
+
+
+def test_a_damage_report_only_affects_the_generation_still_written(traces, tmp_path):
+    # In-process: the writer as the plugin holds it. A report about a generation the writer
+    # has left (a gap moved on meanwhile) changes nothing; a call from the past is refused
+    # as before, and does not consume the repair; the next call that follows repairs.
+    from pibackup.backup import BehindError, Call
+
+    recs = driver.first_run(traces["A"])
+    live = driver.LiveDB(tmp_path / "live.sqlite3")
+    d = tmp_path / "dest"
+    d.mkdir()
+    logs: list = []
+    b = Backup(str(d), str(live.path), lambda m, lvl="info": logs.append(m), segment_bytes=1 << 20,
+               filter_tables=frozenset({"utxoset"}), batch_seconds=0, batch_bytes=0, preallocate=0)
+    for r in recs[:9]:
+        live.commit(r.writes)
+    b.start([Call(r.data_version, list(r.writes)) for r in recs[:9]])
+    for r in recs[9:60]:
+        b.write(r.data_version, list(r.writes))
+        live.commit(r.writes)
+    gen = b.generation
+    assert gen is not None
+    b.mark_damaged(str(d / "gen-000007"), "bit rot elsewhere")
+    assert b.damaged is None and not (d / "gen-000007").exists()
+    b.mark_damaged(gen, "bit rot")
+    assert b.damaged == "bit rot" and (Path(gen) / "DAMAGED").read_text() == "bit rot\n"
+    with pytest.raises(BehindError):
+        b.write(recs[30].data_version, list(recs[30].writes))
+    assert b.damaged == "bit rot" and b.generation == gen
+    b.write(recs[60].data_version, list(recs[60].writes))
+    live.commit(recs[60].writes)
+    assert b.damaged is None and b.generation != gen and b.base_version == recs[59].data_version
+    assert any("replacing the damaged gen-000001" in m for m in logs), logs
+    b.close()
+    live.close()
