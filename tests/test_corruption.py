@@ -76,8 +76,13 @@ class Backup:
         ref.close()
         self.files = sorted(p for p in self.dest.rglob("*") if p.is_file())
         self.newest_segment = sorted(self.dest.glob("gen-*/seg-*.pbj"))[-1]
-        scan = scan_segment(str(self.newest_segment))
-        self.newest_boundaries = {HEADER_SIZE} | {f.offset for f in scan.frames}
+        # Frame boundaries of each generation's last segment: a cut there leaves that
+        # generation a valid shorter journal (of the newest: the one case no format can
+        # notice; of an older one: nothing says where it ended either).
+        self.last_segments = [sorted(g.glob("seg-*.pbj"))[-1] for g in sorted(self.dest.glob("gen-*"))]
+        self.boundaries = {
+            p: {HEADER_SIZE} | {f.offset for f in scan_segment(str(p)).frames} for p in self.last_segments
+        }
         self.valid_length = {p: scan_segment(str(p)).valid_length for p in self.dest.glob("gen-*/seg-*.pbj")}
         self.report = verify(str(self.dest)).lines
         out = root / "pristine.sqlite3"
@@ -128,7 +133,7 @@ def test_random_corruption_is_always_noticed_and_never_restored_wrong(pristine, 
         # case no format can notice (FORMAT.md). A cut in a segment's unused zeros, after its
         # valid content, loses nothing.
         harmless = what == "truncate" and pos >= pristine.valid_length.get(victim, len(victim.read_bytes()) + 1)
-        invisible = harmless or (victim == pristine.newest_segment and what == "truncate" and pos in pristine.newest_boundaries)
+        invisible = harmless or (what == "truncate" and pos in pristine.boundaries.get(victim, ()))
 
         # verify
         try:
@@ -140,7 +145,8 @@ def test_random_corruption_is_always_noticed_and_never_restored_wrong(pristine, 
         if harmless:
             seen["cut in unused zeros after a segment's content (nothing lost)"] += 1
         elif invisible:
-            seen["cut between frames of the newest segment (a valid shorter journal)"] += 1
+            which = "the newest" if victim == pristine.newest_segment else "an older generation's last"
+            seen[f"cut between frames of {which} segment (a valid shorter journal)"] += 1
         else:
             assert noticed, f"{label}: verify did not notice\n" + "\n".join(lines)
             seen[f"{kind} {what}: " + ("damage" if damaged else "unfinished append")] += 1

@@ -140,7 +140,7 @@ def test_sigkill_at_random_points_loses_no_acknowledged_transaction(trace, trace
         wanted = len(kills)
         dest = tmp_path / f"round{rounds}" / "usb"
         dest.mkdir(parents=True)
-        # Every generation kept, so verify's report below still shows the early rewinds and gaps.
+        # Generations kept (up to 100), so verify's report below still shows rewinds and gaps.
         node = make_node(**{"pibackup-destination": str(dest), "pibackup-keep-generations": 100})
         got = replay_with_kills(node, records, kills, rng)
         assert got == wanted, (got, wanted)
@@ -150,7 +150,9 @@ def test_sigkill_at_random_points_loses_no_acknowledged_transaction(trace, trace
         # The kills exercised what they claim: rewinds were replaced, gaps started generations.
         if wanted >= 12:
             assert re.search(r", [1-9]\d* rewound", report), report
-            assert "gen-000002" in report, report
+            # (500 kills make well over 100 generations, gaps and compactions: retention
+            # then keeps the newest 100, the most pibackup-keep-generations allows.)
+            assert max(int(n) for n in re.findall(r"^gen-(\d{6}):", report, re.M)) >= 2, report
         done += got
         rounds += 1
     print(f"{trace}: {done} SIGKILLs of the plugin in {rounds} replay(s), every acknowledged transaction restored")
