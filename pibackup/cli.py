@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         "verify",
         help="read and check everything in a backup directory",
-        description="Check every snapshot and journal frame; print generations, data_version ranges and damage.",
+        description="Check every snapshot and journal frame; print generations, data_version ranges and damage "
+        "(and a note on a generation the plugin found damaged while it ran).",
     )
     v.add_argument("backup_dir", metavar="BACKUP_DIR", help="the pibackup-destination directory, a copy, or [user@]host:/path")
     for sp in (r, v):

@@ -196,8 +196,9 @@ class HookHandler:
         first = next(iter(started.values()), "refused")
         generation = b.generation and b.generation.rsplit("/", 1)[-1]
         out: Dict[str, Any] = {"compaction": first, "destinations": started, "generation": generation}
-        damaged = next((m.damaged for m in list(b.active) if getattr(m, "damaged", None)), None)
-        if first == "refused" and damaged:
+        refused = [m for m in list(b.active) if started.get(m.destination) == "refused"]
+        damaged = next((m.damaged for m in refused if getattr(m, "damaged", None)), None)
+        if damaged:
             out["reason"] = f"the current generation is damaged ({damaged}); lightningd's next write replaces it from the live DB"
         return out
 

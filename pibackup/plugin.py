@@ -181,7 +181,9 @@ def pibackup_status(plugin: Plugin, **kwargs: Any) -> Any:
 @plugin.method("pibackup-compact")
 def pibackup_compact(plugin: Plugin, **kwargs: Any) -> Any:
     """Compact the backup now, in the background: build a new generation's snapshot from the
-    current one and its journal. Watch pibackup-status for the result."""
+    current one and its journal. Watch pibackup-status for the result. Refused (with a
+    reason) while the current generation is marked damaged: lightningd's next write
+    replaces it from the live database."""
     return handler.compact()
 
 

@@ -381,7 +381,7 @@ def verify(backup_dir: str) -> VerifyReport:
             rep.lines.append(f"  DAMAGED: {p}")
         mark = dst.damage_mark(gen.path)
         if mark is not None:
-            rep.lines.append(f"  note: the plugin found it damaged and started a newer generation: {mark}")
+            rep.lines.append(f"  note: the plugin found it damaged while it ran (a newer generation replaces it): {mark}")
     return rep
 
 

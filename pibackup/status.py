@@ -127,6 +127,7 @@ class Reporter:
         self.notify = notify
         self.interval = interval
         self.pending_failure = pending_failure
+        self._failed: Optional[str] = None  # set by failed(): final
         self.health = Health()
         self.started = time.time()
         self._lock = threading.Lock()
@@ -140,6 +141,7 @@ class Reporter:
     def failed(self, message: str) -> None:
         """The backup cannot go on: steady LED, status line, one log line (then reminders)."""
         with self._lock:
+            self._failed = message
             self.health.failure = message
             self._refresh_locked()
 
@@ -150,8 +152,9 @@ class Reporter:
                 warnings += check_destination(d, self.min_free_bytes)
             warnings += self.extra_warnings()
             self.health.warnings = warnings
-            if self.health.failure is None:
-                self.health.failure = self.pending_failure()
+            # A failure met off the hook's path, which the next write will act on: asked anew
+            # each time (under continue-degraded a rejoin may leave the node going on).
+            self.health.failure = self._failed or self.pending_failure()
             self._refresh_locked()
 
     def _refresh_locked(self) -> None:

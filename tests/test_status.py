@@ -127,3 +127,22 @@ def test_a_warning_whose_numbers_change_is_logged_once(tmp_path):
         r.check()
     assert logged == ["only 80123 MiB free on /x"]
     assert r.health.warnings == ["only 80121 MiB free on /x"]  # status shows the latest figure
+
+
+def test_a_failure_pending_for_the_next_write_shows_and_can_go_away(tmp_path, leds):
+    # A failure met off the hook's path (the flusher, a compaction's switch) shows before
+    # lightningd's next write is refused; under continue-degraded a rejoin may still let the
+    # node go on, and then the state must not stay "failed". One from failed() stays.
+    from pibackup.status import Led, Reporter
+
+    pending = ["cannot write the backup at /x: I/O error. lightningd will be halted at its next database write", None]
+    r = Reporter(lambda m, lvl: None, dict, lambda: [], 0, led=Led("ACT", str(leds)), pending_failure=lambda: pending[0])
+    r.check()
+    assert r.health.state == "failed" and "halted" in (r.health.failure or "")
+    assert (leds / "ACT" / "trigger").read_text() == "none" and (leds / "ACT" / "brightness").read_text().strip() == "255"
+    pending.pop(0)
+    r.check()
+    assert r.health.state == "ok" and r.health.failure is None
+    r.failed("refused")
+    r.check()
+    assert r.health.state == "failed" and r.health.failure == "refused"
