@@ -449,13 +449,13 @@ class Compactor:
                 # The generation being written to cannot be restored whole: the fix is a new
                 # generation from the live database, not a retry of this compaction. (The
                 # state first: the new generation's retain() resets _failed_at.)
-                self.state, self.error, self._failed_at = "failed", str(e), time.monotonic()
+                self.state, self.error, self._failed_at = "failed", str(e), self._failure_time()
                 self.backup.mark_damaged(self._source, str(e))
             except Exception as e:  # a failed compaction never fails the backup: it goes on in the old generation
                 msg = _describe(e) if isinstance(e, (OSError, sqlite3.Error)) else str(e)
                 if not isinstance(e, (PibackupError, OSError, sqlite3.Error)):
                     msg = f"internal error ({type(e).__name__}: {e}); please report it"
-                self.state, self.error, self._failed_at = "failed", msg, time.monotonic()
+                self.state, self.error, self._failed_at = "failed", msg, self._failure_time()
                 if self.backup.failure is not None:
                     self.log(f"compaction failed: {msg}", "warn")  # and the backup with it: logged as an error already
                     continue
@@ -465,8 +465,14 @@ class Compactor:
                     "warn",
                 )
 
+    def _failure_time(self) -> Optional[float]:
+        """When the failed compaction's generation is still the writer's: the retry waits.
+        After a gap (whose retain() may already have run) the new generation owes it nothing."""
+        return time.monotonic() if self.backup.generation == self._source else None
+
     def _compact(self) -> Optional[Dict[str, Any]]:
         b = self.backup
+        self._source = b.generation or ""  # until the cut says which one
         cut = b.cut_for_compaction()  # under the writer's lock: where the durable journal ends
         if cut is None:
             if b.failure is None:
