@@ -72,15 +72,21 @@ def damage_mark(gen_path: str) -> Optional[str]:
         return None
 
 
-def write_damage_mark(gen_path: str, why: str) -> None:
-    """Mark a generation damaged, durably: no later start continues it."""
-    tmp = os.path.join(gen_path, DAMAGE_MARK + ".tmp")
+def write_text_durably(path: str, text: str) -> None:
+    """PATH.tmp written and synced, renamed to PATH, the directory synced: PATH is either
+    absent or whole, after any crash (a leftover PATH.tmp is simply written again)."""
+    tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(why + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.rename(tmp, os.path.join(gen_path, DAMAGE_MARK))
-    fsync_dir(gen_path)
+    os.rename(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def write_damage_mark(gen_path: str, why: str) -> None:
+    """Mark a generation damaged, durably: no later start continues it."""
+    write_text_durably(os.path.join(gen_path, DAMAGE_MARK), why + "\n")
 
 
 def check_marker(path: str) -> None:
@@ -229,13 +235,7 @@ class Destination:
         """Write the marker on first use and take the writer's lock."""
         marker = os.path.join(self.path, MARKER)
         if not os.path.exists(marker):
-            tmp = marker + ".tmp"  # replaced if a first start crashed after creating it
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(MARKER_TEXT)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, marker)
-            fsync_dir(self.path)
+            write_text_durably(marker, MARKER_TEXT)  # its .tmp replaced if a first start crashed after creating it
         fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
