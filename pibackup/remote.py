@@ -15,10 +15,13 @@ from typing import Iterator, List, Optional, Tuple
 
 from . import destination as dst
 from .crypt import CryptError, Key, decrypt_file, is_encrypted
+from .errors import PibackupError
+from .journal import HEADER_SIZE, decode_header
 from .ship import ShipError, explain_rsync_failure, parse_target, rsync_base
 
 _GEN = re.compile(r"^gen-\d{6}$")
 _FILE = re.compile(r"^(snapshot-v\d+\.sqlite3|seg-\d{6}\.pbj)$")
+_SNAPSHOT = re.compile(r"^snapshot-v\d+\.sqlite3$")
 
 
 def is_remote(spec: str) -> bool:
@@ -123,14 +126,29 @@ def readable_copy(
 
 
 def drop_unfinished_newest(root: str) -> None:
-    """A shipped copy whose newest generation has no journal yet was caught while that
-    generation was being sent: use the one before it, and say so. (Locally a generation
-    is never visible before it is complete.) Only ever done on our own temporary copy."""
+    """A shipped copy whose newest generation has no journal yet, or a journal without the
+    snapshot its header names, was caught while that generation was being sent: use the one
+    before it, and say so. (Locally a generation is never visible before it is complete.)
+    Only ever done on our own temporary copy."""
     gens = sorted(n for n in os.listdir(root) if _GEN.match(n))
-    if len(gens) < 2 or os.path.exists(os.path.join(root, gens[-1], "seg-000001.pbj")):
+    if len(gens) < 2:
+        return
+    why = _unfinished(os.path.join(root, gens[-1]))
+    if why is None:
         return
     shutil.rmtree(os.path.join(root, gens[-1]))
-    print(
-        f"pibackup: note: {gens[-1]} of this copy was still being shipped (no journal yet); using {gens[-2]}",
-        file=sys.stderr,
-    )
+    print(f"pibackup: note: {gens[-1]} of this copy was still being shipped ({why}); using {gens[-2]}", file=sys.stderr)
+
+
+def _unfinished(gdir: str) -> Optional[str]:
+    first = os.path.join(gdir, "seg-000001.pbj")
+    if not os.path.exists(first):
+        return "no journal yet"
+    if any(_SNAPSHOT.match(f) for f in os.listdir(gdir)):
+        return None
+    try:
+        with open(first, "rb") as f:
+            header = decode_header(f.read(HEADER_SIZE), first)
+    except (OSError, PibackupError):
+        return None  # restore and verify say what is wrong with it
+    return "no snapshot yet" if header.snapshot_sha256 != bytes(32) else None

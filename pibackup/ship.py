@@ -67,6 +67,15 @@ class Target:
         return f"{self.login}:{self.path}"
 
 
+def _group(rel: str, sent: bool) -> str:
+    """Which call of a round sends a closed file: the ones partly sent already go together;
+    a new one with its generation, its snapshot ("gen-000002/0") before its segments ("/1")."""
+    if sent or "/" not in rel:
+        return ""
+    gen, name = rel.split("/", 1)
+    return f"{gen}/{0 if name.startswith('snapshot-') else 1}"
+
+
 def parse_target(spec: str, option: str = "pibackup-ship") -> Target:
     """[user@]host:/path, checked so that nothing in it can reach a shell or look like an option."""
     example = f"e.g. {option}=pi@backup.example.org:/srv/pibackup/mynode"
@@ -292,9 +301,12 @@ class Shipper:
         if not self.remote_checked:
             self._check_remote()
         inventory = self._inventory()
-        # (closed, root, append) -> files. Closed files go first, so the remote never holds
-        # a newer segment after an unfinished older one, whatever call fails.
-        batches: Dict[Tuple[bool, str, bool], List[str]] = {}
+        # (closed, root, append, group) -> files. Closed files go first, so the remote never
+        # holds a newer segment after an unfinished older one, whatever call fails. New closed
+        # files go a generation at a time, its snapshot before its segments (rsync sends one
+        # call's files in name order, and "seg-" sorts before "snapshot-"): a copy cut short
+        # never holds a journal without the snapshot it starts from.
+        batches: Dict[Tuple[bool, str, bool, str], List[str]] = {}
         for rel, path, length, closed in inventory:
             st = self.files.setdefault(rel, FileState())
             if st.done:
@@ -305,16 +317,16 @@ class Shipper:
                 st.staged, st.final, st.unsent = length, True, True
                 # Never sent: whole, through a temporary file the remote renames into place.
                 # Partly sent while it was open: the rest appended.
-                batches.setdefault((True, self.destination, st.sent), []).append(rel)
+                batches.setdefault((True, self.destination, st.sent, _group(rel, st.sent)), []).append(rel)
                 continue
             if self.cfg.key is not None and s.failures_in_a_row and st.staged_size == 0 and closed:
                 continue  # while the host is away, staging does not pile up on the stick
             self._stage(rel, path, length, closed, st)
             if st.unsent:  # new now, or left over from a round that failed
-                batches.setdefault((closed, self.staging, st.sent), []).append(rel)
-        # Oldest first: closed before open, and among closed files the ones already partly
-        # sent (an older segment's last bytes) before new ones.
-        for key in sorted(batches, key=lambda k: (not k[0], not k[2], k[1] != self.destination)):
+                batches.setdefault((closed, self.staging, st.sent, _group(rel, st.sent) if closed else ""), []).append(rel)
+        # Oldest first: closed before open; among closed files the ones already partly sent
+        # (an older segment's last bytes) before new ones, and new ones by generation.
+        for key in sorted(batches, key=lambda k: (not k[0], not k[2], k[3], k[1] != self.destination)):
             rels = batches[key]
             self._rsync(key[1], rels, append=key[2])
             for rel in rels:

@@ -14,7 +14,7 @@ import pytest
 
 import dbcompare
 import driver
-from helpers import cli, received, tmpfs, tree_digest
+from helpers import cli, received, restore_to, tmpfs, tree_digest
 from sshd import Sshd
 
 CRYPT_MAGIC = b"PBKCRYPT"
@@ -83,7 +83,11 @@ def test_the_shipped_copy_restores_to_the_live_db(encrypted, sshd, keyfile, trac
     remote.parent.mkdir()
     extra = {"pibackup-ship-encrypt-key": str(keyfile)} if encrypted else {}
     key_args = ("--key", str(keyfile)) if encrypted else ()
-    node = make_node(pibackup_batch_seconds=0, pibackup_segment_size="64K", **sshd.options(remote, **extra))
+    # Automatic compaction off: a switch between the round waited for and the checks below
+    # would change what the local directory holds (shipping a compaction: see the test below).
+    node = make_node(
+        pibackup_batch_seconds=0, pibackup_segment_size="64K", pibackup_compact_ratio="0", **sshd.options(remote, **extra)
+    )
     recs = driver.first_run(traces["A"])[:400]
     early = [r for r in recs if r.pre_init]
     node.start(early)
@@ -121,6 +125,58 @@ def test_the_shipped_copy_restores_to_the_live_db(encrypted, sshd, keyfile, trac
     assert "error" not in [lvl for lvl, _ in node.all_logs], node.log_text()
 
 
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_a_compaction_is_shipped_snapshot_first_and_a_copy_caught_mid_round_restores_the_generation_before(
+    encrypted, sshd, keyfile, traces, make_node, dest, tmp_path
+):
+    # A compaction's new generation is sent snapshot first, then its journal, also when the
+    # host was away meanwhile and a closed segment of it waits too. A copy caught before its
+    # journal or (from an older pibackup, or a copy fetched by hand) before its snapshot
+    # restores the generation before it, whose journal was complete up to the switch.
+    from test_compact import wait_compacted
+
+    remote = tmp_path / "remote" / "node1"
+    remote.parent.mkdir()
+    extra = {"pibackup-ship-encrypt-key": str(keyfile)} if encrypted else {}
+    key_args = ("--key", str(keyfile)) if encrypted else ()
+    node = make_node(
+        pibackup_batch_seconds=0, pibackup_compact_ratio="0", pibackup_segment_size="64K", **sshd.options(remote, **extra)
+    )
+    recs = driver.first_run(traces["A"])[:400]
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    node.calls(recs[len(early) : 250])
+    wait_in_step(node, time.time())
+    sshd.stop()
+    node.rpc("pibackup-compact")
+    wait_compacted(node, 1)
+    node.calls(recs[250:])
+    assert (dest / "gen-000002" / "seg-000002.pbj").exists()  # so its seg-000001 is closed, as the snapshot
+    sshd.start()
+    wait_in_step(node, time.time())
+    assert sorted(p.name for p in remote.glob("gen-*")) == ["gen-000001", "gen-000002"]
+    (snap,) = remote.glob("gen-000002/snapshot-v*.sqlite3")
+    # rsync renames each file into place when it is complete: the snapshot was, before the journal began.
+    assert snap.stat().st_ctime_ns < (remote / "gen-000002" / "seg-000001.pbj").stat().st_ctime_ns
+    assert_remote_equals_live(sshd, remote, node, tmp_path, *key_args)
+    node.stop()
+    local = restore_to(dest, tmp_path / "gen1.sqlite3", "--generation", "1")
+    assert local.returncode == 0, local.stderr
+
+    for missing, why in (("seg-*.pbj", "no journal yet"), ("snapshot-v*.sqlite3", "no snapshot yet")):
+        caught = tmp_path / "remote" / f"caught-{why[3:10]}"
+        shutil.copytree(remote, caught)
+        for p in caught.glob(f"gen-000002/{missing}"):
+            p.unlink()
+        out = tmp_path / f"caught-{why[3:10]}.sqlite3"
+        r = remote_restore(sshd, caught, out, *key_args)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"gen-000002 of this copy was still being shipped ({why}); using gen-000001" in r.stderr, r.stderr
+        assert dbcompare.backup_differences(tmp_path / "gen1.sqlite3", out, ()) == []
+        v = cli("verify", sshd.target(caught), *sshd.cli_args(), *key_args)
+        assert v.returncode == 0 and "still being shipped" in v.stderr, v.stdout + v.stderr
+
+
 def test_ssh_host_hanging_then_gone_then_back_loses_nothing_and_never_holds_a_hook(sshd, traces, make_node, tmp_path):
     remote = tmp_path / "remote"
     node = make_node(pibackup_batch_seconds=0, **sshd.options(remote))
@@ -136,9 +192,14 @@ def test_ssh_host_hanging_then_gone_then_back_loses_nothing_and_never_holds_a_ho
     # The host hangs mid-run: rsync waits on it (up to its I/O timeout, 120 s). Every call is
     # still answered (the driver gives up after 60 s): the hook never waits on the network.
     sshd.pause()
-    time.sleep(1.5)  # let a round start and hang
+    node.call(rest[a])  # something to send: the next round must connect, and hangs
+    paused_at = time.time()
+    for _ in range(600):  # until a round began after it (rounds run one at a time: any earlier one has ended)
+        if (shipping(node)["last_attempt"] or 0) > paused_at:
+            break
+        time.sleep(0.05)
     hung_rounds = shipping(node)["rounds"]
-    node.calls(rest[a:b])
+    node.calls(rest[a + 1 : b])
     during = node.latencies[len(before) :]
     assert shipping(node)["rounds"] == hung_rounds, "no round can have succeeded against a hung host"
     sshd.resume()
@@ -192,7 +253,7 @@ def test_a_remote_directory_that_is_not_ours_is_left_alone(sshd, traces, make_no
 def test_tampered_truncated_or_swapped_remote_files_are_detected(sshd, keyfile, traces, make_node, dest, tmp_path):
     remote = tmp_path / "remote"
     ship = sshd.options(remote, pibackup_ship_encrypt_key=str(keyfile))
-    node = make_node(pibackup_segment_size="64K", pibackup_batch_seconds=0, **ship)
+    node = make_node(pibackup_segment_size="64K", pibackup_batch_seconds=0, pibackup_compact_ratio="0", **ship)
     recs = driver.first_run(traces["A"])[:320]
     early = [r for r in recs if r.pre_init]
     node.start(early)
@@ -234,7 +295,7 @@ def test_a_full_remote_disk_is_reported_and_the_node_goes_on(sshd, traces, make_
     mnt = tmp_path / "remote-disk"
     with tmpfs(mnt, "size=64k"):
         remote = mnt / "copy"
-        node = make_node(pibackup_batch_seconds=0, **sshd.options(remote))
+        node = make_node(pibackup_batch_seconds=0, pibackup_compact_ratio="0", **sshd.options(remote))
         recs = driver.first_run(traces["A"])[:250]
         early = [r for r in recs if r.pre_init]
         node.start(early)
@@ -250,7 +311,7 @@ def test_a_full_remote_disk_is_reported_and_the_node_goes_on(sshd, traces, make_
 def test_shipping_resumes_after_a_restart_without_sending_closed_files_again(sshd, keyfile, traces, make_node, dest, tmp_path):
     remote = tmp_path / "remote"
     ship = sshd.options(remote, pibackup_ship_encrypt_key=str(keyfile))
-    node = make_node(pibackup_segment_size="64K", pibackup_batch_seconds=0, **ship)
+    node = make_node(pibackup_segment_size="64K", pibackup_batch_seconds=0, pibackup_compact_ratio="0", **ship)
     recs = driver.first_run(traces["A"])[:320]
     early = [r for r in recs if r.pre_init]
     node.start(early)
@@ -306,6 +367,7 @@ def test_a_remote_copy_behind_warns_in_status_led_and_log_then_clears(sshd, trac
 
     sshd.stop()
     node.calls(rest[50:100])
+    wait_failing(node, "refuses connections")  # ssh's first complaint may differ while sshd stops
     deadline = time.monotonic() + 60
     st = node.rpc("pibackup-status")
     while not st["warnings"] and time.monotonic() < deadline:
