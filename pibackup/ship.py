@@ -300,6 +300,11 @@ class Shipper:
             return
         if not self.remote_checked:
             self._check_remote()
+        elif s.failures_in_a_row and self.cfg.key is not None:
+            # While the host is away, encrypted copies are not staged on the stick again and
+            # again: one login first says whether it is back. (Skipping the staging of closed
+            # files instead let a round send a journal without the snapshot before it.)
+            self._probe()
         inventory = self._inventory()
         # (closed, root, append, group) -> files. Closed files go first, so the remote never
         # holds a newer segment after an unfinished older one, whatever call fails. New closed
@@ -319,8 +324,6 @@ class Shipper:
                 # Partly sent while it was open: the rest appended.
                 batches.setdefault((True, self.destination, st.sent, _group(rel, st.sent)), []).append(rel)
                 continue
-            if self.cfg.key is not None and s.failures_in_a_row and st.staged_size == 0 and closed:
-                continue  # while the host is away, staging does not pile up on the stick
             self._stage(rel, path, length, closed, st)
             if st.unsent:  # new now, or left over from a round that failed
                 batches.setdefault((closed, self.staging, st.sent, _group(rel, st.sent) if closed else ""), []).append(rel)
@@ -526,6 +529,11 @@ class Shipper:
                 "state in DEST/.ship was lost), rename it there and let a new copy complete before you delete it"
             )
         self.remote_checked = True
+
+    def _probe(self) -> None:
+        code, err = self._run(self._base() + ["--list-only", f"{self.cfg.target}/"])
+        if code != 0 and not (code == 23 and "no such file or directory" in err.lower()):
+            raise ShipError(explain_rsync_failure(code, err, self.cfg.target, self.cfg.port, self.cfg.known_hosts))
 
     def _forget_old(self, inventory: List[Tuple[str, str, int, bool]]) -> None:
         """Generations gone locally (retention) go remotely too, once the newest local one is

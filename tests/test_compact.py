@@ -397,7 +397,7 @@ def test_automatic_compaction_keeps_the_backup_bounded_across_restarts(traces, m
             # One compaction at a time with the calls: how many there are then depends on the
             # journal's size, not on how fast this machine compacts (a slow compaction takes in
             # the journal of several thresholds: fewer runs, each as bounded).
-            wait_not_running(node)
+            wait_not_due(node)
         c = wait_not_due(node)
         watch(node)
         node.stop()
@@ -567,7 +567,7 @@ def test_sigkill_at_random_points_while_compacting_loses_no_acknowledged_transac
     records = traces["A"]
     total = max(4, kill_points() // 5)
     done = rounds = compactions = 0
-    kills_in_compaction: list = []
+    kills_in_compaction: set = set()  # the rounds with a kill while a new generation was being built
     while done < total:
         rng = random.Random(f"compact-{total}-{rounds}")
         kills = plan_kills(len(records), min(5, total - done), rng)
@@ -577,7 +577,7 @@ def test_sigkill_at_random_points_while_compacting_loses_no_acknowledged_transac
         node = make_node(
             **{"pibackup-destination": str(dest), "pibackup-compact-ratio": "0.05", "pibackup-compact-min-kb": 64}
         )
-        node.kill = counting_kill(node, lambda: kills_in_compaction.append(1))  # type: ignore[method-assign]
+        node.kill = counting_kill(node, dest, lambda r=rounds: kills_in_compaction.add(r))  # type: ignore[method-assign]
         try:
             assert replay_with_kills(node, records, kills, rng) == wanted
         except driver.Halted as e:
@@ -590,17 +590,17 @@ def test_sigkill_at_random_points_while_compacting_loses_no_acknowledged_transac
     # (its process runs at nice 19): either way it was there, before the kill or under it.
     assert compactions + len(kills_in_compaction) >= rounds, "the kills were meant to land around compactions"
     print(
-        f"A: {done} SIGKILLs while compacting ({compactions} compactions, {len(kills_in_compaction)} kills while "
-        "a compaction process ran), every acknowledged transaction restored"
+        f"A: {done} SIGKILLs while compacting ({compactions} compactions, {len(kills_in_compaction)} rounds with a kill "
+        "while a new generation was being built), every acknowledged transaction restored"
     )
 
 
-def counting_kill(node: driver.Node, during: Callable[[], None]) -> Callable[[], None]:
-    """node.kill, calling `during` first when a compaction process of the plugin is running."""
+def counting_kill(node: driver.Node, dest: Path, during: Callable[[], None]) -> Callable[[], None]:
+    """node.kill, calling `during` first when a compaction is building a new generation."""
     kill = node.kill
 
     def counted() -> None:
-        if node.plugin is not None and compaction_processes(node.plugin.proc.pid):
+        if any(dest.glob("gen-*.partial")):
             during()
         kill()
 
@@ -689,9 +689,10 @@ def test_a_damaged_generation_is_replaced_by_a_snapshot_of_the_live_db_at_the_ne
     assert node.rpc("pibackup-compact")["compaction"] == "started"
     c = wait_failed(node)
     assert place in c["error"], c
-    for _ in range(1200):  # the mark comes right after the failed state (logged under the same lock)
+    for _ in range(1200):  # the warning, the log line and the DAMAGED file come right after the failed state
         st = status(node)  # the health check says so too (status, systemd, LED)
-        if any("is damaged" in w for w in st["warnings"]):
+        marked = any("is damaged" in w for w in st["warnings"]) and (dest / damaged / "DAMAGED").exists()
+        if marked and f"backup generation {damaged} is damaged" in node.log_text():
             break
         time.sleep(0.05)
     assert st["state"] == "warning" and any("is damaged" in w for w in st["warnings"]), st

@@ -129,8 +129,8 @@ def test_the_shipped_copy_restores_to_the_live_db(encrypted, sshd, keyfile, trac
 def test_a_compaction_is_shipped_snapshot_first_and_a_copy_caught_mid_round_restores_the_generation_before(
     encrypted, sshd, keyfile, traces, make_node, dest, tmp_path
 ):
-    # A compaction's new generation is sent snapshot first, then its journal, also when the
-    # host was away meanwhile and a closed segment of it waits too. A copy caught before its
+    # A compaction's new generation is sent snapshot first, then its journal, also in the
+    # first round after the host was away meanwhile, with a closed segment of it waiting too. A copy caught before its
     # journal or (from an older pibackup, or a copy fetched by hand) before its snapshot
     # restores the generation before it, whose journal was complete up to the switch.
     from test_compact import wait_compacted
@@ -148,10 +148,14 @@ def test_a_compaction_is_shipped_snapshot_first_and_a_copy_caught_mid_round_rest
     node.calls(recs[len(early) : 250])
     wait_in_step(node, time.time())
     sshd.stop()
+    node.call(recs[250])  # something to send: a round that must connect fails
+    wait_failing(node)  # the rounds below are retries after a failure
     node.rpc("pibackup-compact")
     wait_compacted(node, 1)
-    node.calls(recs[250:])
+    node.calls(recs[251:])
     assert (dest / "gen-000002" / "seg-000002.pbj").exists()  # so its seg-000001 is closed, as the snapshot
+    if encrypted:  # while the host is away, nothing is staged (encrypted) on the stick
+        assert not list((dest / ".ship").glob("gen-000002/*")), list((dest / ".ship").rglob("*"))
     sshd.start()
     wait_in_step(node, time.time())
     assert sorted(p.name for p in remote.glob("gen-*")) == ["gen-000001", "gen-000002"]
@@ -198,6 +202,8 @@ def test_ssh_host_hanging_then_gone_then_back_loses_nothing_and_never_holds_a_ho
         if (shipping(node)["last_attempt"] or 0) > paused_at:
             break
         time.sleep(0.05)
+    else:
+        raise AssertionError(f"no shipping round began: {shipping(node)}")
     hung_rounds = shipping(node)["rounds"]
     node.calls(rest[a + 1 : b])
     during = node.latencies[len(before) :]
