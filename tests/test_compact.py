@@ -209,14 +209,8 @@ def stop_a_compaction_process(node: driver.Node, recs, i: int) -> tuple:
         node.call(recs[i])
         i += 1
         for child in compaction_processes(node.plugin.proc.pid):
-            try:
-                os.kill(child, signal.SIGSTOP)
-                state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (ProcessLookupError, FileNotFoundError):
-                continue  # it ended meanwhile
-            if state in ("T", "t"):
+            if hold(child):
                 return child, i
-            os.kill(child, signal.SIGCONT)  # a zombie or an exiting one: wait for the next
     raise AssertionError("no compaction process ran")
 
 
