@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Tuple
 
 import pytest
 
@@ -77,17 +77,23 @@ def assert_remote_equals_live(sshd: Sshd, remote: Path, node: driver.Node, tmp_p
     assert v.returncode == 0, v.stdout + v.stderr
 
 
-@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
-def test_the_shipped_copy_restores_to_the_live_db(encrypted, sshd, keyfile, traces, make_node, dest, tmp_path):
+def ship_node(make_node, sshd: Sshd, keyfile: Path, tmp_path: Path, encrypted: bool) -> Tuple[driver.Node, Path, Tuple[str, ...]]:
+    """A node shipping to tmp_path/remote/node1, encrypted or not, with 64 KiB segments and
+    automatic compaction off (a switch between the round a test waited for and its checks
+    would change what the local directory holds). Returns the node, the remote directory
+    and restore's key arguments."""
     remote = tmp_path / "remote" / "node1"
     remote.parent.mkdir()
     extra = {"pibackup-ship-encrypt-key": str(keyfile)} if encrypted else {}
-    key_args = ("--key", str(keyfile)) if encrypted else ()
-    # Automatic compaction off: a switch between the round waited for and the checks below
-    # would change what the local directory holds (shipping a compaction: see the test below).
     node = make_node(
         pibackup_batch_seconds=0, pibackup_segment_size="64K", pibackup_compact_ratio="0", **sshd.options(remote, **extra)
     )
+    return node, remote, ("--key", str(keyfile)) if encrypted else ()
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_the_shipped_copy_restores_to_the_live_db(encrypted, sshd, keyfile, traces, make_node, dest, tmp_path):
+    node, remote, key_args = ship_node(make_node, sshd, keyfile, tmp_path, encrypted)
     recs = driver.first_run(traces["A"])[:400]
     early = [r for r in recs if r.pre_init]
     node.start(early)
@@ -130,18 +136,12 @@ def test_a_compaction_is_shipped_snapshot_first_and_a_copy_caught_mid_round_rest
     encrypted, sshd, keyfile, traces, make_node, dest, tmp_path
 ):
     # A compaction's new generation is sent snapshot first, then its journal, also in the
-    # first round after the host was away meanwhile, with a closed segment of it waiting too. A copy caught before its
-    # journal or (from an older pibackup, or a copy fetched by hand) before its snapshot
-    # restores the generation before it, whose journal was complete up to the switch.
+    # first round after the host was away meanwhile, with a closed segment of it waiting
+    # too. A fetched copy caught before its journal, or (shipped by an older pibackup)
+    # before its snapshot, restores the generation before, complete up to the switch.
     from test_compact import wait_compacted
 
-    remote = tmp_path / "remote" / "node1"
-    remote.parent.mkdir()
-    extra = {"pibackup-ship-encrypt-key": str(keyfile)} if encrypted else {}
-    key_args = ("--key", str(keyfile)) if encrypted else ()
-    node = make_node(
-        pibackup_batch_seconds=0, pibackup_compact_ratio="0", pibackup_segment_size="64K", **sshd.options(remote, **extra)
-    )
+    node, remote, key_args = ship_node(make_node, sshd, keyfile, tmp_path, encrypted)
     recs = driver.first_run(traces["A"])[:400]
     early = [r for r in recs if r.pre_init]
     node.start(early)
