@@ -21,7 +21,6 @@ from .ship import ShipError, explain_rsync_failure, parse_target, rsync_base
 
 _GEN = re.compile(r"^gen-\d{6}$")
 _FILE = re.compile(r"^(snapshot-v\d+\.sqlite3|seg-\d{6}\.pbj)$")
-_SNAPSHOT = re.compile(r"^snapshot-v\d+\.sqlite3$")
 
 
 def is_remote(spec: str) -> bool:
@@ -130,21 +129,21 @@ def drop_unfinished_newest(root: str) -> None:
     snapshot its header names, was caught while that generation was being sent: use the one
     before it, and say so. (Locally a generation is never visible before it is complete.)
     Only ever done on our own temporary copy."""
-    gens = sorted(n for n in os.listdir(root) if _GEN.match(n))
+    gens = dst.Destination(root).generations()
     if len(gens) < 2:
         return
-    why = _unfinished(os.path.join(root, gens[-1]))
+    why = _unfinished(gens[-1])
     if why is None:
         return
-    shutil.rmtree(os.path.join(root, gens[-1]))
-    print(f"pibackup: note: {gens[-1]} of this copy was still being shipped ({why}); using {gens[-2]}", file=sys.stderr)
+    shutil.rmtree(gens[-1].path)
+    print(f"pibackup: note: {gens[-1].name} of this copy was still being shipped ({why}); using {gens[-2].name}", file=sys.stderr)
 
 
-def _unfinished(gdir: str) -> Optional[str]:
-    first = os.path.join(gdir, "seg-000001.pbj")
-    if not os.path.exists(first):
+def _unfinished(gen: dst.Generation) -> Optional[str]:
+    first = os.path.join(gen.path, "seg-000001.pbj")
+    if first not in gen.segments:
         return "no journal yet"
-    if any(_SNAPSHOT.match(f) for f in os.listdir(gdir)):
+    if gen.snapshot is not None:
         return None
     try:
         with open(first, "rb") as f:

@@ -512,12 +512,9 @@ class Shipper:
 
     def _check_remote(self) -> None:
         """Once: the remote directory must be ours, new, or empty; never someone else's."""
-        code, err = self._run(self._base() + ["--list-only", f"{self.cfg.target}/"])
-        if code != 0:
-            if "no such file or directory" in err.lower() and code == 23:
-                self.remote_checked = True  # rsync creates it with the first files
-                return
-            raise ShipError(explain_rsync_failure(code, err, self.cfg.target, self.cfg.port, self.cfg.known_hosts))
+        if not self._probe():
+            self.remote_checked = True  # rsync creates it with the first files
+            return
         names = {line.split()[-1] for line in self._last_stdout.splitlines() if line.strip()} - {"."}
         known = {dst.MARKER} | {n.split("/")[0] for n in self.files}
         foreign = sorted(n for n in names if n not in known)
@@ -530,10 +527,15 @@ class Shipper:
             )
         self.remote_checked = True
 
-    def _probe(self) -> None:
+    def _probe(self) -> bool:
+        """One login listing the remote directory (its names in _last_stdout): ShipError if
+        the host cannot be reached; False if the directory does not exist yet."""
         code, err = self._run(self._base() + ["--list-only", f"{self.cfg.target}/"])
-        if code != 0 and not (code == 23 and "no such file or directory" in err.lower()):
+        if code == 23 and "no such file or directory" in err.lower():
+            return False
+        if code != 0:
             raise ShipError(explain_rsync_failure(code, err, self.cfg.target, self.cfg.port, self.cfg.known_hosts))
+        return True
 
     def _forget_old(self, inventory: List[Tuple[str, str, int, bool]]) -> None:
         """Generations gone locally (retention) go remotely too, once the newest local one is
