@@ -1,6 +1,6 @@
 """The plugin's options (set in lightningd's config file), checked and turned into a Config.
 
-Option names and help texts live in plugin.py; values are judged here.
+Names, defaults, ranges and help texts live in options.py (one table); values are judged here.
 """
 
 from __future__ import annotations
@@ -13,13 +13,21 @@ from typing import TYPE_CHECKING, Any, FrozenSet, Mapping, Optional, Tuple
 
 from .errors import PibackupError
 from .filter import parse_filter
+from .options import (
+    BY_NAME,
+    COMPACT_RATIO_MAX,
+    COMPACT_RATIO_MIN,
+    DESTINATION_FAILURE_POLICIES,
+    MODES,
+    SEGMENT_MAX,
+    SEGMENT_MIN,
+    default,
+)
 
 if TYPE_CHECKING:
     from .ship import ShipConfig
 
-SEGMENT_SIZE_DEFAULT = "32M"
-SEGMENT_MIN = 64 * 1024
-SEGMENT_MAX = 1024 * 1024 * 1024  # well under FAT32's 4 GiB file limit
+SEGMENT_SIZE_DEFAULT = str(default("pibackup-segment-size"))
 _SIZE = re.compile(r"^\s*(\d+)\s*([KkMmGg]?)i?[Bb]?\s*$")
 
 
@@ -27,33 +35,26 @@ class ConfigError(PibackupError):
     pass
 
 
-BATCH_SECONDS_DEFAULT = 30
-BATCH_SECONDS_MAX = 3600
-BATCH_KB_DEFAULT = 256
-BATCH_KB_MAX = 16 * 1024
-LED_DIR_DEFAULT = "/sys/class/leds"
-MIN_FREE_MB_DEFAULT = 100
-PREALLOCATE_KB_DEFAULT = 1024  # make bench: 2-3x fewer device bytes per sync on ext4
-SHIP_PORT_DEFAULT = 22
-SHIP_INTERVAL_DEFAULT = 60  # a remote copy at most a minute behind; one ssh login a minute
-SHIP_WARN_AFTER_DEFAULT = 900  # 15 min: a few missed rounds (a router reboot) stay quiet
-SHIP_OPTIONS = (
-    "pibackup-ship-port",
-    "pibackup-ship-identity",
-    "pibackup-ship-known-hosts",
-    "pibackup-ship-interval",
-    "pibackup-ship-warn-after",
-    "pibackup-ship-encrypt-key",
-)
+def _int_default(name: str) -> int:
+    value = default(name)
+    assert isinstance(value, int), name
+    return value
 
-# Compaction (issue #5). See README "Compaction" for the measurement behind the ratio.
-COMPACT_RATIO_DEFAULT = "0.4"
-COMPACT_RATIO_MAX = 100.0
-COMPACT_MIN_KB_DEFAULT = 64  # a journal smaller than this is never compacted automatically (the 3x bound needs ratio to rule)
-KEEP_GENERATIONS_DEFAULT = 2
-MODE_DEFAULT = "journal"
-MODES = ("journal", "replica")
-KEEP_GENERATIONS_MAX = 100
+
+BATCH_SECONDS_DEFAULT = _int_default("pibackup-batch-seconds")
+BATCH_KB_DEFAULT = _int_default("pibackup-batch-kb")
+LED_DIR_DEFAULT = str(default("pibackup-led-dir"))
+MIN_FREE_MB_DEFAULT = _int_default("pibackup-min-free-mb")
+PREALLOCATE_KB_DEFAULT = _int_default("pibackup-preallocate-kb")
+SHIP_PORT_DEFAULT = _int_default("pibackup-ship-port")
+SHIP_INTERVAL_DEFAULT = _int_default("pibackup-ship-interval")
+SHIP_WARN_AFTER_DEFAULT = _int_default("pibackup-ship-warn-after")
+SHIP_OPTIONS = tuple(name for name in BY_NAME if name.startswith("pibackup-ship-"))
+COMPACT_RATIO_DEFAULT = str(default("pibackup-compact-ratio"))
+COMPACT_MIN_KB_DEFAULT = _int_default("pibackup-compact-min-kb")
+KEEP_GENERATIONS_DEFAULT = _int_default("pibackup-keep-generations")
+MODE_DEFAULT = str(default("pibackup-mode"))
+ON_DESTINATION_FAILURE_DEFAULT = str(default("pibackup-on-destination-failure"))
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,11 @@ class Config:
     batch_bytes: int
     preallocate_bytes: int
     led: Optional[str] = None
-    led_dir: str = "/sys/class/leds"
-    min_free_bytes: int = 100 * 1024 * 1024
+    led_dir: str = LED_DIR_DEFAULT
+    min_free_bytes: int = MIN_FREE_MB_DEFAULT * 1024 * 1024
     ship: Optional[ShipConfig] = None
     destinations: Tuple[str, ...] = ()
-    on_destination_failure: str = "halt"
+    on_destination_failure: str = ON_DESTINATION_FAILURE_DEFAULT
     # compaction
     compact_ratio: float = float(COMPACT_RATIO_DEFAULT)
     compact_min_bytes: int = COMPACT_MIN_KB_DEFAULT * 1024
@@ -89,7 +90,11 @@ def parse_size(name: str, raw: Any) -> int:
     return value
 
 
-def _int(options: Mapping[str, Any], name: str, default: int, low: int, high: int, unit: str) -> int:
+def _int(options: Mapping[str, Any], name: str) -> int:
+    """An int option, in the range and unit its row of the options table gives."""
+    opt = BY_NAME[name]
+    default, low, high, unit = opt.default, opt.low, opt.high, opt.unit
+    assert isinstance(default, int) and low is not None and high is not None, name
     raw = options.get(name, default)
     try:
         value = int(raw)
@@ -103,13 +108,13 @@ def _int(options: Mapping[str, Any], name: str, default: int, low: int, high: in
 def parse_options(options: Mapping[str, Any]) -> Config:
     dests = _destinations(options.get("pibackup-destination"))
     dest = dests[0] if dests else None
-    policy = str(options.get("pibackup-on-destination-failure") or "halt").strip()
-    if policy not in ("halt", "continue-degraded"):
+    policy = str(options.get("pibackup-on-destination-failure") or ON_DESTINATION_FAILURE_DEFAULT).strip()
+    if policy not in DESTINATION_FAILURE_POLICIES:
         raise ConfigError(f"pibackup-on-destination-failure={policy!r}: give halt (the default) or continue-degraded")
     live = options.get("pibackup-live-db") or None
     segment_bytes = parse_size("pibackup-segment-size", options.get("pibackup-segment-size", SEGMENT_SIZE_DEFAULT))
-    batch_s = _int(options, "pibackup-batch-seconds", BATCH_SECONDS_DEFAULT, 0, BATCH_SECONDS_MAX, "seconds")
-    batch_kb = _int(options, "pibackup-batch-kb", BATCH_KB_DEFAULT, 1, BATCH_KB_MAX, "KiB")
+    batch_s = _int(options, "pibackup-batch-seconds")
+    batch_kb = _int(options, "pibackup-batch-kb")
     tables = options.get("pibackup-filter-tables")
     if tables is not None and not isinstance(tables, str):
         raise ConfigError("pibackup-filter-tables must be a comma-separated list of tables, or none")
@@ -120,16 +125,16 @@ def parse_options(options: Mapping[str, Any]) -> Config:
         filter_tables=parse_filter(tables),
         batch_seconds=batch_s,
         batch_bytes=batch_kb * 1024,
-        preallocate_bytes=_int(options, "pibackup-preallocate-kb", PREALLOCATE_KB_DEFAULT, 0, 64 * 1024, "KiB") * 1024,
+        preallocate_bytes=_int(options, "pibackup-preallocate-kb") * 1024,
         led=_led(options.get("pibackup-led")),
         led_dir=str(options.get("pibackup-led-dir") or LED_DIR_DEFAULT),
-        min_free_bytes=_int(options, "pibackup-min-free-mb", MIN_FREE_MB_DEFAULT, 0, 1 << 20, "MiB") * 1024 * 1024,
+        min_free_bytes=_int(options, "pibackup-min-free-mb") * 1024 * 1024,
         ship=parse_ship(options),
         destinations=tuple(dests),
         on_destination_failure=policy,
         compact_ratio=_ratio(options.get("pibackup-compact-ratio", COMPACT_RATIO_DEFAULT)),
-        compact_min_bytes=_int(options, "pibackup-compact-min-kb", COMPACT_MIN_KB_DEFAULT, 64, 1 << 30, "KiB") * 1024,
-        keep_generations=_int(options, "pibackup-keep-generations", KEEP_GENERATIONS_DEFAULT, 1, KEEP_GENERATIONS_MAX, "generations"),
+        compact_min_bytes=_int(options, "pibackup-compact-min-kb") * 1024,
+        keep_generations=_int(options, "pibackup-keep-generations"),
         mode=_mode(options),
     )
 
@@ -177,9 +182,9 @@ def _ratio(raw: Any) -> float:
         value = float(str(raw).strip())
     except ValueError:
         value = -1.0
-    if not (value == 0 or 0.05 <= value <= COMPACT_RATIO_MAX):  # also refuses nan and inf
+    if not (value == 0 or COMPACT_RATIO_MIN <= value <= COMPACT_RATIO_MAX):  # also refuses nan and inf
         raise ConfigError(
-            f"pibackup-compact-ratio={raw!r}: give a number from 0.05 to {COMPACT_RATIO_MAX:g} (journal size as a "
+            f"pibackup-compact-ratio={raw!r}: give a number from {COMPACT_RATIO_MIN:g} to {COMPACT_RATIO_MAX:g} (journal size as a "
             f"multiple of the snapshot's), or 0 for no automatic compaction (default {COMPACT_RATIO_DEFAULT})"
         )
     return value
@@ -215,20 +220,17 @@ def parse_ship(options: Mapping[str, Any]) -> Optional[ShipConfig]:
         raise ConfigError(f"pibackup-ship-encrypt-key={key_file} is a relative path; give an absolute path")
     return ShipConfig(
         target=target,
-        port=_int(options, "pibackup-ship-port", SHIP_PORT_DEFAULT, 1, 65535, "(a TCP port)"),
+        port=_int(options, "pibackup-ship-port"),
         identity=check_local_file("pibackup-ship-identity", identity) if identity else None,
         known_hosts=check_local_file("pibackup-ship-known-hosts", known_hosts) if known_hosts else None,
-        interval=_int(options, "pibackup-ship-interval", SHIP_INTERVAL_DEFAULT, 1, 86400, "seconds"),
-        warn_after=_int(options, "pibackup-ship-warn-after", SHIP_WARN_AFTER_DEFAULT, 1, 7 * 86400, "seconds"),
+        interval=_int(options, "pibackup-ship-interval"),
+        warn_after=_int(options, "pibackup-ship-warn-after"),
         key=load_key(key_file) if key_file else None,
     )
 
 
-_SHIP_DEFAULTS = {
-    "pibackup-ship-port": SHIP_PORT_DEFAULT,
-    "pibackup-ship-interval": SHIP_INTERVAL_DEFAULT,
-    "pibackup-ship-warn-after": SHIP_WARN_AFTER_DEFAULT,
-}
+# A companion option at its default is what lightningd passes when it is not set.
+_SHIP_DEFAULTS = {name: BY_NAME[name].default for name in SHIP_OPTIONS if BY_NAME[name].default is not None}
 
 
 def _led(value: Any) -> Optional[str]:
