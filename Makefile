@@ -9,7 +9,7 @@ DEB_APT_PACKAGES = debhelper dh-python python3-all dpkg-dev fakeroot patch linti
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' pibackup/__init__.py)
 DEB      = dist/pibackup_$(VERSION)_all.deb
 
-.PHONY: setup test test-long lint bench clean deb test-deb
+.PHONY: setup test test-long lint docs bench clean deb test-deb
 
 setup:
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -25,7 +25,7 @@ lint:
 # Two workers at most where there are two cores (pytest-xdist): most tests wait on fsync
 # and on the plugin's process, so the suite takes about half as long. The tests' files go
 # under the checkout, on a real disk: /tmp may be a tmpfs (Debian 13 mounts it so), where
-# nothing waits on a sync and the compaction process, at nice 19, can starve behind the
+# nothing waits on a sync and the compaction process, at nice 10, can fall behind the
 # workers until the compaction tests' replays are over.
 TEST_TMP = $(CURDIR)/.test-tmp
 test: lint
@@ -37,6 +37,11 @@ test-long:
 	PIBACKUP_KILL_POINTS=500 $(PY) -m pytest -q -s -k sigkill tests/test_traces.py tests/test_compact.py tests/test_replica.py
 	PIBACKUP_CORRUPTIONS=3000 $(PY) -m pytest -q -s tests/test_corruption.py
 	$(PY) -m pytest -q -s -m long tests/test_crashstates.py
+
+# docs/guide/options.md is generated from the options table (pibackup/options.py);
+# tests/test_docs.py fails when the two differ.
+docs:
+	$(PY) -m pibackup.options docs/guide/options.md
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis .test-tmp
@@ -52,7 +57,7 @@ bench:
 	$(PY) bench/compaction.py
 	$(PY) bench/long_run.py 1000000
 
-# The Debian package (README: Debian package). `make deb` fetches the pinned pyln-client wheel
+# The Debian package (docs/dev/packaging.md). `make deb` fetches the pinned pyln-client wheel
 # from PyPI, builds dist/pibackup_<version>_all.deb and runs lintian on it. `make test-deb`
 # installs it with apt in a fresh bookworm chroot (debootstrap, cached under
 # ~/.cache/pibackup) and replays a recording through the installed plugin; root only.
