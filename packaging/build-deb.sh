@@ -17,7 +17,8 @@ stage=build/deb
 src=$stage/pibackup-$version
 rm -rf "$stage"
 mkdir -p "$src/pibackup" "$src/vendor-wheels" dist
-cp pibackup.py README.md FORMAT.md "$src/"
+cp pibackup.py README.md "$src/"
+cp -r docs "$src/docs"
 cp pibackup/*.py "$src/pibackup/"
 cp -r packaging "$src/packaging"
 cp -r packaging/debian "$src/debian"
@@ -33,6 +34,6 @@ deb=pibackup_${version}_all.deb
 mv "$stage/$deb" dist/
 echo "built dist/$deb ($(stat -c %s "dist/$deb") bytes)"
 
-# No errors allowed; the warnings left are listed, with reasons, in README (Debian package).
+# No errors allowed; the warnings left are listed, with reasons, in docs/dev/packaging.md.
 lintian --fail-on error --info --tag-display-limit 0 "dist/$deb"
 echo "lintian: no errors"

@@ -3,7 +3,7 @@
 # chroot and check that it just works there, without PyPI:
 #   - apt installs it (twice: the maintainer scripts are idempotent) from Debian's archive;
 #     no pip in the chroot, no pyln module outside the package;
-#   - `pibackup --help`; the files land where README and pibackup(1) say;
+#   - `pibackup --help`; the files land where docs/dev/packaging.md and pibackup(1) say;
 #   - inside.py, as a non-root user and with no network at all, with broken pyln-client and
 #     sdnotify modules in the user's site-packages and PYTHONPATH: a real recording replayed
 #     through the installed plugin, restored with the installed command, compared with the
@@ -102,13 +102,14 @@ ok "no pip and no pyln module in the chroot outside /usr/lib/pibackup"
 
 for f in /usr/lib/pibackup/pibackup.py /usr/lib/pibackup/pibackup/plugin.py /usr/lib/pibackup/vendor/pyln/client/plugin.py \
     /usr/bin/pibackup /usr/share/man/man1/pibackup.1.gz /usr/share/doc/pibackup/README.md.gz \
+    /usr/share/doc/pibackup/docs/guide/options.md.gz /usr/share/doc/pibackup/docs/FORMAT.md.gz \
     /usr/share/doc/pibackup/examples/lightningd-config /usr/lib/systemd/system/lightningd.service.d/pibackup.conf; do
     [ -e "$root$f" ] || { echo "test-deb: $f is missing" >&2; exit 1; }
 done
 [ -x "$root/usr/lib/pibackup/pibackup.py" ] || { echo "test-deb: the plugin is not executable" >&2; exit 1; }
 grep -qx 'NotifyAccess=all' "$root/usr/lib/systemd/system/lightningd.service.d/pibackup.conf"
 ls "$root"/usr/lib/pibackup/vendor/pyln/client/__pycache__/plugin.cpython-311.pyc > /dev/null  # py3compile ran
-ok "files in place: plugin (executable), vendored pyln-client byte-compiled, command, man page, docs, example, systemd drop-in"
+ok "files in place: plugin (executable), vendored pyln-client byte-compiled, command, man page, docs (README, user guide, format), example, systemd drop-in"
 
 in_root pibackup --help > "$root/tmp/help.txt"
 grep -q restore "$root/tmp/help.txt"
