@@ -16,7 +16,6 @@ restores with `pibackup restore`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -28,15 +27,16 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import destination as dst
-from .crypt import Encryptor, Key
+from .copyhead import HEAD, HeadError, HeadMaker, read_head
+from .crypt import NO_NODE_ID, Binding, CryptError, Encryptor, Key
 from .errors import PibackupError
 from .journal import HEADER_SIZE, decode_header
+from .shipstate import STATE_FILE, BadState, FileState, inside, is_generation_name, load_state, save_state
 
 Log = Callable[[str, str], None]
 OpenSegment = Callable[[], Optional[Tuple[str, int]]]
 
 STAGING = ".ship"
-STATE_FILE = "state.json"
 WRITE_CHUNK = 64 * 1024  # encrypt in small pieces: the hook thread never waits long for the GIL
 BACKOFF_INTERVALS = 10  # retries back off to at most ten intervals (10 min by default)
 STAGING_RESERVE = 64 * 1024 * 1024  # free space staging copies leave to the backup
@@ -189,18 +189,6 @@ def explain_rsync_failure(code: int, stderr: str, target: Target, port: int, kno
 
 
 @dataclass
-class FileState:
-    staged: int = 0  # bytes of the local file taken into the staging copy (or sent directly)
-    staged_size: int = 0  # the staging copy's length
-    file_id: str = ""  # encrypted copies: hex file id
-    next_index: int = 0  # encrypted copies: the next chunk's index
-    sent: bool = False  # the remote holds some of this staging copy: append to it
-    unsent: bool = False  # the staging copy grew since the last successful round
-    final: bool = False  # the local file is closed and fully staged
-    done: bool = False  # final and sent: never looked at again
-
-
-@dataclass
 class ShipStatus:
     state: str = "starting"  # starting, ok, failing
     target: str = ""
@@ -235,10 +223,13 @@ class Shipper:
         self._proc_lock = threading.Lock()
         self._logged_error: Optional[str] = None
         self._last_stdout = ""
+        self.head: Optional[HeadMaker] = None  # made at start(): it needs the staging directory
+        self._gens: List[dst.Generation] = []
 
     # --- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
         os.makedirs(self.staging, mode=0o700, exist_ok=True)
+        self.head = HeadMaker(self.destination, self.staging, self.cfg.key)
         self._load_state()
         self._thread = threading.Thread(target=self._loop, name="pibackup-ship", daemon=True)
         self._thread.start()
@@ -339,6 +330,9 @@ class Shipper:
                 if st.final:
                     st.done = True
                     self._drop_staging(rel)
+        # The head record goes after the data it describes, and before any remote deletion:
+        # a round cut short anywhere leaves a copy holding at least what its record says.
+        self._ship_head()
         self._forget_old(inventory)
         self._save_state()
         if s.state == "failing":
@@ -354,8 +348,15 @@ class Shipper:
         out: List[Tuple[str, str, int, bool]] = []
         marker = os.path.join(self.destination, dst.MARKER)
         out.append((dst.MARKER, marker, os.path.getsize(marker), True))
-        gens = d.generations()
+        gens = self._gens = d.generations()
         self._check_generation_ids(gens)
+        if self.head is not None and gens and gens[-1].segments:
+            # Before the open segment's length: the time shown for the copy's newest
+            # transaction is then never later than it.
+            try:
+                self.head.newest_mtime = os.path.getmtime(gens[-1].segments[-1])
+            except FileNotFoundError:
+                self.head.newest_mtime = None
         open_seg = self.open_segment()  # after listing: a segment closed meanwhile counts as closed
         open_path = os.path.normpath(open_seg[0]) if open_seg is not None else None
         for g in gens:
@@ -413,7 +414,7 @@ class Shipper:
         enc = None
         if key is not None:
             file_id = bytes.fromhex(st.file_id) if st.file_id else None
-            enc = Encryptor(key, rel, file_id, st.next_index)
+            enc = Encryptor(key, rel, file_id, st.next_index, binding=self._binding(rel, st))
         with open(path, "rb") as src, open(spath, "ab") as out:
             if st.staged_size == 0 and enc is not None:
                 out.write(enc.header)
@@ -446,6 +447,17 @@ class Shipper:
             st.next_index = enc.index
         return True
 
+    def _binding(self, rel: str, st: FileState) -> Binding:
+        """A new file is bound to this copy and its generation's node; one being appended
+        to keeps what its header says."""
+        assert self.head is not None
+        if st.staged_size == 0:
+            gen = next((g for g in self._gens if g.name == rel.split("/")[0]), None)
+            b = self.head.binding(gen)
+            st.node_id = "" if b.node_id == NO_NODE_ID else b.node_id.hex()
+            return b
+        return Binding(self.head.copy_id, bytes.fromhex(st.node_id) if st.node_id else NO_NODE_ID)
+
     def _check_room(self, need: int) -> None:
         """Staging must never take the space the backup itself needs: keep STAGING_RESERVE
         free beyond the copy, or skip this round's staging and say so."""
@@ -471,8 +483,11 @@ class Shipper:
             st.__init__()  # type: ignore[misc]  # a new file id: the remote copy is replaced whole
 
     def _drop_staging(self, rel: str) -> None:
+        path = self._staging_path(rel)
+        if not inside(self.staging, path):
+            return  # never reached: state.json's names are checked when it is read
         try:
-            os.unlink(self._staging_path(rel))
+            os.unlink(path)
         except FileNotFoundError:
             pass
 
@@ -511,13 +526,17 @@ class Shipper:
             raise ShipError(explain_rsync_failure(code, err, self.cfg.target, self.cfg.port, self.cfg.known_hosts))
 
     def _check_remote(self) -> None:
-        """Once: the remote directory must be ours, new, or empty; never someone else's."""
+        """Once: the remote directory must be ours, new, or empty; never someone else's.
+        Ours: only what this shipper sent, or a copy whose head record names our copy id
+        (our shipping state was lost or discarded: everything is sent again)."""
         if not self._probe():
             self.remote_checked = True  # rsync creates it with the first files
             return
         names = {line.split()[-1] for line in self._last_stdout.splitlines() if line.strip()} - {"."}
-        known = {dst.MARKER} | {n.split("/")[0] for n in self.files}
+        known = {dst.MARKER, HEAD} | {n.split("/")[0] for n in self.files}
         foreign = sorted(n for n in names if n not in known)
+        if foreign and HEAD in names and all(is_generation_name(n) for n in foreign) and self._remote_is_ours():
+            foreign = []
         if foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise ShipError(
@@ -526,6 +545,33 @@ class Shipper:
                 "state in DEST/.ship was lost), rename it there and let a new copy complete before you delete it"
             )
         self.remote_checked = True
+
+    def _remote_is_ours(self) -> bool:
+        """Does the remote head record name this backup directory's copy id? Then its
+        generation ids are taken as known: a new stick is still not shipped over it."""
+        assert self.head is not None
+        with tempfile.TemporaryDirectory(dir=self.staging) as tmp:
+            code, _ = self._run(self._base() + ["--max-size=1m", f"{self.cfg.target}/{HEAD}", tmp + "/"])
+            try:
+                theirs = read_head(os.path.join(tmp, HEAD), self.cfg.key) if code == 0 else None
+            except (OSError, HeadError, CryptError):
+                theirs = None
+        if theirs is None or theirs.copy_id != self.head.copy_id:
+            return False
+        for name, g in theirs.generations.items():
+            self.generation_ids.setdefault(name, g["id"])
+        self.log(f"pibackup-ship: {self.cfg.target} holds this backup's copy (its head record says so); sending it again", "info")
+        return True
+
+    def _ship_head(self) -> None:
+        assert self.head is not None
+        lengths = {rel: st.staged for rel, st in self.files.items() if st.sent and not st.unsent}
+        head = self.head.make(self._gens, lengths, self.generation_ids)
+        if head is None:
+            return
+        self.head.stage(head)
+        self._rsync(self.staging, [HEAD], append=False)
+        self.head.last_sent = head
 
     def _probe(self) -> bool:
         """One login listing the remote directory (its names in _last_stdout): ShipError if
@@ -544,6 +590,7 @@ class Shipper:
         oldest = min((g for g in local if g.startswith("gen-")), default=None)
         # Only generations older than every local one: retention removes the oldest first.
         gone = sorted(g for g in {rel.split("/")[0] for rel in self.files if "/" in rel} - local if oldest is None or g < oldest)
+        gone = [g for g in gone if is_generation_name(g)]  # checked when read; they reach --delete
         if not gone:
             return
         newest = max((g for g in local if g.startswith("gen-")), default=None)
@@ -558,7 +605,8 @@ class Shipper:
         for rel in [r for r in self.files if r.split("/")[0] in gone]:
             del self.files[rel]
         for g in gone:
-            shutil.rmtree(os.path.join(self.staging, g), ignore_errors=True)
+            if inside(self.staging, os.path.join(self.staging, g)):
+                shutil.rmtree(os.path.join(self.staging, g), ignore_errors=True)
             self.generation_ids.pop(g, None)
         self.log(f"pibackup-ship: removed {', '.join(gone)} from {self.cfg.target} (gone locally too)", "info")
 
@@ -569,40 +617,33 @@ class Shipper:
     def _load_state(self) -> None:
         path = os.path.join(self.staging, STATE_FILE)
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            if {k: data.get(k) for k in ("target", "key_id")} != self._identity() or data.get("version") != 1:
-                raise ValueError("another target or key")
-            self.files = {rel: FileState(**v) for rel, v in data["files"].items()}
-            self.generation_ids = dict(data.get("generation_ids", {}))
-            self.remote_checked = bool(data.get("remote_checked"))
-            if self.cfg.key is not None:
-                # Neither the staging copies nor this state are synced: after a power cut
-                # they may be older than what the remote holds, and encrypting other bytes
-                # under the same file id and chunk index would reuse a nonce. So every
-                # unfinished encrypted file starts again under a new file id.
-                for rel, st in self.files.items():
-                    if not st.done:
-                        self._drop_staging(rel)
-                        self.files[rel] = FileState()
+            self.files, self.generation_ids, self.remote_checked = load_state(path, self._identity())
         except FileNotFoundError:
             return
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            # Start over: everything is sent again, and the remote directory checked again.
-            self.log(f"pibackup-ship: starting the remote copy afresh ({e})", "info")
-            self.files = {}
+        except (BadState, OSError) as e:
+            # Start over: everything is sent again, once the remote directory is checked
+            # again (its head record names this copy: it is ours).
+            changed = isinstance(e, BadState) and str(e) == "another target or key"
+            why = str(e) if changed else f"{path} is not valid ({e}): it is discarded"
+            self.log(f"pibackup-ship: starting the remote copy afresh ({why})", "info" if changed else "warn")
+            self.files, self.generation_ids, self.remote_checked = {}, {}, False
             for name in os.listdir(self.staging):
                 p = os.path.join(self.staging, name)
-                if os.path.isdir(p):
+                if os.path.isdir(p) and not os.path.islink(p):
                     shutil.rmtree(p, ignore_errors=True)
+            return
+        if self.cfg.key is not None:
+            # Neither the staging copies nor this state are synced: after a power cut
+            # they may be older than what the remote holds, and encrypting other bytes
+            # under the same file id and chunk index would reuse a nonce. So every
+            # unfinished encrypted file starts again under a new file id.
+            for rel, st in self.files.items():
+                if not st.done:
+                    self._drop_staging(rel)
+                    self.files[rel] = FileState()
 
     def _save_state(self) -> None:
-        data = dict(self._identity(), version=1, remote_checked=self.remote_checked, generation_ids=self.generation_ids)
-        data["files"] = {rel: asdict(st) for rel, st in self.files.items()}
-        path = os.path.join(self.staging, STATE_FILE)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(path + ".tmp", path)  # no sync: a lost update means some files are sent again
+        save_state(os.path.join(self.staging, STATE_FILE), self._identity(), self.files, self.generation_ids, self.remote_checked)
 
     # --- what status shows ------------------------------------------------------------------
     def lag(self) -> Optional[float]:

@@ -113,6 +113,7 @@ def test_a_closed_segment_that_lost_its_zeros_after_listing_stages_whole(tmp_pat
     """The compactor trims a closed segment's preallocated zeros outside the writer's lock,
     so the shipper may list it at its old length and find it shorter: the staged copy ends
     where the file ends, finished (its final chunk), not a failed round."""
+    from pibackup.copyhead import HeadMaker
     from pibackup.crypt import Key, decrypt_file
     from pibackup.ship import FileState, ShipConfig, Shipper, parse_target
 
@@ -125,6 +126,7 @@ def test_a_closed_segment_that_lost_its_zeros_after_listing_stages_whole(tmp_pat
     cfg = ShipConfig(parse_target("pi@host:/srv/pb"), 22, None, None, 60.0, 900.0, key)
     sh = Shipper(cfg, str(dest), lambda: None, lambda *a: None)
     os.makedirs(sh.staging)
+    sh.head = HeadMaker(str(dest), sh.staging, key)  # what start() makes: the copy id
     st = FileState()
     rel = "gen-000001/seg-000001.pbj"
     assert sh._stage(rel, str(seg), len(content) + 4096, True, st)  # listed with its zeros

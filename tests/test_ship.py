@@ -15,6 +15,7 @@ import pytest
 import dbcompare
 import driver
 from helpers import cli, received, restore_to, tmpfs, tree_digest
+from pibackup.shipstate import is_layout_path
 from sshd import Sshd
 
 CRYPT_MAGIC = b"PBKCRYPT"
@@ -107,10 +108,11 @@ def test_the_shipped_copy_restores_to_the_live_db(encrypted, sshd, keyfile, trac
     assert_remote_equals_live(sshd, remote, node, tmp_path, *key_args)
     assert len(list(dest.glob("gen-*/seg-*.pbj"))) > 1, "the test must cover closed segments"
 
-    # The remote directory has the local layout.
-    local_files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and ".ship" not in p.parts)
+    # The remote directory has the local layout, and the head record of the last round.
+    local_files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and is_layout_path(str(p.relative_to(dest))))
     remote_files = sorted(str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file())
-    assert remote_files == local_files
+    assert remote_files == sorted(local_files + ["HEAD"])
+    assert (remote / "HEAD").read_bytes().startswith(CRYPT_MAGIC) is encrypted
     if encrypted:
         for p in remote.rglob("gen-*/*"):
             data = p.read_bytes()
@@ -147,6 +149,7 @@ def test_a_compaction_is_shipped_snapshot_first_and_a_copy_caught_mid_round_rest
     node.start(early)
     node.calls(recs[len(early) : 250])
     wait_in_step(node, time.time())
+    head_before = (remote / "HEAD").read_bytes()  # what a copy caught in the round of gen-000002 holds
     sshd.stop()
     node.call(recs[250])  # something to send: a round that must connect fails
     wait_failing(node)  # the rounds below are retries after a failure
@@ -172,6 +175,7 @@ def test_a_compaction_is_shipped_snapshot_first_and_a_copy_caught_mid_round_rest
         shutil.copytree(remote, caught)
         for p in caught.glob(f"gen-000002/{missing}"):
             p.unlink()
+        (caught / "HEAD").write_bytes(head_before)
         out = tmp_path / f"caught-{why[3:10]}.sqlite3"
         r = remote_restore(sshd, caught, out, *key_args)
         assert r.returncode == 0, r.stdout + r.stderr
