@@ -8,18 +8,58 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sqlite3
 import sys
 import time
-from typing import List, Optional
+from types import FrameType
+from typing import Any, Callable, List, Optional
 
 from . import __version__
+from .config import SHIP_PORT_DEFAULT, ConfigError, _int
 from .crypt import key_id, write_key_file
 from .destination import writer_running
 from .errors import PibackupError
-from .remote import readable_copy
+from .remote import MAX_FILE_DEFAULT, CopyReport, Terminated, older_than_records, readable_copy
 from .replica import is_replica_backup, restore_replica, verify_replica
 from .restore import Outcome, check_output, offline_status, restore, verify
+from .ship import ShipError, check_local_file
+
+
+def _checked(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from one of the plugin's own option checks: the same rules for the
+    same values, and a wrong one is a usage error before anything runs."""
+
+    def parse(value: str) -> Any:
+        try:
+            return check(value)
+        except PibackupError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+
+    return parse
+
+
+def _ssh_file(option: str) -> Callable[[str], Any]:
+    def check(value: str) -> str:
+        if value.startswith("-"):
+            raise ShipError(f"{option}={value!r} is not a file name (ssh would read it as an option)")
+        return check_local_file(option, os.path.abspath(os.path.expanduser(value)))
+
+    return _checked(check)
+
+
+def _port(value: str) -> int:
+    """The plugin's pibackup-ship-port rule, told in the command line's words."""
+    try:
+        return _int({"pibackup-ship-port": value}, "pibackup-ship-port")
+    except ConfigError as e:
+        raise ShipError(str(e).replace("pibackup-ship-port", "--ssh-port")) from e
+
+
+def _max_file_mb(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 1 << 30:
+        raise ShipError(f"--max-file-mb={value!r}: give a whole number of MiB, at least 1 (default {MAX_FILE_DEFAULT >> 20})")
+    return int(value) << 20
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,9 +97,21 @@ def _parser() -> argparse.ArgumentParser:
     for sp in (r, v):
         g = sp.add_argument_group("shipped copies (pibackup-ship)")
         g.add_argument("--key", metavar="FILE", help="the pibackup-ship-encrypt-key file, for an encrypted copy")
-        g.add_argument("--ssh-port", type=int, default=22, metavar="N", help="ssh port of the remote host (default 22)")
-        g.add_argument("--ssh-identity", metavar="FILE", help="ssh private key for the remote host")
-        g.add_argument("--known-hosts", metavar="FILE", help="known_hosts file with the remote host's key")
+        g.add_argument(
+            "--ssh-port", type=_checked(_port), default=SHIP_PORT_DEFAULT, metavar="N", help="ssh port of the remote host (default 22)"
+        )
+        g.add_argument("--ssh-identity", type=_ssh_file("--ssh-identity"), metavar="FILE", help="ssh private key for the remote host")
+        g.add_argument(
+            "--known-hosts", type=_ssh_file("--known-hosts"), metavar="FILE", help="known_hosts file with the remote host's key"
+        )
+        g.add_argument(
+            "--max-file-mb",
+            type=_checked(_max_file_mb),
+            default=MAX_FILE_DEFAULT,
+            metavar="N",
+            help=f"fetch no file larger than this (default {MAX_FILE_DEFAULT >> 20}): a copy is never larger than its "
+            "database and journal segments",
+        )
     k = sub.add_parser(
         "keygen",
         help="create a key file for pibackup-ship-encrypt-key",
@@ -78,8 +130,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum: int, frame: Optional[FrameType]) -> None:
+    # Once: the unwinding that follows (removing temporary copies) is not cut short again.
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+    raise Terminated(signal.Signals(signum).name)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    # Decrypted copies must not outlive an interrupted run: SIGTERM (systemd, kill) and SIGHUP
+    # (a closed terminal) unwind like Ctrl-C, through every `finally`.
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _terminate)
     try:
         if args.command == "restore":
             return _restore(args)
@@ -97,6 +160,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except sqlite3.Error as e:
         print(f"pibackup: error: SQLite: {e}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"pibackup: stopped ({e or 'SIGINT'}); temporary files removed, nothing written", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
 
 
 def _progress(out: Outcome, fraction: float, rate: float) -> None:
@@ -109,7 +175,12 @@ def _progress(out: Outcome, fraction: float, rate: float) -> None:
 def _restore(args: argparse.Namespace) -> int:
     tty = sys.stderr.isatty()  # progress for a person at a terminal, nothing in scripts and logs
     check_output(args.output, args.force)  # before fetching anything
-    with readable_copy(args.backup_dir, args.output, args.key, args.ssh_port, args.ssh_identity, args.known_hosts) as src:
+    copy = readable_copy(
+        args.backup_dir, args.output, args.key, args.ssh_port, args.ssh_identity, args.known_hosts, args.max_file_mb
+    )
+    with copy as report:
+        src = report.root
+        _copy_notes(report)
         if is_replica_backup(src):
             return _restore_replica(src, args)
         out = restore(
@@ -134,7 +205,37 @@ def _restore(args: argparse.Namespace) -> int:
     )
     if "utxoset" in out.filtered_tables:
         print(rescan_advice(out.rescan_from))
-    return 1 if out.damage else 0
+    older = _copy_warnings(report, restoring=True)
+    return 1 if out.damage or older else 0
+
+
+def _copy_notes(report: CopyReport) -> None:
+    for note in report.notes:
+        print(f"pibackup: note: {note}", file=sys.stderr)
+
+
+def _copy_warnings(report: CopyReport, restoring: bool) -> bool:
+    """When the copy's newest transaction was written, and, loudly, whether it holds less
+    than its own head record says. True when it does (exit status 1)."""
+    if report.newest:
+        print(report.newest)
+    for doubt in report.doubts:
+        print(f"pibackup: WARNING: {doubt}", file=sys.stderr)
+    older = older_than_records(report)
+    if older is None:
+        return False
+    print(f"pibackup: WARNING: {older}", file=sys.stderr)
+    print(
+        "pibackup: WARNING: it was cut back by the host, or damaged there. "
+        + (
+            "Do NOT start lightningd on this database while a newer state may exist: an old channel state can "
+            "cost the channels' funds. Restore from the backup medium or another copy."
+            if restoring
+            else "Do not rely on it: check the backup medium and the host."
+        ),
+        file=sys.stderr,
+    )
+    return True
 
 
 def _restore_replica(src: str, args: argparse.Namespace) -> int:
@@ -194,7 +295,10 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    with readable_copy(args.backup_dir, None, args.key, args.ssh_port, args.ssh_identity, args.known_hosts) as src:
+    copy = readable_copy(args.backup_dir, None, args.key, args.ssh_port, args.ssh_identity, args.known_hosts, args.max_file_mb)
+    with copy as report:
+        src = report.root
+        _copy_notes(report)
         if is_replica_backup(src):
             lines, damaged = verify_replica(src)
             for line in lines:
@@ -204,5 +308,6 @@ def _verify(args: argparse.Namespace) -> int:
         rep = verify(src)
     for line in rep.lines:
         print(line)
-    print("DAMAGE FOUND" if rep.damaged else "ok")
-    return 1 if rep.damaged else 0
+    older = _copy_warnings(report, restoring=False)
+    print("DAMAGE FOUND" if rep.damaged else "OLDER THAN ITS RECORDS" if older else "ok")
+    return 1 if rep.damaged or older else 0
