@@ -63,7 +63,7 @@ def received(sock: socket.socket, until: str, timeout: float = 10.0) -> list:
     while time.monotonic() < deadline:
         try:
             got.append(sock.recv(4096).decode())
-        except socket.timeout:
+        except TimeoutError:
             break
         if until in got[-1]:
             return got

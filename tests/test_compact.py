@@ -3,6 +3,7 @@ the background, while db_write calls go on; the switch and retention crash-safe 
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -372,7 +373,7 @@ def test_automatic_compaction_keeps_the_backup_bounded_across_restarts(traces, m
 
     i = 0
     sessions = [k for k, r in enumerate(recs) if r.pre_init and (k == 0 or not recs[k - 1].pre_init)] + [len(recs)]
-    for s, e in zip(sessions, sessions[1:]):
+    for s, e in itertools.pairwise(sessions):
         early = [r for r in recs[s:e] if r.pre_init]
         node.start(early)
         for i in range(s + len(early), e):
