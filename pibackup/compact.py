@@ -26,9 +26,23 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional,
 from . import destination as dst
 from .errors import PibackupError
 from .generation import DamageError, End, generation_info, iter_frames
-from .journal import HEADER_SIZE, KIND_INFO, Frame, JournalError, SegmentHeader, SegmentReader, SegmentWriter, fsync_dir, fsync_file
-from .restore import REPLAY_BATCH, Outcome, OutputError, Replayer, copy_snapshot
-from .snapshot import read_data_version, sha256_file
+from .journal import (
+    HEADER_SIZE,
+    KIND_INFO,
+    KIND_PRAGMA,
+    Frame,
+    JournalError,
+    SegmentHeader,
+    SegmentReader,
+    SegmentWriter,
+    fsync_dir,
+    fsync_file,
+)
+from .replay import REPLAY_BATCH, Outcome, OutputError, Replayer, refused_damage
+from .replayguard import Refused, check_frame
+from .replayguard import connect as guarded_connect
+from .restore import copy_snapshot
+from .snapshot import private_file, read_data_version, sha256_file
 
 if TYPE_CHECKING:
     from .backup import Backup
@@ -165,9 +179,13 @@ def build_snapshot(
     tmp = os.path.join(partial, "snapshot.tmp")
     if gen.snapshot is not None:
         copy_snapshot(gen.snapshot, tmp, info.snapshot_sha256, sync_every=_SYNC_EVERY)
+    else:
+        os.close(private_file(tmp))
     out = Outcome(gen.name, info.base_version, info.base_version)
     parent = os.getppid()
-    conn = sqlite3.connect(tmp, isolation_level=None)
+    # This process runs as lightningd's user: the journal's statements go through the replay
+    # guard (a refused one is a DamageError: the generation is replaced from the live DB).
+    conn = guarded_connect(tmp, isolation_level=None)
     try:
         conn.execute("PRAGMA foreign_keys = ON")  # as lightningd's own connection
         conn.execute("PRAGMA journal_mode = MEMORY")  # a crash leaves a .partial, removed at the next start
@@ -200,7 +218,7 @@ def build_snapshot(
             got = read_data_version(conn)
             if got != version:
                 raise CompactionError(f"replayed snapshot says data_version {got}, the journal {version}")
-        pending: List[Frame] = ([replayer.pending] if replayer.pending else []) + replayer.pending_pragmas
+        pending: List[Frame] = ([replayer.pending] if replayer.pending else []) + [f for f, _ in replayer.pending_pragmas]
         conn.execute("PRAGMA journal_mode = DELETE")
     finally:
         conn.close()
@@ -660,9 +678,15 @@ class _NewGeneration:
         self._end = (int(end[0]), int(end[1]))  # the child replayed up to here
         self.source_number = src.number
 
-    def add(self, frame: Frame) -> None:
+    def add(self, frame: Frame, where: str = "") -> None:
         if frame.kind == KIND_INFO:
             return
+        try:
+            # Frames the child did not replay: a statement a restore would refuse is never
+            # carried into the new generation (the old one is damaged: Backup.mark_damaged).
+            check_frame(frame.statements, frame.kind == KIND_PRAGMA)
+        except Refused as e:
+            raise refused_damage(e, where or f"{self.partial} (copying)", frame.data_version, frame.offset) from e
         if frame.data_version not in (self.last, (self.last + 1) & 0xFFFFFFFF):
             # Each frame appends, rewinds or repeats the version (FORMAT.md, replay rules):
             # anything else would make the new generation unrestorable. Never switch to it.
@@ -725,8 +749,8 @@ class _NewGeneration:
         """Copy the frames of the old generation up to (`segment`, `durable` bytes): what its
         writer has made durable (`checksum`: its chain value there, when known)."""
         assert self._follower is not None
-        for f, _ in self._follower.frames(segment, durable, checksum):
-            self.add(f)
+        for f, where in self._follower.frames(segment, durable, checksum):
+            self.add(f, where)
 
     def close(self) -> None:
         if self._follower is not None:

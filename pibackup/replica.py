@@ -22,12 +22,15 @@ from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from . import destination as dst
 from . import filter as flt
+from . import replayguard
 from .backup import BehindError, Call, Counters, Log, io_error_message
 from .errors import PibackupError
+from .generation import DamageError
 from .journal import decode_statements, encode_statements, fsync_dir
+from .replayguard import GuardedConnection, Refused, check_frame
 from .restore import RestoreError, check_output, publish, remove_tmp
 from .sequence import Action, classify, is_pragma_only, reconcile
-from .snapshot import live_data_version, read_data_version, take_snapshot
+from .snapshot import live_data_version, private_file, read_data_version, take_snapshot
 
 REPLICA_FILE = "replica.sqlite3"
 STATE_TABLE = "pibackup_replica"
@@ -63,8 +66,10 @@ def is_replica_backup(path: str) -> bool:
         return False
 
 
-def _connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+def _connect(path: str) -> GuardedConnection:
+    # lightningd's statements (and the pending ones read back from the medium) go through the
+    # replay guard; the replica's own state table is out of their reach.
+    conn = replayguard.connect(path, protected={STATE_TABLE}, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA foreign_keys = ON")  # as lightningd's own connection
     conn.execute("PRAGMA journal_mode = WAL")  # one sync per commit
     conn.execute("PRAGMA synchronous = FULL")  # every commit durable before the hook answers
@@ -101,6 +106,26 @@ def read_state(conn: sqlite3.Connection) -> ReplicaState:
     return ReplicaState(int(row[0]), None if row[1] is None else int(row[1]), pending, row[3], row[4] is None or bool(row[4]))
 
 
+def _refused(where: str, version: int, e: Refused) -> DamageError:
+    return DamageError(
+        f"{where}: pending transaction data_version {version}: {e}. The replica was changed after pibackup wrote it "
+        "(tampering, or a bug)",
+        where,
+        None,
+    )
+
+
+def _refused_pending(where: str, state: ReplicaState) -> Optional[DamageError]:
+    """The replica's pending transaction as damage, if the replay guard refuses it."""
+    if state.pending_version is None:
+        return None
+    try:
+        check_frame(state.pending or [], False)
+    except Refused as e:
+        return _refused(where, state.pending_version, e)
+    return None
+
+
 def _damage(e: sqlite3.Error) -> bool:
     """An SQLite error that says the file is not (or no longer) a sound database, as
     opposed to a medium that cannot be read or written."""
@@ -116,7 +141,7 @@ class Replica:
         self.log = log
         self.filter_tables = frozenset(filter_tables)
         self.dest = dst.Destination(destination)
-        self.conn: Optional[sqlite3.Connection] = None
+        self.conn: Optional[GuardedConnection] = None
         self.generation: Optional[str] = None  # the replica-NNNNNN directory
         self.last: Optional[int] = None
         self.last_is_journaled = False  # the newest transaction is pending (may be rewound)
@@ -234,7 +259,9 @@ class Replica:
                 raise
             return str(e)
         try:
-            return read_state(conn)
+            state = read_state(conn)
+            refused = _refused_pending(f, state)
+            return state if refused is None else str(refused)
         except ReplicaError as e:
             cause = e.__cause__
             schema = isinstance(cause, sqlite3.Error) and (getattr(cause, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_ERROR
@@ -318,6 +345,7 @@ class Replica:
                 os.rename(path, target)
             else:
                 version = 0
+                os.close(private_file(target))  # the node's channel state: its owner's only
             conn = _connect(target)
             try:
                 conn.execute(_SCHEMA)
@@ -367,6 +395,14 @@ class Replica:
 
     def _write(self, data_version: int, writes: List[str]) -> None:
         pragma = is_pragma_only(writes)
+        try:
+            check_frame(writes, pragma)
+        except Refused as e:
+            # Stored, it could never be replayed (nor restored): lightningd must not commit it.
+            raise ReplicaError(
+                f"lightningd's call at data_version {data_version} holds a statement pibackup does not replay: {e}. "
+                "Is this lightningd newer than pibackup? Update pibackup"
+            ) from e
         a = classify(self.last, data_version, pragma, self.last_is_journaled)
         if a is Action.GAP:
             self.log(
@@ -386,7 +422,24 @@ class Replica:
                 f"lightningd's database (data_version {data_version}) is OLDER than the replica in {self.generation} "
                 f"(data_version {self.last}); stop lightningd and restore the newer state with pibackup restore"
             )
-        self._apply(a, data_version, writes)
+        try:
+            self._apply(a, data_version, writes)
+        except DamageError as e:
+            # The pending transaction read back from the medium was altered there. lightningd
+            # committed it (this call proves it): the live database holds it, so a new replica
+            # from a snapshot of it loses nothing; the altered one is kept aside.
+            assert self.generation is not None and self.conn is not None
+            self.conn.close()
+            self.conn = None
+            self._set_aside_damaged(self.generation, str(e), live_data_version(self.live_db))
+            self._new_replica(snapshot=True)
+            a = classify(self.last, data_version, pragma, False)
+            if a is not Action.APPEND and a is not Action.PRAGMA:
+                raise BehindError(
+                    f"after a new snapshot at data_version {self.last} lightningd's call {data_version} does not follow; "
+                    "restart lightningd"
+                ) from e
+            self._apply(a, data_version, writes)
 
     def _apply(self, a: Action, data_version: int, writes: List[str]) -> None:
         """One SQLite transaction: apply the pending transaction if this call proves it
@@ -410,7 +463,7 @@ class Replica:
                 raise
             self._pending_fk = None
             for s in writes:
-                c.execute(s)  # outside a transaction, as lightningd runs them
+                c.replay(s)  # outside a transaction, as lightningd runs them
             self._lightningd_fk = bool(c.execute("PRAGMA foreign_keys").fetchone()[0])
             self.last_is_journaled = False
         else:
@@ -454,13 +507,21 @@ class Replica:
         if bool(c.execute("PRAGMA foreign_keys").fetchone()[0]) != on:
             c.execute(f"PRAGMA foreign_keys = {'ON' if on else 'OFF'}")
 
-    def _apply_pending(self, c: sqlite3.Connection) -> None:
+    def _apply_pending(self, c: GuardedConnection) -> None:
         row = c.execute(f"SELECT pending_version, pending FROM {STATE_TABLE} WHERE id = 1").fetchone()
         if row is None or row[0] is None:
             return
-        for s in decode_statements(row[1]):
+        where = os.path.join(self.generation or "", REPLICA_FILE)
+        statements = decode_statements(row[1])
+        try:
+            check_frame(statements, False)
+        except Refused as e:
+            raise _refused(where, int(row[0]), e) from e
+        for s in statements:
             try:
-                c.execute(s)
+                c.replay(s)
+            except Refused as e:
+                raise _refused(where, int(row[0]), e) from e
             except sqlite3.Error as e:
                 raise ReplicaError(
                     f"the replica cannot apply data_version {row[0]}: {e} (statement: {s[:160]!r}); it no longer matches "
@@ -604,6 +665,7 @@ def restore_replica(backup_dir: str, output: str, force: bool = False) -> Replic
     try:
         source = sqlite3.connect(f"file:{src}?mode=ro", uri=True, isolation_level=None)
         try:
+            os.close(private_file(tmp))  # the backup API writes into it and keeps its mode
             out_conn = sqlite3.connect(tmp, isolation_level=None)
             try:
                 source.backup(out_conn)
@@ -611,16 +673,22 @@ def restore_replica(backup_dir: str, output: str, force: bool = False) -> Replic
                 out_conn.close()
         finally:
             source.close()
-        conn = sqlite3.connect(tmp, isolation_level=None)
+        conn = replayguard.connect(tmp, protected={STATE_TABLE}, isolation_level=None)
         try:
             conn.execute("PRAGMA journal_mode = DELETE")
             conn.execute("PRAGMA foreign_keys = ON")
             state = read_state(conn)
+            refused = _refused_pending(src, state)
+            if refused is not None:
+                raise refused
             if not state.pending_fk:  # stored inside a migration that runs with foreign keys off
                 conn.execute("PRAGMA foreign_keys = OFF")
             conn.execute("BEGIN")
             for s in state.pending or []:
-                conn.execute(s)
+                try:
+                    conn.replay(s)
+                except Refused as e:
+                    raise _refused(src, state.last, e) from e
             conn.execute(f"DROP TABLE {STATE_TABLE}")
             conn.execute("COMMIT")
             conn.execute("PRAGMA foreign_keys = ON")
@@ -668,6 +736,10 @@ def verify_replica(backup_dir: str) -> Tuple[List[str], bool]:
             continue
         pend = f", data_version {state.pending_version} pending" if state.pending_version is not None else ""
         lines.append(f"{os.path.basename(path)}: replica at data_version {state.applied}{pend}")
+        refused = _refused_pending(f, state)
+        if refused is not None:
+            lines.append(f"  DAMAGED: {refused}")
+            damaged = True
         if row is None or row[0] != "ok":
             lines.append(f"  DAMAGED: integrity check: {row[0] if row else '?'}")
             damaged = True

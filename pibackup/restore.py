@@ -1,7 +1,7 @@
 """Restore (snapshot + journal -> database file, via tmp, fsync, rename) and verify.
 
 Replays one SQL transaction per data_version with foreign keys on, as lightningd's own
-connection runs; a rewound transaction is replaced, never applied next to its successor.
+connection runs (replay.py), through the replay guard; the database is private to its owner.
 """
 
 from __future__ import annotations
@@ -9,164 +9,39 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import stat
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Generator, List, Optional, Tuple
 
 from . import destination as dst
-from .errors import PibackupError
+from . import replayguard
 from .generation import DamageError, End, generation_info, iter_frames, read_tail
-from .journal import KIND_INFO, KIND_TX, Frame, fsync_dir, fsync_file
-from .sequence import next_version
-from .snapshot import SnapshotError, read_data_version, sha256_file
+from .journal import Frame, fsync_dir, fsync_file
+from .replay import REPLAY_BATCH, Outcome, OutputError, Replayer, RestoreError
+from .snapshot import SnapshotError, private_file, read_data_version, sha256_file
+
+__all__ = [
+    "REPLAY_BATCH",
+    "Outcome",
+    "OutputError",
+    "Replayer",
+    "RestoreError",
+    "VerifyReport",
+    "check_output",
+    "copy_snapshot",
+    "offline_status",
+    "pick_generation",
+    "publish",
+    "remove_tmp",
+    "restore",
+    "verify",
+]
 
 _CHUNK = 1 << 20
-REPLAY_BATCH = 256  # transactions per SQL transaction in restore and compaction
 
 
-class RestoreError(PibackupError):
-    pass
-
-
-class OutputError(RestoreError):
-    """The database being written cannot be written (full, read-only, I/O error): a
-    problem of where it goes, not of the backup."""
-
-    def __init__(self, message: str, full: bool):
-        super().__init__(message)
-        self.full = full
-
-
-_OUTPUT_ERRORS = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN}
-
-
-@dataclass
-class Outcome:
-    """What a read of one generation found (and, for restore, applied)."""
-
-    generation: str
-    base_version: int
-    last_version: int
-    transactions: int = 0
-    pragmas: int = 0
-    commit_marks: int = 0
-    rewinds: int = 0
-    frames: int = 0
-    segments: int = 0
-    torn_tail: Optional[str] = None  # where an unfinished last append was found, if any
-    leftovers: List[str] = field(default_factory=list)  # cut-short writes in closed segments
-    damage: Optional[str] = None  # set only when damage was accepted (restore --partial)
-    info: Dict[str, str] = field(default_factory=dict)  # the generation's INFO frame
-    rescan_from: Optional[int] = None  # lowest block height held, when utxoset was filtered
-
-    @property
-    def filtered_tables(self) -> List[str]:
-        return [t for t in self.info.get("filter-tables", "").split(",") if t]
-
-
-class Replayer:
-    """Feeds frames in order; holds back the newest transaction until it is known not to be
-    rewound (the next frame has another data_version, or the journal ends)."""
-
-    def __init__(self, conn: Optional[sqlite3.Connection], base_version: int, outcome: Outcome, batch: int = 1):
-        self.conn = conn
-        self.current = base_version  # data_version of the state applied so far
-        self.pending: Optional[Frame] = None
-        self.pending_pragmas: List[Frame] = []
-        self.out = outcome
-        # Transactions per SQL transaction. More than 1 only where nobody sees the states in
-        # between (restore and compaction write a file that is thrown away on any error):
-        # the same end state, with far fewer page writes (make bench: replay speed).
-        self.batch = batch
-        self._open = 0  # transactions in the SQL transaction now open
-
-    def feed(self, frame: Frame, where: str) -> None:
-        v = frame.data_version
-        if frame.kind == KIND_INFO:
-            for line in frame.statements:
-                key, _, value = line.partition("=")
-                self.out.info[key] = value
-            return
-        if frame.kind == KIND_TX:
-            if self.pending is not None and v == self.pending.data_version and not self.pending_pragmas:
-                self.pending = frame  # rewind: the earlier one was never committed
-                self.out.rewinds += 1
-                return
-            expected = next_version(self.pending.data_version if self.pending else self.current)
-            if v != expected:
-                raise DamageError(
-                    f"{where}: data_version {v} where {expected} was expected (frames out of order)",
-                    where.rsplit(" offset ", 1)[0],
-                    frame.offset,
-                )
-            self._flush()
-            self.pending = frame
-        else:
-            have = self.pending.data_version if self.pending else self.current
-            if v != have:
-                raise DamageError(f"{where}: PRAGMA frame at data_version {v} after {have}", where, frame.offset)
-            if self.pending is None:
-                self._apply_pragma(frame)
-            else:
-                self.pending_pragmas.append(frame)
-        self.out.frames += 1
-
-    def finish(self) -> None:
-        self._flush()
-        self.commit()
-
-    def commit(self) -> None:
-        """End the open SQL transaction, if any."""
-        if self._open and self.conn is not None:
-            self.conn.execute("COMMIT")
-        self._open = 0
-
-    def _flush(self) -> None:
-        if self.pending is None:
-            return
-        tx = self.pending
-        if self.conn is not None:
-            c = self.conn
-            s = "BEGIN"
-            try:
-                if not self._open:
-                    c.execute(s)
-                for s in tx.statements:
-                    c.execute(s)
-                self._open += 1
-                if self._open >= self.batch:
-                    s = "COMMIT"
-                    self.commit()
-            except sqlite3.Error as e:
-                self._open = 0
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                code = getattr(e, "sqlite_errorcode", 0) & 0xFF
-                if code in _OUTPUT_ERRORS:
-                    raise OutputError(f"cannot write the database being built: {e}", code == sqlite3.SQLITE_FULL) from e
-                raise RestoreError(
-                    f"replaying data_version {tx.data_version} failed: {e} (statement: {s[:160]!r}); "
-                    "run `pibackup verify` on the backup"
-                ) from e
-        self.current = tx.data_version
-        self.out.transactions += 1
-        self.pending = None
-        pragmas, self.pending_pragmas = self.pending_pragmas, []
-        for p in pragmas:
-            self._apply_pragma(p)
-
-    def _apply_pragma(self, frame: Frame) -> None:
-        if not frame.statements:
-            self.out.commit_marks += 1  # written at a clean stop: nothing to apply
-            return
-        if self.conn is not None:
-            self.commit()
-            for s in frame.statements:
-                self.conn.execute(s)  # outside any transaction: PRAGMA foreign_keys is a no-op inside one
-        self.out.pragmas += 1
-
-
-def _frames(gen: dst.Generation, out: Outcome, partial: bool) -> Iterator[Tuple[Frame, str]]:
+def _frames(gen: dst.Generation, out: Outcome, partial: bool) -> Generator[Tuple[Frame, str], None, None]:
     """Every valid frame of a generation; damage raises unless `partial`, a torn tail is noted."""
     end = End()
     try:
@@ -204,7 +79,7 @@ def copy_snapshot(src: str, target: str, expected: bytes, sync_every: int = 0) -
     the hook's own syncs would wait behind."""
     h = hashlib.sha256()
     written = 0
-    with open(src, "rb") as fi, open(target, "wb") as fo:
+    with open(src, "rb") as fi, os.fdopen(private_file(target), "wb") as fo:
         while True:
             b = fi.read(_CHUNK)
             if not b:
@@ -260,24 +135,36 @@ def restore(
     try:
         if gen.snapshot is not None:
             copy_snapshot(gen.snapshot, tmp, info.snapshot_sha256)
-        conn = sqlite3.connect(tmp, isolation_level=None)
+        else:
+            os.close(private_file(tmp))
+        conn = replayguard.connect(tmp, isolation_level=None)
         try:
             conn.execute("PRAGMA foreign_keys = ON")  # as lightningd's own connection
             conn.execute("PRAGMA journal_mode = MEMORY")  # tmp is thrown away on failure anyway
             conn.execute("PRAGMA synchronous = OFF")  # one fsync at the end instead
-            replayer = Replayer(conn, info.base_version, out, batch=REPLAY_BATCH)
+            # --partial: one SQL transaction per data_version, so that a statement the guard
+            # refuses is undone alone and the restore ends just before it.
+            replayer = Replayer(conn, info.base_version, out, batch=1 if partial else REPLAY_BATCH)
             sizes = {p: os.path.getsize(p) for p in gen.segments}
             before, total = {}, 0
             for p in gen.segments:
                 before[p], total = total, total + sizes[p]
             started = last_report = time.monotonic()
-            for frame, where in _frames(gen, out, partial):
-                replayer.feed(frame, where)
-                now = time.monotonic()
-                if progress is not None and now - last_report >= progress_interval:
-                    last_report = now
-                    done = before.get(where.rsplit(" offset ", 1)[0], 0) + frame.offset
-                    progress(out, done / max(1, total), out.transactions / max(1e-9, now - started))
+            frames = _frames(gen, out, partial)
+            try:
+                for frame, where in frames:
+                    replayer.feed(frame, where)
+                    now = time.monotonic()
+                    if progress is not None and now - last_report >= progress_interval:
+                        last_report = now
+                        done = before.get(where.rsplit(" offset ", 1)[0], 0) + frame.offset
+                        progress(out, done / max(1, total), out.transactions / max(1e-9, now - started))
+            except DamageError as e:  # a refused statement (damage in the file itself: _frames)
+                if not partial:
+                    raise
+                out.damage = str(e)
+            finally:
+                frames.close()  # out's segment counts are final
             replayer.finish()
             out.last_version = replayer.current
             _check_result(conn, out)
@@ -300,7 +187,16 @@ def restore(
 
 
 def publish(tmp: str, output: str) -> None:
-    """Sync a finished temporary database, rename it into place, sync its directory."""
+    """Sync a finished temporary database, rename it into place, sync its directory. A file
+    it replaces (--force) hands on its mode and owner: lightningd's user must still own it."""
+    try:
+        st: Optional[os.stat_result] = os.stat(output)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+            os.chown(tmp, st.st_uid, st.st_gid)
+        os.chmod(tmp, stat.S_IMODE(st.st_mode))
     fsync_file(tmp)
     os.replace(tmp, output)
     fsync_dir(os.path.dirname(output))

@@ -55,6 +55,19 @@ def sha256_file(path: str) -> bytes:
             h.update(b)
 
 
+def private_file(path: str) -> int:
+    """Create (or empty) `path` readable and writable by its owner only, whatever the umask:
+    a database or snapshot holds the node's channel state. Returns its descriptor, open
+    for writing. SQLite creates a database's journal files with the database's mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def take_snapshot(live_db: str, directory: str, strip: Iterable[str] = (), busy_timeout: float = 5.0) -> tuple[str, int, bytes]:
     """Copy the live DB into `directory` with the backup API; sync it; name it by its version.
 
@@ -64,6 +77,7 @@ def take_snapshot(live_db: str, directory: str, strip: Iterable[str] = (), busy_
     (at init, or inside a hook call), so the copy cannot race a commit.
     """
     tmp = os.path.join(directory, "snapshot.tmp")
+    os.close(private_file(tmp))  # the backup API then writes into this file, keeping its mode
     try:
         src = connect_readonly(live_db, busy_timeout)
         try:
