@@ -111,6 +111,14 @@ def iter_frames(gen: Generation, end: End, limit: Optional[int] = None) -> Itera
                     "segment; nothing is missing, but on a healthy medium this is rare"
                 )
             if reader.bad_offset is not None and last:
+                if reader.undecodable:
+                    raise DamageError(
+                        f"{path}: damaged at offset {reader.bad_offset} ({reader.bad_reason}): a whole frame whose "
+                        "checksum is right but whose content cannot be read, which no crash leaves behind: the file "
+                        "was altered. `restore --partial` restores everything before it",
+                        path,
+                        reader.bad_offset,
+                    )
                 if not reader.torn:
                     raise DamageError(
                         f"{path}: damaged at offset {reader.bad_offset} ({reader.bad_reason}), with data after it. "

@@ -45,6 +45,10 @@ _SYNC_TAIL = b"\x00\x00\xff\xff"  # what Z_SYNC_FLUSH ends with; stripped on dis
 # biggest transaction (the schema) is ~100 KB; a corrupt length must not make a
 # reader allocate gigabytes.
 MAX_PAYLOAD = 256 * 1024 * 1024
+# What one deflate frame may inflate to. Deflate expands up to ~1000x, so without a cap a
+# small damaged or planted segment makes a reader allocate hundreds of MiB. lightningd's
+# biggest transaction in the recordings (its schema) is ~21 KB; a frame past this is damage.
+MAX_INFLATED = 16 * 1024 * 1024
 
 _U32 = struct.Struct(">I")
 
@@ -213,6 +217,7 @@ class SegmentReader:
         self.torn = False
         self.frame_count = 0
         self._resumed = False
+        self._undecodable: Optional[Tuple[int, str]] = None  # (offset, why) of a frame that did not decode
         self._encoding = ENCODING_DEFLATE if self.header.flags & FLAG_DEFLATE else ENCODING_PLAIN
         self._inflate = zlib.decompressobj(-15) if self._encoding == ENCODING_DEFLATE else None
 
@@ -220,12 +225,18 @@ class SegmentReader:
     def clean(self) -> bool:
         return self.bad_offset is None
 
+    @property
+    def undecodable(self) -> bool:
+        """It stopped at a whole frame, its checksum right, whose payload cannot be decoded."""
+        return self._undecodable is not None
+
     def resume_at(self, offset: int, checksum: int) -> None:
         """Read on from `offset`, a frame boundary where the writer restarted its deflate
         stream (SegmentWriter.restart_stream), `checksum` being the chain value there: the
         frames before it need not be read (a compaction follows its journal from its cut)."""
         self.valid_length, self.final_checksum = offset, checksum
         self._resumed = True
+        self._undecodable = None
         self._inflate = zlib.decompressobj(-15) if self._encoding == ENCODING_DEFLATE else None
 
     def close(self) -> None:
@@ -249,10 +260,21 @@ class SegmentReader:
             self.bad_offset, self.bad_reason, self.torn = None, "", False
         self._resumed = True
         pos, seed = self.valid_length, self.final_checksum
+        if self._undecodable is not None:
+            # The inflate stream went past that frame's bytes: it cannot be read again.
+            self.bad_offset, self.bad_reason = self._undecodable
+            return
         while pos < self.file_size:
             frame, reason, end = self._frame_at(pos, seed)
             if frame is not None:
                 frame, reason = self._decode(frame)
+                if frame is None:
+                    # Complete and its checksum verifies: what an interrupted append cannot
+                    # leave behind. Damage, never a torn tail (it may hold an acknowledged
+                    # transaction).
+                    self.bad_offset, self.bad_reason = pos, reason
+                    self._undecodable = (pos, reason)
+                    break
             if frame is None:
                 if not self._zero_from(pos):  # zeros to the end: unused preallocated space
                     self.bad_offset, self.bad_reason = pos, reason
@@ -270,9 +292,11 @@ class SegmentReader:
             return None, "frame encoding differs from its segment's"
         try:
             if self._inflate is not None:
-                payload = self._inflate.decompress(payload + _SYNC_TAIL, MAX_PAYLOAD)
-                if self._inflate.unconsumed_tail:
-                    return None, "inflated payload too large"
+                # At most MAX_INFLATED + 1 bytes come out, whatever the input: memory stays
+                # bounded while inflating, not only after.
+                payload = self._inflate.decompress(payload + _SYNC_TAIL, MAX_INFLATED + 1)
+                if self._inflate.unconsumed_tail or len(payload) > MAX_INFLATED:
+                    return None, f"its payload inflates to more than {MAX_INFLATED // (1024 * 1024)} MiB"
             statements = decode_statements(payload)
         except (ValueError, UnicodeDecodeError, struct.error, zlib.error):
             return None, "undecodable payload"
