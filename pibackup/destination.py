@@ -1,6 +1,7 @@
 """A backup directory on the backup medium: its marker, its generations, its checks.
 
-Layout (FORMAT.md): DEST/PIBACKUP, DEST/gen-NNNNNN/{snapshot-vN.sqlite3, seg-NNNNNN.pbj}.
+Layout (FORMAT.md): DEST/PIBACKUP, DEST/gen-NNNNNN/{snapshot-vN.sqlite3, seg-NNNNNN.pbj},
+DEST/PIBACKUP.lock/ (an empty directory only its owner can open: the writer's lock).
 """
 
 from __future__ import annotations
@@ -10,22 +11,27 @@ import fcntl
 import os
 import re
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from typing import List, Optional
 
 from .errors import PibackupError
 from .journal import fault_point, fsync_dir
+from .ownership import FS_ARTIFACTS, access_problems, private, read_only_fs
 
 MARKER = "PIBACKUP"
 MARKER_TEXT = "pibackup backup directory\nformat 1\n"
+# The writer's lock is an flock on a 0700 directory of its own, which no other user can
+# open: a lock on a file any local user can open (the marker, as earlier releases had it)
+# let any of them hold it and halt the node. The directory itself, not a file in it: one
+# inode, and nothing in it for copies and checks to meet.
+LOCK_DIR = "PIBACKUP.lock"
 _GEN = re.compile(r"^gen-(\d{6})$")
 _PARTIAL = re.compile(r"^gen-(\d{6})\.partial$")
 _DELETED = re.compile(r"^gen-(\d{6})\.deleted$")
 _SEG = re.compile(r"^seg-(\d{6})\.pbj$")
 _SNAP = re.compile(r"^snapshot-v(\d+)\.sqlite3$")
-# What file systems put at the root of a stick; harmless next to a backup.
-_FS_ARTIFACTS = {"lost+found", "System Volume Information", ".Trashes", ".fseventsd", ".Spotlight-V100"}
 
 
 class DestinationError(PibackupError):
@@ -76,7 +82,12 @@ def write_text_durably(path: str, text: str) -> None:
     """PATH.tmp written and synced, renamed to PATH, the directory synced: PATH is either
     absent or whole, after any crash (a leftover PATH.tmp is simply written again)."""
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    try:
+        os.unlink(tmp)  # a leftover: created anew below, so it is never someone else's file or link
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -90,6 +101,8 @@ def write_damage_mark(gen_path: str, why: str) -> None:
 
 
 def check_marker(path: str) -> None:
+    """Is `path` a pibackup backup this release can read, and safe to use (refuse_foreign)?"""
+    refuse_foreign(path)
     marker = os.path.join(path, MARKER)
     try:
         with open(marker, encoding="utf-8", errors="replace") as f:
@@ -128,16 +141,18 @@ def validate(path: Optional[str]) -> None:
     if not os.path.isdir(path):
         raise DestinationError(f"pibackup-destination {path} is not a directory; point it at a directory")
     if not os.access(path, os.W_OK | os.X_OK):
-        hint = "remount it read-write or replace the stick" if _read_only_fs(path) else "fix its owner or permissions"
+        hint = "remount it read-write or replace the stick" if read_only_fs(path) else "fix its owner or permissions"
         raise DestinationError(f"pibackup-destination {path} is not writable by this user ({_user()}); {hint}")
-    entries = set(os.listdir(path)) - {MARKER + ".tmp"}  # a first start that crashed midway
+    # A first start that crashed midway leaves PIBACKUP.tmp, or the lock directory alone.
+    entries = set(os.listdir(path)) - {MARKER + ".tmp", LOCK_DIR}
     if MARKER in entries:
-        for name in sorted(entries):
-            if (name == MARKER or _GEN.match(name)) and os.path.islink(os.path.join(path, name)):
+        for name in sorted(entries | {LOCK_DIR}):
+            if (name in (MARKER, LOCK_DIR) or _GEN.match(name)) and os.path.islink(os.path.join(path, name)):
                 raise _link_error(os.path.join(path, name))
         check_marker(path)
         return
-    foreign = sorted(e for e in entries - _FS_ARTIFACTS)
+    refuse_foreign(path)
+    foreign = sorted(e for e in entries - FS_ARTIFACTS)
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise DestinationError(
@@ -168,13 +183,6 @@ def _remove_tree(path: str) -> None:
             time.sleep(0.1)
 
 
-def _read_only_fs(path: str) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
 def _user() -> str:
     try:
         import pwd
@@ -185,9 +193,23 @@ def _user() -> str:
 
 
 def writer_running(path: str) -> bool:
-    """Does a plugin hold the writer's lock on this backup directory right now?"""
+    """Does a plugin hold the writer's lock on this backup directory right now?
+
+    Asked by root or the backup's owner (restore, status). A backup whose writer never ran
+    this release has no lock directory: its writer (an earlier release) locks the marker.
+    A user who cannot open the lock directory cannot tell: the answer is then yes, so that
+    a restore never replaces a database a running node may be using."""
+    lock_dir = os.path.join(path, LOCK_DIR)
+    if not os.path.lexists(lock_dir):
+        return _locked(os.path.join(path, MARKER))
+    return _locked(lock_dir)
+
+
+def _locked(path: str) -> bool:
     try:
-        fd = os.open(os.path.join(path, MARKER), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # a directory too
+    except PermissionError:
+        return True
     except OSError:
         return False
     try:
@@ -199,8 +221,19 @@ def writer_running(path: str) -> bool:
     return False
 
 
+def refuse_foreign(path: str) -> List[str]:
+    """Raise DestinationError when anything in `path` belongs to another user; return the
+    warnings (directories others can write to)."""
+    problems = access_problems(path)
+    bad = [p for p in problems if p.foreign]
+    if bad:
+        more = f" ({len(bad) - 1} more entries belong to other users)" if len(bad) > 1 else ""
+        raise DestinationError(bad[0].message + more)
+    return [p.message for p in problems]
+
+
 class Destination:
-    """A local backup directory. The writer holds an flock on its marker while it runs."""
+    """A local backup directory. The writer holds an flock on DEST/PIBACKUP.lock while it runs."""
 
     def __init__(self, path: str):
         self.path = path
@@ -208,19 +241,30 @@ class Destination:
 
     # --- reading -------------------------------------------------------------
     def generations(self) -> List[Generation]:
-        """Complete generations, oldest first. `.partial` directories are never listed."""
+        """Complete generations, oldest first. `.partial` directories are never listed, nor
+        one another user owns (access_problems: refused before, ignored if planted since)."""
         out = []
+        trusted = {os.stat(self.path).st_uid, 0}
         for name in sorted(os.listdir(self.path)):
             m = _GEN.match(name)
             if not m:
                 continue
             gpath = os.path.join(self.path, name)
-            if os.path.islink(gpath):
+            st = os.lstat(gpath)
+            if stat.S_ISLNK(st.st_mode):
                 raise _link_error(gpath)
+            if st.st_uid not in trusted:
+                continue
             files = sorted(os.listdir(gpath))
             for f in files:
-                if (_SNAP.match(f) or _SEG.match(f)) and os.path.islink(os.path.join(gpath, f)):
-                    raise _link_error(os.path.join(gpath, f))
+                if _SNAP.match(f) or _SEG.match(f):
+                    fst = os.lstat(os.path.join(gpath, f))
+                    if stat.S_ISLNK(fst.st_mode):
+                        raise _link_error(os.path.join(gpath, f))
+                    if fst.st_uid not in trusted:
+                        # Never read past it, nor drop it: a generation without its newest
+                        # segment would restore an older state without a word.
+                        refuse_foreign(self.path)
             snaps = [f for f in files if _SNAP.match(f)]
             segs = [os.path.join(gpath, f) for f in files if _SEG.match(f)]
             out.append(Generation(int(m.group(1)), gpath, [os.path.join(gpath, f) for f in snaps], segs))
@@ -232,11 +276,25 @@ class Destination:
 
     # --- writing -------------------------------------------------------------
     def prepare(self) -> None:
-        """Write the marker on first use and take the writer's lock."""
+        """Write the marker on first use and take the writer's lock.
+
+        A backup an earlier release wrote (marker 0644, no lock directory) is taken over as
+        it is: the marker is made 0600 and the lock directory created."""
         marker = os.path.join(self.path, MARKER)
         if not os.path.exists(marker):
             write_text_durably(marker, MARKER_TEXT)  # its .tmp replaced if a first start crashed after creating it
-        fd = os.open(marker, os.O_RDONLY | os.O_CLOEXEC)
+        private(marker, 0o600)
+        lock_dir = os.path.join(self.path, LOCK_DIR)
+        try:
+            os.mkdir(lock_dir, 0o700)
+        except FileExistsError:
+            if os.path.islink(lock_dir) or not os.path.isdir(lock_dir):
+                raise DestinationError(
+                    f"{lock_dir} is pibackup's lock directory, but it is not a directory; remove it and restart lightningd"
+                ) from None
+        private(lock_dir, 0o700)
+        refuse_foreign(self.path)  # also what this start just created: files of a user the directory is not owned by
+        fd = os.open(lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from .errors import PibackupError
+from .ownership import access_problems
 
 Log = Callable[[str, str], None]
 
@@ -36,7 +37,8 @@ _NUMBER = re.compile(r"\d[\d,.]*")
 
 
 def check_destination(path: str, min_free_bytes: int) -> List[str]:
-    """Early warnings about the medium: low free space, a read-only remount, a vanished mount."""
+    """Early warnings about the medium: low free space, a read-only remount, a vanished mount,
+    and who else can change the backup (destination.access_problems)."""
     try:
         st = os.statvfs(path)
     except OSError as e:
@@ -50,6 +52,10 @@ def check_destination(path: str, min_free_bytes: int) -> List[str]:
             f"only {free // (1024 * 1024)} MiB free on {path} (warning below {min_free_bytes // (1024 * 1024)} MiB): "
             "free space or move the backup to a bigger medium"
         )
+    for p in access_problems(path):
+        # The running writer only reads what it wrote itself; a restore, verify and the
+        # next start refuse a backup that holds another user's files.
+        out.append(p.message + (". The backup goes on, but restore and the next start refuse it until then" if p.foreign else ""))
     return out
 
 
