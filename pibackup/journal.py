@@ -159,8 +159,14 @@ def encode_frame(
     """Return (frame bytes, its checksum), chained from prev_checksum. With `deflate`, the
     payload continues that compressor's raw deflate stream up to a sync-flush point."""
     payload = encode_statements(statements)
-    if len(payload) > MAX_PAYLOAD:
-        raise JournalError(f"a transaction of {len(payload)} bytes is larger than a frame may be ({MAX_PAYLOAD})")
+    # Readers refuse a payload past MAX_INFLATED, so the writer refuses it first: halting
+    # lightningd is better than acknowledging a transaction no restore would accept.
+    if len(payload) > MAX_INFLATED:
+        raise JournalError(
+            f"lightningd sent a transaction of {len(payload) // (1024 * 1024)} MiB; a backup holds at most "
+            f"{MAX_INFLATED // (1024 * 1024)} MiB per transaction. Find what writes so much at once "
+            "(a plugin's datastore entry?) and make it smaller"
+        )
     encoding = ENCODING_PLAIN
     if deflate is not None:
         packed = deflate.compress(payload) + deflate.flush(zlib.Z_SYNC_FLUSH)

@@ -15,6 +15,7 @@ from pibackup.journal import (
     HEADER_SIZE,
     KIND_PRAGMA,
     KIND_TX,
+    MAX_INFLATED,
     JournalError,
     SegmentHeader,
     SegmentReader,
@@ -325,3 +326,19 @@ def test_trimming_cuts_only_zeros(tmp_path):
     assert not trim_zeros(str(p), ends[-1])  # nothing left to give back
     scan = scan_segment(str(p))
     assert scan.clean and len(scan.frames) == len(FRAMES)
+
+
+@ENCODINGS
+def test_a_transaction_no_reader_would_accept_is_refused_by_the_writer_and_the_segment_goes_on(tmp_path, flags):
+    # Readers treat a payload that inflates past MAX_INFLATED as damage; acknowledging one
+    # would make it unrestorable, so the writer refuses it before writing anything.
+    p = tmp_path / "seg.pbj"
+    h = SegmentHeader(generation=1, generation_id=os.urandom(16), segment=1, base_version=0, snapshot_sha256=b"\0" * 32, flags=flags)
+    w = SegmentWriter.create(str(p), h)
+    w.append(*FRAMES[0])
+    huge = "INSERT INTO datastore VALUES (x'" + "ab" * (MAX_INFLATED // 2 + 1) + "')"
+    with pytest.raises(JournalError, match="at most 16 MiB per transaction"):
+        w.append(KIND_TX, 2, [huge])
+    w.append(*FRAMES[1])  # the compressor's stream was not touched by the refused frame
+    w.close()
+    assert [f.data_version for f in scan_segment(str(p)).frames] == [1, 2]

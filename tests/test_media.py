@@ -23,7 +23,7 @@ def small_stick(request, tmp_path: Path):
         with tmpfs(tmp_path / "stick", "size=160k") as mnt:
             yield mnt
         return
-    s = Ext4Stick(tmp_path / "ext4", "256K", ["-b", "1024", "-O", "^has_journal,^resize_inode", "-N", "16"])
+    s = Ext4Stick(tmp_path / "ext4", "256K", ["-b", "1024", "-O", "^has_journal,^resize_inode", "-N", "24"])
     yield s.mnt
     s.close()
 
