@@ -596,6 +596,9 @@ class Shipper:
         newest = max((g for g in local if g.startswith("gen-")), default=None)
         if newest is None or not all(st.sent for rel, st in self.files.items() if rel.startswith(newest + "/")):
             return
+        sent = self.head.last_sent if self.head is not None else None
+        if sent is None or any(g in sent.generations for g in gone):
+            return  # the copy's head record still lists them: deleting them would make it look cut back
         with tempfile.TemporaryDirectory(dir=self.staging) as empty:
             cmd = self._base() + ["--recursive", "--delete"]
             cmd += [f"--filter=+ /{g}/***" for g in gone] + ["--filter=- *", empty + "/", f"{self.cfg.target}/"]
