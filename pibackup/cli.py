@@ -1,4 +1,4 @@
-"""The `pibackup` command line: restore and verify a backup directory.
+"""The `pibackup` command line: restore, verify and check a backup directory and its medium.
 
 Messages and exit codes are for a person at a Pi's terminal: 0 ok, 1 failed or damaged, 2 usage.
 """
@@ -15,7 +15,7 @@ import time
 from types import FrameType
 from typing import Any, Callable, List, Optional
 
-from . import __version__
+from . import __version__, stickcheck
 from .config import SHIP_PORT_DEFAULT, ConfigError, _int
 from .crypt import key_id, write_key_file
 from .destination import writer_running
@@ -127,6 +127,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("backup_dir", metavar="BACKUP_DIR")
     s.add_argument("--json", action="store_true", help="print JSON")
+    c = sub.add_parser(
+        "check",
+        help="check the medium under a directory before trusting it with the backup",
+        description="File system and mount options, fstab's nofail, whether it is the medium the live database is on, "
+        "free space, and the sync latency of a few dozen 4 KiB writes in a temporary file in DIR (removed after). "
+        "Exit status 1 when there is a warning.",
+    )
+    c.add_argument("directory", metavar="DIR")
+    c.add_argument("--live-db", metavar="PATH", help="lightningd's database (default: looked for in the usual places)")
+    c.add_argument("--json", action="store_true", help="print JSON")
     return p
 
 
@@ -150,6 +160,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _status(args)
         if args.command == "keygen":
             return _keygen(args)
+        if args.command == "check":
+            return stickcheck.command(args.directory, args.live_db, args.json)
         return _verify(args)
     except PibackupError as e:
         print(f"pibackup: error: {e}", file=sys.stderr)

@@ -1,0 +1,281 @@
+"""`pibackup check DIR`: what the backup medium under DIR is, and whether to trust it.
+
+Mount (mountinfo, fstab), physical medium against the live database's, free space, sync latency.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+# File systems that keep no owners or modes and whose rename is not atomic across a power
+# cut: docs/guide/sticks.md. fuseblk is what exfat-fuse and ntfs-3g mount as.
+FAT_LIKE = {"vfat", "msdos", "fat", "exfat", "fuseblk", "fuse.exfat", "fuse.exfat-fuse"}
+# A critical transaction waits for one sync of the stick; see docs/guide/sticks.md for why 50 ms.
+SLOW_SYNC_P99_MS = 50.0
+SYNC_SAMPLES = 32
+SYNC_BLOCK = 4096
+# Where lightningd's database usually is: a plain install, RaspiBlitz, Umbrel.
+LIVE_DB_GLOBS = (
+    "~/.lightning/*/lightningd.sqlite3",
+    "/home/bitcoin/.lightning/*/lightningd.sqlite3",
+    "/mnt/hdd/app-data/.lightning/*/lightningd.sqlite3",
+    "/home/umbrel/umbrel/app-data/core-lightning/data/lightningd/*/lightningd.sqlite3",
+)
+
+
+@dataclass
+class Mount:
+    point: str
+    source: str
+    fstype: str
+    options: List[str]  # per-mount and per-superblock options together
+    dev: str  # "major:minor" as mountinfo gives it
+
+
+def _unescape(s: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    for esc, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        s = s.replace(esc, ch)
+    return s
+
+
+def mount_of(path: str, mountinfo: str = "/proc/self/mountinfo") -> Optional[Mount]:
+    """The mount that holds `path`: the longest mount point above it, the last one mounted
+    there when several are stacked."""
+    real = os.path.realpath(path)
+    best: Optional[Mount] = None
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        a, b = left.split(), right.split()
+        if not sep or len(a) < 6 or len(b) < 2:
+            continue
+        point = _unescape(a[4])
+        if not (real == point or real.startswith(point.rstrip("/") + "/")):
+            continue
+        if best is None or len(point) >= len(best.point):
+            options = list(dict.fromkeys(a[5].split(",") + (b[2].split(",") if len(b) > 2 else [])))
+            best = Mount(point, _unescape(b[1]), b[0], options, a[2])
+    return best
+
+
+def _whole_disk(major: int, minor: int) -> Optional[str]:
+    """The disk a block device belongs to (sda for sda1, mmcblk0 for mmcblk0p2), from sysfs."""
+    link = f"/sys/dev/block/{major}:{minor}"
+    if not os.path.exists(link):
+        return None
+    real = os.path.realpath(link)
+    if os.path.exists(os.path.join(real, "partition")):
+        real = os.path.dirname(real)
+    return os.path.basename(real)
+
+
+def medium(path: str) -> str:
+    """A name for the physical medium under `path`: two partitions of one stick, or two btrfs
+    subvolumes (each its own st_dev), are one medium. A file system on no block device
+    (tmpfs, a network mount) is a medium of its own, named by its st_dev."""
+    st = os.stat(path)
+    m = mount_of(path)
+    candidates = []
+    if m is not None and m.source.startswith("/dev/"):
+        try:
+            src = os.stat(m.source)
+            candidates.append((os.major(src.st_rdev), os.minor(src.st_rdev)))
+        except OSError:
+            pass
+    candidates.append((os.major(st.st_dev), os.minor(st.st_dev)))
+    for major, minor in candidates:
+        disk = _whole_disk(major, minor)
+        if disk is not None:
+            return disk
+    return f"device {os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+
+
+def fstab_options(point: str, fstab: str = "/etc/fstab") -> Optional[List[str]]:
+    """The options of the /etc/fstab line that mounts at `point`, or None without one."""
+    try:
+        with open(fstab, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 4 and _unescape(fields[1]).rstrip("/") == point.rstrip("/"):
+            return fields[3].split(",")
+    return None
+
+
+def find_live_db(patterns: Sequence[str] = LIVE_DB_GLOBS) -> Optional[str]:
+    for pattern in patterns:
+        found = sorted(glob.glob(os.path.expanduser(pattern)))
+        if found:
+            return found[0]
+    return None
+
+
+def sync_latency(directory: str, samples: int = SYNC_SAMPLES, block: int = SYNC_BLOCK) -> List[float]:
+    """Seconds each of `samples` synced writes of `block` bytes took, in a temporary file in
+    `directory` removed afterwards: a write and an fdatasync into preallocated space, as the
+    journal writer does for each critical transaction."""
+    fd, tmp = tempfile.mkstemp(prefix=".pibackup-check-", dir=directory)
+    times = []
+    try:
+        try:
+            os.posix_fallocate(fd, 0, samples * block)
+        except OSError:
+            pass  # FAT and FUSE may not preallocate: the writes extend the file instead
+        os.fsync(fd)
+        data = os.urandom(block)
+        for i in range(samples):
+            t = time.perf_counter()
+            os.pwrite(fd, data, i * block)
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+        os.unlink(tmp)
+    return times
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+@dataclass
+class Report:
+    directory: str
+    facts: Dict[str, object] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+
+def check(directory: str, live_db: Optional[str] = None, samples: int = SYNC_SAMPLES, fstab: str = "/etc/fstab") -> Report:
+    """Look at the medium under `directory`. Raises OSError when it cannot even be measured
+    (not a directory, not writable)."""
+    if not os.path.isdir(directory):
+        raise NotADirectoryError(20, "not a directory (is the stick mounted?)", directory)
+    rep = Report(directory)
+    m = mount_of(directory)
+    fstype = m.fstype if m else "unknown"
+    rep.facts.update(
+        mount_point=m.point if m else None,
+        source=m.source if m else None,
+        fs_type=fstype,
+        mount_options=m.options if m else [],
+        medium=medium(directory),
+    )
+    if fstype in FAT_LIKE:
+        rep.warnings.append(
+            f"{directory} is on {fstype} (FAT32 or exFAT keep no owners or modes, and a rename is not atomic "
+            "across a power cut): make the stick ext4 (mkfs.ext4 -L PIBACKUP), see docs/guide/sticks.md"
+        )
+    if m is not None and "ro" in m.options:
+        rep.warnings.append(f"{m.point} is mounted read-only: the backup cannot be written there")
+    if m is not None:
+        if m.point == "/":
+            rep.notes.append(f"{directory} is on the root file system, not on a medium of its own")
+        else:
+            opts = fstab_options(m.point, fstab)
+            rep.facts["fstab_options"] = opts
+            if opts is None:
+                rep.warnings.append(
+                    f"{m.point} has no line in {fstab}: mounted by the desktop or by hand, it is not there at boot "
+                    "before lightningd starts; add one (docs/guide/sticks.md)"
+                )
+            elif "nofail" not in opts:
+                rep.warnings.append(
+                    f"{fstab}'s line for {m.point} has no nofail: a boot without the stick stops in emergency mode; "
+                    "add nofail to its options"
+                )
+    _compare_live(rep, directory, live_db)
+    st = os.statvfs(directory)
+    rep.facts["free_bytes"] = st.f_bavail * st.f_frsize
+    rep.facts["size_bytes"] = st.f_blocks * st.f_frsize
+    times = sync_latency(directory, samples)
+    ms = [t * 1000 for t in times]
+    rep.facts["sync_ms"] = {
+        "samples": len(ms),
+        "p50": round(percentile(ms, 50), 2),
+        "p99": round(percentile(ms, 99), 2),
+        "max": round(max(ms), 2),
+    }
+    p99 = percentile(ms, 99)
+    if p99 > SLOW_SYNC_P99_MS:
+        rep.warnings.append(
+            f"a synced 4 KiB write took {p99:.0f} ms (p99) on {directory}, over {SLOW_SYNC_P99_MS:.0f} ms: every critical "
+            "transaction (each payment's channel update) waits that long; use a faster stick or an SSD"
+        )
+    return rep
+
+
+def _compare_live(rep: Report, directory: str, live_db: Optional[str]) -> None:
+    if live_db is None:
+        live_db = find_live_db()
+        if live_db is None:
+            rep.notes.append("lightningd's database not found in the usual places: give --live-db PATH to compare media")
+            return
+    rep.facts["live_db"] = live_db
+    try:
+        live_medium = medium(live_db)
+    except OSError as e:
+        rep.notes.append(f"cannot look at {live_db}: {e.strerror}")
+        return
+    rep.facts["live_db_medium"] = live_medium
+    if live_medium == rep.facts["medium"]:
+        rep.warnings.append(
+            f"{directory} is on the same medium ({live_medium}) as the live database {live_db}: "
+            "one failing card or disk takes both; put the backup on a stick of its own"
+        )
+
+
+def render(rep: Report) -> str:
+    f = rep.facts
+    sync = f["sync_ms"]
+    assert isinstance(sync, dict)
+    lines = [
+        f"directory:     {rep.directory}",
+        f"file system:   {f['fs_type']} on {f['source']}, mounted at {f['mount_point']}",
+        f"mount options: {','.join(f['mount_options'])}",  # type: ignore[arg-type]
+    ]
+    if "fstab_options" in f:
+        opts = f["fstab_options"]
+        lines.append(f"fstab options: {','.join(opts) if isinstance(opts, list) else 'no line in /etc/fstab'}")
+    live = f" (live database: {f['live_db_medium']}, {f['live_db']})" if "live_db_medium" in f else ""
+    lines.append(f"medium:        {f['medium']}{live}")
+    free, size = int(f["free_bytes"]), int(f["size_bytes"])  # type: ignore[call-overload]
+    lines.append(f"free space:    {free // (1 << 20):,} MiB of {size // (1 << 20):,} MiB")
+    lines.append(
+        f"sync latency:  p50 {sync['p50']:.1f} ms, p99 {sync['p99']:.1f} ms, max {sync['max']:.1f} ms "
+        f"({sync['samples']} synced 4 KiB writes)"
+    )
+    lines += [f"note: {n}" for n in rep.notes]
+    lines += [f"WARNING: {w}" for w in rep.warnings]
+    lines.append("verdict:       " + ("fine" if not rep.warnings else f"{len(rep.warnings)} warning(s)"))
+    return "\n".join(lines)
+
+
+def command(directory: str, live_db: Optional[str], as_json: bool) -> int:
+    """`pibackup check`: 0 when nothing is wrong, 1 with a warning (read it before trusting
+    the stick) or when the directory cannot be measured."""
+    try:
+        rep = check(directory, live_db)
+    except OSError as e:
+        print(f"pibackup: error: cannot check {e.filename or directory}: {e.strerror}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps({"directory": rep.directory, **rep.facts, "warnings": rep.warnings, "notes": rep.notes}, indent=2))
+    else:
+        print(render(rep))
+    return 1 if rep.warnings else 0
