@@ -80,6 +80,10 @@ def io_error_message(e: OSError, where: str) -> str:
         errno.ENOENT: "the backup directory vanished: was the USB stick unplugged? Plug it in and mount it again",
         errno.ENODEV: "the backup device is gone: was the USB stick unplugged? Plug it in and mount it again",
         errno.EACCES: "permission denied; fix the owner or permissions of the backup directory",
+        errno.ESTALE: "another file system is mounted at the backup directory now (was the USB stick pulled and a "
+        "stick mounted in its place?); nothing written since was acknowledged: check the stick and restart lightningd",
+        errno.ENOTCONN: "the stick's FUSE file system process is gone (exFAT or NTFS mounted through FUSE); "
+        "unmount it (umount -l), mount it again and restart lightningd",
     }.get(e.errno or 0, e.strerror or str(e))
     return f"cannot write the backup at {where}: {reason}"
 
@@ -521,7 +525,13 @@ class Backup:
     def _check_destination_in_place(self) -> None:
         """A stick unplugged (or lazily unmounted) under us: our open files live on in a
         detached file system, writes and syncs succeed, and nobody will ever see them. The
-        path must still lead to the directory we started in. One stat per flush."""
+        path must still lead to the directory we started in. One stat per flush.
+
+        st_dev: our open files keep the old file system alive, and no two live ones share
+        a device number, so another stick at the path always differs. st_ino is sound even
+        where the file system invents inode numbers (FAT, exFAT, FUSE), which change only
+        when the kernel forgets the inode: the lock directory held open in it pins this
+        directory (tests/test_filesystems.py drops the caches under a replay on exFAT)."""
         if self._dest_id is None:
             return
         try:
@@ -529,7 +539,7 @@ class Backup:
         except FileNotFoundError as e:
             raise FileNotFoundError(errno.ENOENT, "the backup directory vanished", self.destination) from e
         if (st.st_dev, st.st_ino) != self._dest_id:
-            raise FileNotFoundError(errno.ENOENT, "the backup directory was replaced (stick unplugged?)", self.destination)
+            raise OSError(errno.ESTALE, "the backup directory was replaced (stick unplugged?)", self.destination)
 
     def flush(self) -> None:
         """Make everything answered so far durable (at shutdown, and before exit)."""

@@ -311,7 +311,9 @@ class Replica:
     def _check_in_place(self) -> None:
         """The directory and the replica must still be where we opened them: after a stick
         is unplugged (or lazily unmounted) or the directory deleted, SQLite's commits and
-        syncs succeed into files nobody will see again (journal mode: the same check)."""
+        syncs succeed into files nobody will see again (journal mode: the same check, and why
+        inode numbers are sound there even on FAT and exFAT: the lock directory and SQLite's
+        open file pin both inodes)."""
         if self._place is None or self.generation is None:
             return
         try:
@@ -320,7 +322,7 @@ class Replica:
         except FileNotFoundError as e:
             raise FileNotFoundError(errno.ENOENT, "the backup directory vanished", self.destination) from e
         if ((d.st_dev, d.st_ino), (f.st_dev, f.st_ino)) != self._place:
-            raise FileNotFoundError(errno.ENOENT, "the backup directory was replaced (stick unplugged?)", self.destination)
+            raise OSError(errno.ESTALE, "the backup directory was replaced (stick unplugged?)", self.destination)
 
     def _replay_early(self, early: Sequence[Call]) -> None:
         for c in early:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
@@ -129,3 +129,68 @@ def assert_nothing_acknowledged_lost(dest: Path, node: driver.Node, tmp_path: Pa
     db.commit(refused.writes)
     db.close()
     assert dbcompare.backup_differences(ahead, out) == [], "the restore holds more than the one refused transaction"
+
+
+class LoopStick:
+    """A loop-mounted image of one file system a USB stick may carry: ext4, xfs, btrfs, or
+    exfat through FUSE (exfat-fuse; this kernel may have no exfat or vfat of its own).
+    Root only; skipped when the tools are missing or the mount fails."""
+
+    MKFS = {
+        "ext4": ["mkfs.ext4", "-q", "-F"],
+        "xfs": ["mkfs.xfs", "-q", "-f"],
+        "btrfs": ["mkfs.btrfs", "-q", "-f"],
+        "exfat": ["mkfs.exfat"],
+    }
+
+    def __init__(self, root: Path, fstype: str, name: str = "stick", size: str = "320M", mnt: Optional[Path] = None):
+        if os.geteuid() != 0:
+            pytest.skip("loop-mounting a file system image needs root")
+        mkfs = self.MKFS[fstype]
+        needed = mkfs[0] if fstype != "exfat" else "mount.exfat-fuse"
+        for tool in {mkfs[0], needed}:
+            if not shutil.which(tool):
+                pytest.skip(f"{tool} is not installed (make setup installs xfsprogs, btrfs-progs, exfatprogs, exfat-fuse)")
+        self.fstype = fstype
+        root.mkdir(parents=True, exist_ok=True)
+        self.image = root / f"{name}.img"
+        self.mnt = mnt or root / name
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        self.loop = ""
+        subprocess.run(["truncate", "-s", size, str(self.image)], check=True)
+        subprocess.run([*mkfs, str(self.image)], check=True, capture_output=True)
+        self.mount()
+
+    def mount(self) -> None:
+        where = str(self.mnt)
+        if self.fstype == "exfat":
+            # mount.exfat-fuse wants a block device; umask=077 as a stick for one user is mounted
+            losetup = ["losetup", "-f", "--show", str(self.image)]
+            self.loop = subprocess.run(losetup, capture_output=True, text=True, check=True).stdout.strip()
+            r = subprocess.run(["mount.exfat-fuse", "-o", "umask=077", self.loop, where], capture_output=True, text=True)
+        else:
+            r = subprocess.run(["mount", "-o", "loop", str(self.image), where], capture_output=True, text=True)
+        if r.returncode != 0:
+            self._detach()
+            pytest.skip(f"cannot mount a {self.fstype} image here: {r.stderr.strip()}")
+
+    def unplug(self) -> None:
+        """The stick is pulled: its mount leaves the path at once (lazy unmount)."""
+        subprocess.run(["umount", "-l", str(self.mnt)], check=True)
+
+    def _detach(self) -> None:
+        if self.loop:
+            subprocess.run(["losetup", "-d", self.loop], capture_output=True)  # autoclear once unmounted otherwise
+            self.loop = ""
+
+    def close(self) -> None:
+        subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+        self._detach()
+
+
+def drop_caches() -> None:
+    """Make the kernel forget every inode and directory entry nobody holds: file systems that
+    invent inode numbers (FAT, exFAT) give the same file another number afterwards."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")

@@ -1,0 +1,96 @@
+"""The backup on each file system a USB stick may carry, loop-mounted (root only): ext4, xfs,
+btrfs, and exFAT through FUSE, which invents inode numbers as the kernel's FAT and exFAT do."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import dbcompare
+import driver
+from driver import Halted
+from helpers import LoopStick, cli, drop_caches
+
+FILESYSTEMS = ["ext4", "xfs", "btrfs", "exfat"]
+MODES = pytest.mark.parametrize("mode", ["journal", "replica"])
+DROP_EVERY = 100  # calls between two drop_caches
+
+
+@pytest.fixture(params=FILESYSTEMS)
+def stick(request, tmp_path: Path):
+    s = LoopStick(tmp_path / request.param, request.param)
+    yield s
+    s.close()
+
+
+def forgetful(node: driver.Node) -> None:
+    """Every DROP_EVERY calls, the kernel forgets what it can of the stick's inodes (as it
+    does under memory pressure on a small board)."""
+    call, count = node.call, [0]
+
+    def wrapped(r: driver.Record) -> None:
+        count[0] += 1
+        if count[0] % DROP_EVERY == 0:
+            drop_caches()
+        call(r)
+
+    node.call = wrapped  # type: ignore[method-assign]
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """Files and directories only: FAT and exFAT keep no owners or modes to copy."""
+    for dirpath, _, files in os.walk(src):
+        target = dst / Path(dirpath).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copyfile(Path(dirpath) / f, target / f)
+
+
+@MODES
+def test_replay_on_each_file_system_restores_the_live_database(stick, mode, traces, make_node, tmp_path):
+    dest = stick.mnt / "pibackup"
+    dest.mkdir()
+    node = make_node(pibackup_destination=str(dest), pibackup_mode=mode)
+    forgetful(node)
+    driver.run_sessions(node, traces["A"])
+    assert node.live.version() == traces["A"][-1].data_version
+    log = node.log_text()
+    assert "error" not in [lvl for lvl, _ in node.all_logs], log
+    assert "replaced" not in log and "vanished" not in log, log
+    out = tmp_path / "restored.sqlite3"
+    r = cli("restore", str(dest), str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert dbcompare.backup_differences(node.live.path, out) == []
+    assert cli("verify", str(dest)).returncode == 0
+
+
+@MODES
+def test_another_stick_mounted_at_the_same_path_is_noticed(stick, mode, traces, make_node, tmp_path):
+    """The stick is pulled and another one, of the same file system and holding a copy of the
+    same backup, is mounted at the same path: the next write is refused, not written into the
+    pulled stick's detached file system."""
+    dest = stick.mnt / "pibackup"
+    dest.mkdir()
+    recs = driver.first_run(traces["A"])
+    node = make_node(pibackup_destination=str(dest), pibackup_mode=mode)
+    node.start(recs[:9])
+    node.calls(recs[9:100])
+    copy = tmp_path / "copy"
+    copy_tree(dest, copy)
+    stick.unplug()
+    other = LoopStick(tmp_path / "other", stick.fstype, mnt=stick.mnt)
+    try:
+        copy_tree(copy, dest)
+        before = node.live.version()
+        with pytest.raises(Halted):
+            node.call(recs[100])
+        assert node.live.version() == before, "a write into the pulled stick must not be acknowledged"
+        assert "another file system is mounted at the backup directory now" in node.log_text(), node.log_text()
+    finally:
+        if node.plugin is not None:
+            node.plugin.proc.kill()
+            node.plugin.proc.wait()
+        other.close()
