@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from . import destination as dst
 from .backup import Backup, Call, Log
 from .errors import PibackupError
+from .stickcheck import medium
 
 HALT, CONTINUE_DEGRADED = "halt", "continue-degraded"
 POLICIES = (HALT, CONTINUE_DEGRADED)
@@ -120,9 +121,18 @@ class Destinations:
             self.active.append(b)
         if not self.active:
             raise dst.DestinationError("no backup destination can be used: " + "; ".join(f"{p}: {w}" for p, w in self.dropped.items()))
-        same = {os.stat(b.destination).st_dev for b in self.active}
-        if len(same) < len(self.active):
-            self.log("two pibackup-destination directories are on the same device: one failing medium takes both", "warn")
+        # The physical medium, not st_dev: two partitions of one stick, or two btrfs
+        # subvolumes, have st_devs of their own and fail together.
+        try:
+            media = [medium(b.destination) for b in self.active]
+        except OSError:
+            media = []  # a destination gone already: its first write says so
+        if len(set(media)) < len(media):
+            shared = sorted({m for m in media if media.count(m) > 1})
+            self.log(
+                f"two pibackup-destination directories are on the same medium ({', '.join(shared)}): one failing medium takes both",
+                "warn",
+            )
 
     def write(self, data_version: int, writes: List[str]) -> None:
         self._maybe_rejoin(data_version)
