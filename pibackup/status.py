@@ -5,7 +5,9 @@ A monitor thread looks at the backup every few seconds; a failure is reported at
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
 import re
 import threading
 import time
@@ -59,6 +61,18 @@ def check_destination(path: str, min_free_bytes: int) -> List[str]:
     return out
 
 
+LED_GROUP = "pibackup-led"  # made by the Debian package, whose udev rule gives it the LEDs
+TIMER_FILES_WAIT = 0.5  # seconds for udev to hand over the timer trigger's files
+
+
+def _user() -> str:
+    """The plugin's user (lightningd's), as adduser wants it."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
 class Led:
     """A board LED through sysfs: heartbeat when healthy, fast blink on warnings, steady on
     when the backup failed. The LED's own trigger is put back on a clean exit."""
@@ -86,13 +100,35 @@ class Led:
         with open(os.path.join(self.path, name), "w") as f:
             f.write(value)
 
+    def _write_timer(self, name: str, value: str) -> None:
+        """delay_on and delay_off appear with the timer trigger, root's at first: the udev rule
+        hands them to the LED group at the "change" event that trigger sends. Wait for it."""
+        deadline = time.monotonic() + TIMER_FILES_WAIT
+        while True:
+            try:
+                return self._write(name, value)
+            except (PermissionError, FileNotFoundError):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
+    def problem(self, e: OSError) -> str:
+        """What to do when the LED cannot be driven."""
+        if e.errno not in (errno.EACCES, errno.EPERM):
+            return f"cannot drive the LED at {self.path}: {e.strerror}"
+        return (
+            f"cannot drive the LED at {self.path}: permission denied (its files are root's). Run "
+            f"sudo adduser {_user()} {LED_GROUP} (the package's udev rule gives that group the LEDs), "
+            "then restart lightningd (sudo systemctl restart lightningd); see docs/guide/status.md"
+        )
+
     def show(self, state: str) -> None:
         if state == self.shown:
             return
         self._write("trigger", self.PATTERNS[state])
         if state == WARNING:
-            self._write("delay_on", "100")
-            self._write("delay_off", "100")
+            self._write_timer("delay_on", "100")
+            self._write_timer("delay_off", "100")
         elif state == FAILED:
             try:
                 with open(os.path.join(self.path, "max_brightness")) as f:
@@ -175,7 +211,7 @@ class Reporter:
             try:
                 self.led.show(h.state)
             except OSError as e:
-                self._log_once(f"cannot drive the LED at {self.led.path}: {e.strerror}", "warn", now)
+                self._log_once(self.led.problem(e), "warn", now)
         self._send_status(now)
 
     def _log_once(self, message: str, level: str, now: float, first_already: bool = False) -> None:
