@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES = python3 python3-venv python3-pip sqlite3 make strace xz-utils e2fsprogs util-linux rsync openssh-client openssh-server
+# xfsprogs, btrfs-progs, exfatprogs, exfat-fuse: tests/test_filesystems.py's sticks (mkfs, and exFAT through FUSE)
+APT_PACKAGES = python3 python3-venv python3-pip sqlite3 make strace xz-utils e2fsprogs util-linux rsync openssh-client openssh-server \
+	xfsprogs btrfs-progs exfatprogs exfat-fuse
 # `make deb` and `make test-deb`: Debian's package tools, lintian, and debootstrap for the test chroot.
 DEB_APT_PACKAGES = debhelper dh-python python3-all dpkg-dev fakeroot patch lintian man-db debootstrap
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' pibackup/__init__.py)
