@@ -8,7 +8,10 @@
 #     sdnotify modules in the user's site-packages and PYTHONPATH: a real recording replayed
 #     through the installed plugin, restored with the installed command, compared with the
 #     real lightningd database; the plugin's RSS printed;
-#   - apt remove and apt purge leave the backup directory byte for byte as it was.
+#   - the LED without root: the udev rule and group pibackup-led in the .deb, the rule's
+#     command applied to a root-owned stand-in LED, user bitcoin driving it once in the group;
+#   - apt remove and apt purge leave the backup directory byte for byte as it was (purge
+#     removes the group).
 # The chroot (debootstrap --variant=minbase) is made once and kept as a tarball in
 # $PIBACKUP_CACHE (~/.cache/pibackup), with the .debs apt fetched. Root only.
 set -euo pipefail
@@ -52,6 +55,16 @@ finish() {
     exit "$rc"
 }
 trap finish EXIT
+
+# --- the .deb itself: the LED's udev rule, its group, adduser ------------------------------
+contents=$(dpkg-deb -c "$deb")
+rule_path=$(echo "$contents" | awk '{print $NF}' | grep -E '^\./(usr/)?lib/udev/rules\.d/60-pibackup\.rules$' | sed 's/^\.//')
+[ -n "$rule_path" ] || { echo "test-deb: no udev rule 60-pibackup.rules in the package" >&2; exit 1; }
+dpkg-deb -I "$deb" postinst | grep -q 'addgroup --system --quiet pibackup-led'
+dpkg-deb -I "$deb" postinst | grep -q 'udevadm trigger --subsystem-match=leds'
+dpkg-deb -I "$deb" postrm | grep -q 'delgroup --system --quiet pibackup-led'
+dpkg-deb -f "$deb" Depends | grep -qw adduser
+ok "the package holds $rule_path; postinst makes group pibackup-led and triggers udev for leds, postrm purges the group; Depends: adduser"
 
 # --- the chroot: a cached minimal bookworm -------------------------------------------------
 mkdir -p "$cache/apt-archives/partial"
@@ -114,10 +127,39 @@ ok "files in place: plugin (executable), vendored pyln-client byte-compiled, com
 in_root pibackup --help > "$root/tmp/help.txt"
 grep -q restore "$root/tmp/help.txt"
 in_root pibackup --version
-ok "pibackup --help"
+in_root pibackup check --json /tmp > "$root/tmp/check.json" || [ $? = 1 ]  # 1: a warning (which depends on this machine)
+in_root python3 -c 'import json; r = json.load(open("/tmp/check.json")); assert r["sync_ms"]["samples"] == 32, r'
+[ -z "$(find "$root/tmp" -maxdepth 1 -name '.pibackup-check-*')" ] || { echo "test-deb: pibackup check left its file" >&2; exit 1; }
+ok "pibackup --help; pibackup check /tmp reports JSON and removes its file"
+
+# --- the LED without root: the rule's command on a root-owned stand-in, the group, the plugin's LED
+in_root getent group pibackup-led > /dev/null || { echo "test-deb: postinst made no group pibackup-led" >&2; exit 1; }
+grep -q 'SUBSYSTEM=="leds"' "$root$rule_path"
+in_root useradd --create-home bitcoin
+leds=/tmp/leds
+mkdir -p "$root$leds/ACT"
+printf 'none timer [mmc0] heartbeat\n' > "$root$leds/ACT/trigger"
+echo 0 > "$root$leds/ACT/brightness"
+echo 255 > "$root$leds/ACT/max_brightness"
+chmod 0644 "$root$leds/ACT/"*
+drive_led='import sys; sys.path.insert(0, "/usr/lib/pibackup"); from pibackup.status import Led; Led("ACT", "/tmp/leds").show("ok")'
+if chroot --userspec=bitcoin:bitcoin "$root" python3 -I -c "$drive_led" 2> /dev/null; then
+    echo "test-deb: user bitcoin could write a root-owned 0644 LED; this check would prove nothing" >&2
+    exit 1
+fi
+# What udev runs when an LED appears, with /sys%p standing for the stand-in LED
+run=$(sed -n "s|.*RUN+=\"/bin/sh -c '\(.*\)'\"\$|\1|p" "$root$rule_path" | sed -e "s|/sys%p|$leds/ACT|" -e 's/\$\$/$/g')
+[ -n "$run" ] || { echo "test-deb: cannot read the RUN command of $rule_path" >&2; exit 1; }
+in_root sh -c "$run"
+mode=$(in_root stat -c '%G %a' "$leds/ACT/trigger")  # the chroot's group names, not the host's
+[ "$mode" = "pibackup-led 664" ] || { echo "test-deb: the rule left $leds/ACT/trigger $mode" >&2; exit 1; }
+in_root adduser --quiet bitcoin pibackup-led
+chroot --userspec=bitcoin:bitcoin --groups=pibackup-led "$root" python3 -I -c "$drive_led"
+[ "$(cat "$root$leds/ACT/trigger")" = heartbeat ] || { echo "test-deb: user bitcoin did not drive the LED" >&2; exit 1; }
+in_root deluser --quiet bitcoin pibackup-led
+ok "group pibackup-led exists; the rule's command hands a root-owned LED's trigger and brightness to it (g=u); then user bitcoin, added to it, drives the LED with the installed module"
 
 # --- a replay through the installed plugin, as a non-root user, with no network ---------
-in_root useradd --create-home bitcoin
 mkdir -p "$root$backup" "$root/opt/pibackup-test/traces"
 in_root chown bitcoin: "$backup"
 cp "$repo/tests/driver.py" "$repo/tests/dbcompare.py" "$repo/tests/deb/inside.py" "$root/opt/pibackup-test/"
@@ -158,6 +200,7 @@ in_root apt-get purge -y -q pibackup > /dev/null
 [ "$(digest)" = "$before" ] || { echo "test-deb: apt-get purge changed $backup" >&2; exit 1; }
 [ ! -e "$root/usr/lib/pibackup" ] || { echo "test-deb: /usr/lib/pibackup left after purge: $(find "$root/usr/lib/pibackup" | head)" >&2; exit 1; }
 in_root dpkg -s pibackup > /dev/null 2>&1 && { echo "test-deb: pibackup still known to dpkg after purge" >&2; exit 1; }
+in_root getent group pibackup-led > /dev/null && { echo "test-deb: group pibackup-led left after purge" >&2; exit 1; }
 ok "apt-get remove, then install and purge: the backup's $files files unchanged (digest $before), the package's files gone"
 
 echo "test-deb: $(basename "$deb") $(stat -c %s "$deb") bytes, $(($(date +%s) - start)) s"
