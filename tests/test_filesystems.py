@@ -94,3 +94,35 @@ def test_another_stick_mounted_at_the_same_path_is_noticed(stick, mode, traces, 
             node.plugin.proc.kill()
             node.plugin.proc.wait()
         other.close()
+
+
+def fuse_daemon(device: str) -> int:
+    """The pid of the exfat-fuse process serving `device` (one this test started)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"mount.exfat-fuse") and device.encode() in args:
+            return int(pid)
+    raise AssertionError(f"no mount.exfat-fuse process for {device}")
+
+
+def test_an_exfat_stick_whose_fuse_process_died_halts_the_node_with_what_to_do(traces, make_node, tmp_path):
+    stick = LoopStick(tmp_path / "exfat", "exfat")
+    try:
+        dest = stick.mnt / "pibackup"
+        dest.mkdir()
+        recs = driver.first_run(traces["A"])
+        node = make_node(pibackup_destination=str(dest))
+        node.start(recs[:9])
+        node.calls(recs[9:60])
+        os.kill(fuse_daemon(stick.loop), 9)
+        # A bulk transaction may still be answered from memory (tiers); the first that must be
+        # synced is refused.
+        with pytest.raises(Halted):
+            for r in recs[60:80]:
+                node.call(r)
+        assert "the stick's FUSE file system process is gone" in node.log_text(), node.log_text()
+    finally:
+        stick.close()
