@@ -31,6 +31,7 @@ from .journal import (
     decode_header,
     trim_zeros,
 )
+from .replayguard import check_call
 from .sequence import Action, classify, is_pragma_only, reconcile
 from .snapshot import live_data_version, take_snapshot
 
@@ -396,6 +397,7 @@ class Backup:
             self._write(data_version, writes)
 
     def _write(self, data_version: int, writes: List[str]) -> None:
+        check_call(data_version, writes, is_pragma_only(writes))
         a = classify(self.last, data_version, is_pragma_only(writes), self.last_is_journaled)
         try:
             if a is Action.GAP or (self.damaged is not None and a is not Action.BEHIND):

@@ -134,6 +134,22 @@ def check_frame(statements: Sequence[str], pragma_frame: bool) -> None:
         check_statement(s, pragma_frame)
 
 
+class Unreplayable(PibackupError):
+    """lightningd sent a call that pibackup could store but never replay."""
+
+
+def check_call(data_version: int, writes: Sequence[str], pragma_only: bool) -> None:
+    """Refuse, on the hook's path, a call no restore would replay: stored, it would be
+    acknowledged and then lost at the restore that needs it; refused, lightningd does not commit it."""
+    try:
+        check_frame(writes, pragma_only)
+    except Refused as e:
+        raise Unreplayable(
+            f"lightningd's call at data_version {data_version} holds a statement pibackup does not replay: {e}. "
+            "Is this lightningd newer than pibackup? Update pibackup"
+        ) from e
+
+
 # --- the guarded connection -------------------------------------------------------------------
 # While a journalled statement is prepared, these act on the main database only. (ALTER
 # TABLE's a1 is the database; for the rest the 4th argument is.)

@@ -397,14 +397,7 @@ class Replica:
 
     def _write(self, data_version: int, writes: List[str]) -> None:
         pragma = is_pragma_only(writes)
-        try:
-            check_frame(writes, pragma)
-        except Refused as e:
-            # Stored, it could never be replayed (nor restored): lightningd must not commit it.
-            raise ReplicaError(
-                f"lightningd's call at data_version {data_version} holds a statement pibackup does not replay: {e}. "
-                "Is this lightningd newer than pibackup? Update pibackup"
-            ) from e
+        replayguard.check_call(data_version, writes, pragma)
         a = classify(self.last, data_version, pragma, self.last_is_journaled)
         if a is Action.GAP:
             self.log(

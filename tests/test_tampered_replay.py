@@ -321,3 +321,22 @@ def test_a_restored_replica_is_private(umask022, traces, make_node, dest, tmp_pa
     r = restore_to(dest, out)
     assert r.returncode == 0, r.stderr
     assert mode(out) == 0o600
+
+
+@pytest.mark.parametrize("mode", ["journal", "replica"])
+def test_a_call_no_restore_would_replay_is_refused_in_the_hook_and_nothing_is_stored(mode, traces, make_node, dest, tmp_path):
+    # Acknowledged, such a call would be lost at the restore that needs it: lightningd is told
+    # not to commit it, and the backup still restores to what was committed before it.
+    recs = driver.first_run(traces["A"])[:60]
+    node = make_node(pibackup_mode=mode, pibackup_compact_ratio="0", pibackup_filter_tables="none")
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    node.calls(recs[len(early) : 50])
+    bad = driver.Record(seq=0, pre_init=False, data_version=recs[50].data_version, writes=("VACUUM", *recs[50].writes))
+    with pytest.raises(driver.Halted):
+        node.call(bad)
+    assert "Update pibackup" in node.log_text(), node.log_text()
+    out = tmp_path / "restored.sqlite3"
+    r = restore_to(dest, out)
+    assert r.returncode == 0, r.stderr
+    assert dbcompare.backup_differences(node.live.path, out, ()) == []
