@@ -131,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
         "check",
         help="check the medium under a directory before trusting it with the backup",
         description="File system and mount options, fstab's nofail, whether it is the medium the live database is on, "
-        "free space, and the sync latency of a few dozen 4 KiB writes in a temporary file in DIR (removed after). "
+        "free space, and the sync latency of a few dozen 4 KiB writes in a temporary file beside DIR on the same file "
+        "system, or in DIR (removed after). "
         "Exit status 1 when there is a warning.",
     )
     c.add_argument("directory", metavar="DIR")

@@ -148,6 +148,18 @@ def sync_latency(directory: str, samples: int = SYNC_SAMPLES, block: int = SYNC_
     return times
 
 
+def measure_dir(directory: str) -> str:
+    """Where to measure: the parent when it is on the same file system and writable, so no
+    file of ours ever appears in a backup directory (a start refuses an empty destination
+    that holds a stranger's file, and one could be left by a power cut mid-measure)."""
+    parent = os.path.dirname(os.path.abspath(directory).rstrip("/")) or "/"
+    try:
+        same = os.stat(parent).st_dev == os.stat(directory).st_dev
+    except OSError:
+        return directory
+    return parent if same and os.access(parent, os.W_OK | os.X_OK) else directory
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
@@ -203,9 +215,11 @@ def check(directory: str, live_db: Optional[str] = None, samples: int = SYNC_SAM
     st = os.statvfs(directory)
     rep.facts["free_bytes"] = st.f_bavail * st.f_frsize
     rep.facts["size_bytes"] = st.f_blocks * st.f_frsize
-    times = sync_latency(directory, samples)
+    where = measure_dir(directory)
+    times = sync_latency(where, samples)
     ms = [t * 1000 for t in times]
     rep.facts["sync_ms"] = {
+        "in": where,
         "samples": len(ms),
         "p50": round(percentile(ms, 50), 2),
         "p99": round(percentile(ms, 99), 2),
@@ -258,7 +272,7 @@ def render(rep: Report) -> str:
     lines.append(f"free space:    {free // (1 << 20):,} MiB of {size // (1 << 20):,} MiB")
     lines.append(
         f"sync latency:  p50 {sync['p50']:.1f} ms, p99 {sync['p99']:.1f} ms, max {sync['max']:.1f} ms "
-        f"({sync['samples']} synced 4 KiB writes)"
+        f"({sync['samples']} synced 4 KiB writes in {sync['in']})"
     )
     lines += [f"note: {n}" for n in rep.notes]
     lines += [f"WARNING: {w}" for w in rep.warnings]

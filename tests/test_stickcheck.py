@@ -63,8 +63,10 @@ def test_check_command_on_a_plain_directory(tmp_path):
     assert rep["medium"] == rep["live_db_medium"], rep
     assert any("same medium" in w for w in rep["warnings"]), rep
     assert r.returncode == 1
-    assert set(rep["sync_ms"]) == {"samples", "p50", "p99", "max"} and rep["sync_ms"]["samples"] == stickcheck.SYNC_SAMPLES
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["lightningd.sqlite3"], "the measure's file is removed"
+    assert set(rep["sync_ms"]) == {"in", "samples", "p50", "p99", "max"} and rep["sync_ms"]["samples"] == stickcheck.SYNC_SAMPLES
+    assert rep["sync_ms"]["in"] == str(tmp_path.parent), "measured beside the directory, on the same file system"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lightningd.sqlite3"], "nothing is written into the directory"
+    assert not list(tmp_path.parent.glob(".pibackup-check-*")), "the measure's file is removed"
     text = cli("check", str(tmp_path), "--live-db", str(live))
     assert "sync latency:  p50" in text.stdout and "WARNING:" in text.stdout, text.stdout
     missing = cli("check", str(tmp_path / "nope"))
@@ -108,6 +110,11 @@ def test_report_on_a_loop_mounted_stick(fstype, tmp_path, fstab):
         assert any("same medium" in w for w in rep.warnings), rep.warnings
         on_stick.unlink()
         assert sorted(os.listdir(d)) == []
+        assert rep.facts["sync_ms"]["in"] == str(stick.mnt)  # type: ignore[index]
+        # The stick's root itself: its parent is another file system, so the measure is made in it.
+        rep = stickcheck.check(str(stick.mnt), str(live), samples=2, fstab=str(fstab))
+        assert rep.facts["sync_ms"]["in"] == str(stick.mnt)  # type: ignore[index]
+        assert set(os.listdir(stick.mnt)) - {"lost+found"} == {"pibackup"}
     finally:
         stick.close()
 
