@@ -49,6 +49,29 @@ def copy_tree(src: Path, dst: Path) -> None:
             shutil.copyfile(Path(dirpath) / f, target / f)
 
 
+def test_exfat_invents_inode_numbers_but_keeps_those_of_what_is_held_open(tmp_path):
+    """What makes the replay below on exFAT mean something: a directory nobody holds gets
+    another inode number once the kernel has forgotten it; one with a file open inside keeps
+    its number, as the backup directory does under the writer's open lock directory."""
+    stick = LoopStick(tmp_path / "exfat", "exfat", size="64M")
+    try:
+        free, held = stick.mnt / "free", stick.mnt / "held"
+        free.mkdir()
+        held.mkdir()
+        (held / "lock").mkdir()
+        before = {d: os.stat(d).st_ino for d in (free, held)}
+        fd = os.open(held / "lock", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            drop_caches()
+            after = {d: os.stat(d).st_ino for d in (free, held)}
+        finally:
+            os.close(fd)
+        assert after[free] != before[free], "exfat-fuse kept the number of a forgotten directory: the replay proves less"
+        assert after[held] == before[held]
+    finally:
+        stick.close()
+
+
 @MODES
 def test_replay_on_each_file_system_restores_the_live_database(stick, mode, traces, make_node, tmp_path):
     dest = stick.mnt / "pibackup"
