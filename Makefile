@@ -40,10 +40,10 @@ test-long:
 	PIBACKUP_CORRUPTIONS=3000 $(PY) -m pytest -q -s tests/test_corruption.py
 	$(PY) -m pytest -q -s -m long tests/test_crashstates.py
 
-# docs/guide/options.md is generated from the options table (pibackup/options.py);
+# docs/guide/options.md is generated from the options table (pibackup/app/options.py);
 # tests/test_docs.py fails when the two differ.
 docs:
-	$(PY) -m pibackup.options docs/guide/options.md
+	$(PY) -m pibackup.app.options docs/guide/options.md
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis .test-tmp

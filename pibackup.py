@@ -22,7 +22,7 @@ _here = os.path.dirname(os.path.realpath(__file__))
 # has no vendor/ and uses the Python environment's.
 sys.path[:0] = [_here] + [p for p in [os.path.join(_here, "vendor")] if os.path.isdir(p)]
 
-from pibackup.plugin import main  # noqa: E402
+from pibackup.app.plugin import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -30,7 +30,7 @@ sys.path.insert(0, str(BENCH))
 import workloads  # noqa: E402
 from workloads import Record, driver  # noqa: E402
 
-from pibackup.filter import classify  # noqa: E402
+from pibackup.rules.filter import classify  # noqa: E402
 
 STRACE = ["strace", "--seccomp-bpf", "-f", "-c", "-e", "trace=fsync,fdatasync,sync_file_range,msync"]
 

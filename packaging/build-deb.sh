@@ -19,7 +19,7 @@ rm -rf "$stage"
 mkdir -p "$src/pibackup" "$src/vendor-wheels" dist
 cp pibackup.py README.md "$src/"
 cp -r docs "$src/docs"
-cp pibackup/*.py "$src/pibackup/"
+find pibackup -name '*.py' -exec cp --parents {} "$src/" \;  # the package tree, subpackages included
 cp -r packaging "$src/packaging"
 cp -r packaging/debian "$src/debian"
 

@@ -819,8 +819,8 @@ def _early(steps: Sequence[Step]) -> Set[int]:
 
 
 def _critical(records: Sequence[Record], options: Dict[str, Any]) -> Tuple[List[bool], Tuple[str, ...]]:
-    from pibackup import filter as flt
-    from pibackup.config import parse_options
+    from pibackup.app.config import parse_options
+    from pibackup.rules import filter as flt
 
     cfg = parse_options(options)
     crit = [
@@ -846,8 +846,8 @@ def explore(
     `cli_every`-th restored state also through the CLI, every `restart_every`-th one also
     continued by a new plugin, and so are the first `restart_special` states that restore
     reports damaged or that hold no backup yet; `full`: replay the SQL of every state (no reader_key memo)."""
-    from pibackup import restore as rst
     from pibackup.errors import PibackupError
+    from pibackup.modes.journal import restore as rst
 
     sc = rec.scenario
     records = sc.records
@@ -997,7 +997,7 @@ class ReaderKey:
         return d
 
     def __call__(self, state: FsState, is_dir: Dict[int, bool]) -> Optional[str]:
-        from pibackup.journal import JournalError, SegmentReader
+        from pibackup.store.journal import JournalError, SegmentReader
 
         entries = list(state.walk(is_dir))
         gens = sorted(rel for rel, ino in entries if ino is None and _GEN_DIR.match(rel))
@@ -1086,7 +1086,7 @@ def _check_restart(
             elif step.kind == "stop":
                 node.stop()
         out = root / "restored.sqlite3"
-        from pibackup import restore as rst
+        from pibackup.modes.journal import restore as rst
 
         rst.restore(str(dest), str(out))
         c1 = sqlite3.connect(f"file:{out}?mode=ro", uri=True)

@@ -16,11 +16,11 @@ import pytest
 import dbcompare
 import driver
 from helpers import cli, restore_to
-from pibackup import destination as dst
-from pibackup.backup import Backup
-from pibackup.compact import CompactionError, JournalFollower, _NewGeneration
-from pibackup.generation import DamageError
-from pibackup.journal import FLAG_DEFLATE, KIND_TX, Frame, SegmentHeader, SegmentWriter, scan_segment
+from pibackup.compaction.compact import CompactionError, JournalFollower, _NewGeneration
+from pibackup.modes.journal.writer import Backup
+from pibackup.store import directory as dst
+from pibackup.store.chain import DamageError
+from pibackup.store.journal import FLAG_DEFLATE, KIND_TX, Frame, SegmentHeader, SegmentWriter, scan_segment
 
 
 def status(node: driver.Node) -> Dict[str, Any]:
@@ -255,7 +255,7 @@ def test_compaction_processes_die_with_the_plugin(traces, make_node, dest):
     wait_no_compaction_process(pid)
 
 
-# Each step of a compaction, in order (pibackup/compact.py, FORMAT.md "Compaction"): the
+# Each step of a compaction, in order (pibackup/compaction/compact.py, FORMAT.md "Compaction"): the
 # plugin (or its child) SIGKILLs itself there, as a power cut or a kill would stop it.
 PLUGIN_STEPS = ["cut", "segment", "follow", "switch-synced", "switch-renamed", "retention"]
 CHILD_STEPS = ["child-replay", "child-snapshot"]
@@ -530,7 +530,7 @@ def test_a_gap_during_a_compaction_wins_over_it(when, traces, make_node, dest, t
     ],
 )
 def test_bad_compaction_option_gets_a_clear_message(name, value, message):
-    from pibackup.config import parse_options
+    from pibackup.app.config import parse_options
     from pibackup.errors import PibackupError
 
     with pytest.raises(PibackupError) as e:
@@ -765,7 +765,7 @@ def test_a_damage_report_only_affects_the_generation_still_written(traces, tmp_p
     # In-process: the writer as the plugin holds it. A report about a generation the writer
     # has left (a gap moved on meanwhile) changes nothing; a call from the past is refused
     # as before, and does not consume the repair; the next call that follows repairs.
-    from pibackup.backup import BehindError, Call
+    from pibackup.modes.api import BehindError, Call
 
     recs = driver.first_run(traces["A"])
     live = driver.LiveDB(tmp_path / "live.sqlite3")

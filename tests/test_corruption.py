@@ -24,8 +24,8 @@ import pytest
 
 import driver
 from pibackup.errors import PibackupError
-from pibackup.journal import HEADER_SIZE, scan_segment
-from pibackup.restore import restore, verify
+from pibackup.modes.journal.restore import restore, verify
+from pibackup.store.journal import HEADER_SIZE, scan_segment
 
 N = int(os.environ.get("PIBACKUP_CORRUPTIONS", "400"))  # make test-long: 3000
 

@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from helpers import cli
-from pibackup.crypt import CryptError, Encryptor, decrypt_file, load_key, write_key_file
+from pibackup.copies.crypt import CryptError, Encryptor, decrypt_file, load_key, write_key_file
 
 REL = "gen-000001/seg-000001.pbj"
 
@@ -113,9 +113,9 @@ def test_a_closed_segment_that_lost_its_zeros_after_listing_stages_whole(tmp_pat
     """The compactor trims a closed segment's preallocated zeros outside the writer's lock,
     so the shipper may list it at its old length and find it shorter: the staged copy ends
     where the file ends, finished (its final chunk), not a failed round."""
-    from pibackup.copyhead import HeadMaker
-    from pibackup.crypt import Key, decrypt_file
-    from pibackup.ship import FileState, ShipConfig, Shipper, parse_target
+    from pibackup.copies.copyhead import HeadMaker
+    from pibackup.copies.crypt import Key, decrypt_file
+    from pibackup.copies.ship import FileState, ShipConfig, Shipper, parse_target
 
     dest = tmp_path / "pibackup"
     (dest / "gen-000001").mkdir(parents=True)

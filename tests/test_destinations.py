@@ -15,7 +15,7 @@ import dbcompare
 import driver
 from driver import Halted
 from helpers import assert_nothing_acknowledged_lost, cli
-from pibackup.multi import REJOIN_CHECK_SECONDS
+from pibackup.fanout.destinations import REJOIN_CHECK_SECONDS
 
 
 def restores_to_live(dest: Path, node: driver.Node, out: Path) -> None:

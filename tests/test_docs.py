@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pibackup.options import BY_NAME, options_page
+from pibackup.app.options import BY_NAME, options_page
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONS_PAGE = ROOT / "docs" / "guide" / "options.md"
@@ -21,7 +21,7 @@ def _doc_files() -> list[Path]:
 
 def _rpc_methods() -> set[str]:
     # Read from plugin.py's decorators rather than by importing it: that would start a Plugin.
-    source = (ROOT / "pibackup" / "plugin.py").read_text()
+    source = (ROOT / "pibackup" / "app" / "plugin.py").read_text()
     return set(re.findall(r'@plugin\.method\("([^"]+)"\)', source))
 
 

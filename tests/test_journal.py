@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pibackup.journal import (
+from pibackup.rules.sequence import Action, classify, reconcile
+from pibackup.store.journal import (
     FLAG_DEFLATE,
     HEADER_SIZE,
     KIND_PRAGMA,
@@ -23,7 +24,6 @@ from pibackup.journal import (
     scan_segment,
     trim_zeros,
 )
-from pibackup.sequence import Action, classify, reconcile
 
 
 def make_segment(path: Path, frames, flags: int = 0, preallocate: int = 0, close: bool = True):

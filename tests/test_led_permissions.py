@@ -25,7 +25,7 @@ PYTHON = shutil.which("python3", path="/usr/bin:/bin") or "python3"
 DRIVE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from pibackup.status import Led, Reporter
+from pibackup.app.status import Led, Reporter
 logs = []
 r = Reporter(lambda m, lvl: logs.append([lvl, m]), dict, lambda: [], 0, led=Led("ACT", sys.argv[2]))
 r.check()

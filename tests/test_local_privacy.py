@@ -25,8 +25,8 @@ import dbcompare
 import driver
 from driver import REPO, Halted
 from helpers import cli, restore_to, segments
-from pibackup import destination as dst
-from pibackup.journal import FLAG_DEFLATE, KIND_TX, SegmentHeader, SegmentReader, SegmentWriter
+from pibackup.store import directory as dst
+from pibackup.store.journal import FLAG_DEFLATE, KIND_TX, SegmentHeader, SegmentReader, SegmentWriter
 
 if os.geteuid() != 0:
     pytest.skip("needs root: the tests act as another user (nobody)", allow_module_level=True)

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import cli
-from pibackup.config import parse_options
-from pibackup.destination import DestinationError, validate
+from pibackup.app.config import parse_options
+from pibackup.app.livedb import LiveDbError, find_live_db
 from pibackup.errors import PibackupError
-from pibackup.livedb import LiveDbError, find_live_db
+from pibackup.store.directory import DestinationError, validate
 
 OPTION_CASES = [
     ("pibackup-segment-size", "abc", "is not a size: write it like 32M or 512K"),
@@ -202,7 +202,7 @@ def test_good_shipping_options_are_taken_as_given(tmp_path):
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=60))
 def test_any_ship_target_is_either_safe_or_refused(spec):
-    from pibackup.ship import ShipError, parse_target
+    from pibackup.copies.ship import ShipError, parse_target
 
     try:
         t = parse_target(spec)
@@ -215,7 +215,7 @@ def test_any_ship_target_is_either_safe_or_refused(spec):
 
 
 def test_a_linked_segment_or_snapshot_is_refused_by_the_writer_and_by_restore(tmp_path):
-    from pibackup.destination import Destination
+    from pibackup.store.directory import Destination
 
     for name in ("seg-000001.pbj", "snapshot-v5.sqlite3"):
         d = tmp_path / name

@@ -30,7 +30,7 @@ def replica_node(make_node, **options):
 
 
 def replica_state(dest: Path):
-    from pibackup.replica import REPLICA_FILE
+    from pibackup.modes.replica.writer import REPLICA_FILE
 
     f = dest / "replica-000001" / REPLICA_FILE
     c = sqlite3.connect(f"file:{f}?mode=ro", uri=True)
@@ -167,7 +167,7 @@ def test_one_mode_on_the_other_modes_backup_is_a_clear_error(first, then, traces
     ],
 )
 def test_bad_mode_gets_a_clear_message(options, message):
-    from pibackup.config import parse_options
+    from pibackup.app.config import parse_options
     from pibackup.errors import PibackupError
 
     with pytest.raises(PibackupError) as e:

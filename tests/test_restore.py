@@ -11,7 +11,7 @@ import pytest
 import dbcompare
 import driver
 from helpers import cli, segments
-from pibackup.journal import KIND_TX, scan_segment
+from pibackup.store.journal import KIND_TX, scan_segment
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_force_is_refused_while_lightningd_runs_on_the_backup(traces, make_node,
 
 
 def test_restore_reports_progress_to_a_person_and_stays_quiet_in_scripts(copy, tmp_path):
-    from pibackup.restore import restore
+    from pibackup.modes.journal.restore import restore
 
     d, live = copy
     seen = []

@@ -106,7 +106,7 @@ def test_a_read_only_medium_is_a_warning(tmp_path):
     (A tmpfs with a writer's files open cannot be remounted read-only here, so the check is
     shown on a read-only mount directly.)"""
     from helpers import tmpfs
-    from pibackup.status import check_destination
+    from pibackup.app.status import check_destination
 
     with tmpfs(tmp_path / "ro", "size=1m,ro") as mnt:
         warnings = check_destination(str(mnt), 0)
@@ -118,7 +118,7 @@ def test_a_warning_whose_numbers_change_is_logged_once(tmp_path):
     # Free space shrinking by a MiB between two checks is the same problem: one log line
     # (then an hourly reminder), not one per check. It made the LED test above flaky while
     # other programs wrote to the same disk.
-    from pibackup.status import Reporter
+    from pibackup.app.status import Reporter
 
     logged = []
     free = iter([80123, 80122, 80121])
@@ -133,7 +133,7 @@ def test_a_failure_pending_for_the_next_write_shows_and_can_go_away(tmp_path, le
     # A failure met off the hook's path (the flusher, a compaction's switch) shows before
     # lightningd's next write is refused; under continue-degraded a rejoin may still let the
     # node go on, and then the state must not stay "failed". One from failed() stays.
-    from pibackup.status import Led, Reporter
+    from pibackup.app.status import Led, Reporter
 
     pending = ["cannot write the backup at /x: I/O error. lightningd will be halted at its next database write", None]
     r = Reporter(lambda m, lvl: None, dict, lambda: [], 0, led=Led("ACT", str(leds)), pending_failure=lambda: pending[0])

@@ -13,7 +13,7 @@ import pytest
 
 import driver
 from helpers import LoopStick, cli
-from pibackup import stickcheck
+from pibackup.app import stickcheck
 
 MOUNTINFO = """\
 22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/mmcblk0p2 rw

@@ -12,7 +12,7 @@ import dbcompare
 import driver
 from driver import Halted, Record
 from helpers import cli, restore_to
-from pibackup.filter import FilterError, classify, parse_filter
+from pibackup.rules.filter import FilterError, classify, parse_filter
 
 
 def is_bulk(r: Record) -> bool:

@@ -124,7 +124,7 @@ def main() -> int:
     sys.path.insert(0, "/usr/lib/pibackup")
     import cryptography
 
-    from pibackup import crypt
+    from pibackup.copies import crypt
 
     seg = sorted(dest.glob("gen-*/seg-*.pbj"))[0]
     rel = str(seg.relative_to(dest))

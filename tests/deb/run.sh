@@ -113,7 +113,7 @@ if in_root python3 -I -c 'import pyln' > /dev/null 2>&1; then
 fi
 ok "no pip and no pyln module in the chroot outside /usr/lib/pibackup"
 
-for f in /usr/lib/pibackup/pibackup.py /usr/lib/pibackup/pibackup/plugin.py /usr/lib/pibackup/vendor/pyln/client/plugin.py \
+for f in /usr/lib/pibackup/pibackup.py /usr/lib/pibackup/pibackup/app/plugin.py /usr/lib/pibackup/vendor/pyln/client/plugin.py \
     /usr/bin/pibackup /usr/share/man/man1/pibackup.1.gz /usr/share/doc/pibackup/README.md.gz \
     /usr/share/doc/pibackup/docs/guide/options.md.gz /usr/share/doc/pibackup/docs/FORMAT.md.gz \
     /usr/share/doc/pibackup/examples/lightningd-config /usr/lib/systemd/system/lightningd.service.d/pibackup.conf; do
@@ -142,7 +142,7 @@ printf 'none timer [mmc0] heartbeat\n' > "$root$leds/ACT/trigger"
 echo 0 > "$root$leds/ACT/brightness"
 echo 255 > "$root$leds/ACT/max_brightness"
 chmod 0644 "$root$leds/ACT/"*
-drive_led='import sys; sys.path.insert(0, "/usr/lib/pibackup"); from pibackup.status import Led; Led("ACT", "/tmp/leds").show("ok")'
+drive_led='import sys; sys.path.insert(0, "/usr/lib/pibackup"); from pibackup.app.status import Led; Led("ACT", "/tmp/leds").show("ok")'
 if chroot --userspec=bitcoin:bitcoin "$root" python3 -I -c "$drive_led" 2> /dev/null; then
     echo "test-deb: user bitcoin could write a root-owned 0644 LED; this check would prove nothing" >&2
     exit 1

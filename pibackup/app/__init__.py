@@ -1,0 +1,1 @@
+"""The plugin and the command: options, hook, status, CLI."""

@@ -1,0 +1,247 @@
+"""What pibackup does with each message from lightningd, without pyln in the way.
+
+Holds the calls that arrive before init, starts the backup at init, and once anything
+has failed answers every later db_write with a refusal so lightningd halts uncommitted.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, cast
+
+from pibackup.app.config import Config, parse_options
+from pibackup.app.livedb import find_live_db
+from pibackup.app.status import REMINDER_SECONDS, Led, Reporter, StatusError, systemd_notifier
+from pibackup.errors import PibackupError
+from pibackup.fanout.destinations import Destinations
+from pibackup.modes.api import Call, Log
+from pibackup.modes.journal.writer import Backup
+from pibackup.modes.replica.writer import Replica
+
+if TYPE_CHECKING:
+    from pibackup.copies.ship import Shipper
+
+CONTINUE: Dict[str, Any] = {"result": "continue"}
+# Anything but "continue" makes lightningd stop without committing the transaction.
+ABORT: Dict[str, Any] = {"result": "abort"}
+
+
+class HookHandler:
+    def __init__(self, log: Log):
+        self.log = log
+        self.early: List[Call] = []
+        self.backup: Optional[Destinations] = None
+        self.mode = "journal"
+        self.failure: Optional[str] = None
+        self.shutting_down = False
+        self.reporter: Optional[Reporter] = None
+        self.shipper: Optional[Shipper] = None
+        self._refusal_logged = 0.0
+        self.started = time.time()
+
+    def on_db_write(self, data_version: int, writes: List[str]) -> Dict[str, Any]:
+        if self.failure is not None:
+            now = time.time()
+            if now - self._refusal_logged >= REMINDER_SECONDS:  # once, then a reminder
+                self._refusal_logged = now
+                self.log(f"refusing data_version {data_version} so lightningd halts without committing it: {self.failure}", "error")
+            return ABORT
+        if self.backup is None:
+            # Before init the destination is unknown. lightningd commits this call once
+            # we answer; until init writes it out, the live DB itself is its only copy
+            # (a crash before init shows up as a gap and is repaired from the live DB).
+            self.early.append(Call(data_version, list(writes)))
+            return CONTINUE
+        try:
+            self.backup.write(data_version, writes)
+        except PibackupError as e:
+            return self._fail(str(e))
+        except Exception as e:  # a bug must halt the node, never let a write through unbacked
+            self.log(traceback.format_exc(), "debug")
+            return self._fail(f"internal error ({type(e).__name__}: {e}); please report it")
+        return CONTINUE
+
+    def _fail(self, message: str) -> Dict[str, Any]:
+        self.failure = message
+        if self.backup is not None:
+            # Nothing more reaches the medium, not even at exit: the refused transaction
+            # may still be pending in the writer, and lightningd never commits it.
+            self.backup.failure = message
+        self._refusal_logged = time.time()
+        self.log(f"pibackup: {message}. lightningd is being halted so nothing unbacked is committed.", "error")
+        if self.reporter is not None:
+            self.reporter.failed(message)
+        return ABORT
+
+    def on_init(self, options: Mapping[str, Any], configuration: Mapping[str, Any]) -> None:
+        """Start the backup. Never raises and never disables the plugin: lightningd ignores
+        `important-plugin` for a plugin that disables itself, and would go on without us.
+        A failure here instead refuses the next db_write, which halts lightningd."""
+        backup: Optional[Destinations] = None
+        cfg: Optional[Config] = None
+        try:
+            cfg = parse_options(options)
+            self._start_reporter(cfg)
+            lightning_dir = str(configuration.get("lightning-dir") or ".")
+            live_db = find_live_db(cfg.live_db, lightning_dir)
+            c = cfg
+            self.mode = cfg.mode
+
+            def make(path: str) -> Backup:
+                if c.mode == "replica":
+                    # A Replica has every part of Backup's interface that Destinations uses.
+                    return cast(Backup, Replica(path, live_db, self.log, filter_tables=c.filter_tables))
+                return Backup(
+                    path,
+                    live_db,
+                    self.log,
+                    segment_bytes=c.segment_bytes,
+                    filter_tables=c.filter_tables,
+                    batch_seconds=c.batch_seconds,
+                    batch_bytes=c.batch_bytes,
+                    preallocate=c.preallocate_bytes,
+                    compact_ratio=c.compact_ratio,
+                    compact_min_bytes=c.compact_min_bytes,
+                    keep_generations=c.keep_generations,
+                )
+
+            backup = Destinations(cfg.destinations or ("",), make, cfg.on_destination_failure, self.log)
+            backup.start(self.early)
+        except Exception as e:
+            if isinstance(e, PibackupError):
+                self.failure = str(e)
+            else:
+                self.log(traceback.format_exc(), "debug")
+                self.failure = f"internal error at start ({type(e).__name__}: {e}); please report it"
+            self.log(f"pibackup cannot back up: {self.failure}. lightningd will be halted at its next database write.", "error")
+            self._refusal_logged = time.time()
+            if backup is not None:
+                backup.close()
+            if self.reporter is None:
+                self._start_reporter(None)
+            assert self.reporter is not None
+            self.reporter.failed(self.failure)
+            return
+        self.early = []
+        self.backup = backup
+        if cfg.ship is not None:
+            self._start_shipper(cfg, backup)
+        if self.reporter is not None:
+            self.reporter.check()
+        self.log(
+            f"backing up {live_db} to {cfg.destination} (data_version {backup.last}, "
+            f"{backup.generation and backup.generation.rsplit('/', 1)[-1]})",
+            "info",
+        )
+
+    def on_shutdown(self) -> None:
+        self.shutting_down = True
+        self.log("lightningd is stopping; still backing up its last writes until it closes the connection", "info")
+        if self.backup is not None and self.failure is None:
+            try:
+                self.backup.flush()
+            except PibackupError as e:
+                self._fail(str(e))
+
+    def status(self) -> Dict[str, Any]:
+        """What `lightning-cli pibackup-status` shows (the status issue extends it)."""
+        b = self.backup
+        r = self.reporter
+        if r is not None:
+            r.check()
+        state = r.health.state if r is not None else "starting"
+        out: Dict[str, Any] = {
+            "state": "failed" if self.failure else state,
+            "mode": self.mode,
+            "uptime_seconds": int(time.time() - self.started),
+            "warnings": list(r.health.warnings) if r is not None else [],
+            "shipping": self.shipper.status() if self.shipper is not None else "not configured",
+            "compaction": "none",
+        }
+        if self.failure or (r is not None and r.health.failure):
+            out["failure"] = self.failure or (r.health.failure if r is not None else None)
+        if b is None:
+            out["calls_before_init"] = len(self.early)
+            return out
+        out.update(b.status())
+        return out
+
+    def _start_shipper(self, cfg: Config, backup: Destinations) -> None:
+        """Shipping runs beside the backup; it can fail without touching it."""
+        assert cfg.ship is not None
+        path = cfg.destination
+        from pibackup.copies.ship import Shipper  # only when configured (see config.parse_ship)
+
+        shipper = Shipper(cfg.ship, path, lambda: backup.open_segment_of(path), self.log)
+        try:
+            shipper.start()
+        except OSError as e:
+            self.log(f"pibackup-ship cannot start: {e.filename or ''}: {e.strerror}; the local backup goes on", "warn")
+            return
+        self.shipper = shipper
+        what = "encrypted " if cfg.ship.key is not None else ""
+        self.log(f"shipping an {what}copy to {cfg.ship.target} every {cfg.ship.interval} s".replace("an copy", "a copy"), "info")
+
+    def compact(self) -> Dict[str, Any]:
+        """`lightning-cli pibackup-compact`: start a compaction in the background."""
+        b = self.backup
+        if self.failure is not None:
+            return {"compaction": "refused", "reason": self.failure}
+        if self.mode == "replica":
+            return {"compaction": "refused", "reason": "pibackup-mode=replica: a replica never grows past the database"}
+        if b is None:
+            return {"compaction": "refused", "reason": "the backup has not started yet (no init from lightningd)"}
+        # Each destination compacts its own backup.
+        started = {m.destination: m.compactor.request() for m in list(b.active) if m.compactor is not None}
+        first = next(iter(started.values()), "refused")
+        generation = b.generation and b.generation.rsplit("/", 1)[-1]
+        out: Dict[str, Any] = {"compaction": first, "destinations": started, "generation": generation}
+        refused = [m for m in list(b.active) if started.get(m.destination) == "refused"]
+        damaged = next((m.damaged for m in refused if getattr(m, "damaged", None)), None)
+        if damaged:
+            out["reason"] = f"the current generation is damaged ({damaged}); lightningd's next write replaces it from the live DB"
+        return out
+
+    def _start_reporter(self, cfg: Optional[Config]) -> None:
+        """systemd status and the LED; a wrong LED name is a warning, not a reason to halt."""
+        led = None
+        if cfg is not None and cfg.led:
+            try:
+                led = Led(cfg.led, cfg.led_dir)
+            except StatusError as e:
+                self.log(str(e), "warn")
+        self.reporter = Reporter(
+            self.log,
+            self._figures,
+            lambda: [b.destination for b in self.backup.active] if self.backup is not None else [],
+            extra_warnings=self._extra_warnings,
+            pending_failure=lambda: self.backup.pending_failure() if self.backup is not None else None,
+            min_free_bytes=cfg.min_free_bytes if cfg is not None else 0,
+            led=led,
+            notify=systemd_notifier(),
+        )
+        self.reporter.start()
+
+    def _extra_warnings(self) -> List[str]:
+        out = self.backup.warnings() if self.backup is not None else []
+        return out + (self.shipper.warnings() if self.shipper is not None else [])
+
+    def _figures(self) -> Dict[str, Any]:
+        b = self.backup
+        if b is None:
+            return {}
+        return {
+            "data_version": b.last,
+            "generations": b.generation_count(),
+            "last_write_age": None if b.last_flush is None else time.time() - b.last_flush,
+            "shipped_age": None if self.shipper is None else self.shipper.lag(),
+        }
+
+    def close(self) -> None:
+        if self.shipper is not None:
+            self.shipper.stop()
+        if self.reporter is not None:
+            self.reporter.stop()
+        if self.backup is not None:
+            self.backup.close()

@@ -1,0 +1,1 @@
+"""Compaction: a child process builds a new snapshot; the new generation and retention."""

@@ -1,0 +1,1 @@
+"""Copies elsewhere: shipping with rsync over ssh, encryption, fetching a copy back."""

@@ -1,0 +1,1 @@
+"""Several destinations written side by side."""

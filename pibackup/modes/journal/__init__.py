@@ -1,0 +1,1 @@
+"""Journal mode: snapshot plus journal segments per generation."""

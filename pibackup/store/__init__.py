@@ -1,0 +1,1 @@
+"""The backup directory on disk: segments, generations, snapshots, replay, file-system helpers."""

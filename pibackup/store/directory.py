@@ -1,0 +1,359 @@
+"""A backup directory on the backup medium: its marker, its generations, its checks.
+
+Layout (FORMAT.md): DEST/PIBACKUP, DEST/gen-NNNNNN/{snapshot-vN.sqlite3, seg-NNNNNN.pbj},
+DEST/PIBACKUP.lock/ (an empty directory only its owner can open: the writer's lock).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import shutil
+import stat
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+from pibackup.errors import PibackupError
+from pibackup.store.access import FS_ARTIFACTS, access_problems, private, read_only_fs
+from pibackup.store.journal import fsync_dir
+from pibackup.testpoints import fault_point
+
+MARKER = "PIBACKUP"
+MARKER_TEXT = "pibackup backup directory\nformat 1\n"
+# The writer's lock is an flock on a 0700 directory of its own, which no other user can
+# open: a lock on a file any local user can open (the marker, as earlier releases had it)
+# let any of them hold it and halt the node. The directory itself, not a file in it: one
+# inode, and nothing in it for copies and checks to meet.
+LOCK_DIR = "PIBACKUP.lock"
+_GEN = re.compile(r"^gen-(\d{6})$")
+_PARTIAL = re.compile(r"^gen-(\d{6})\.partial$")
+_DELETED = re.compile(r"^gen-(\d{6})\.deleted$")
+_SEG = re.compile(r"^seg-(\d{6})\.pbj$")
+_SNAP = re.compile(r"^snapshot-v(\d+)\.sqlite3$")
+
+
+class DestinationError(PibackupError):
+    """The backup directory cannot be used as it is."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    number: int
+    path: str
+    snapshots: List[str]  # exactly one, or none for a generation that starts from an empty database
+    segments: List[str]
+
+    @property
+    def snapshot(self) -> Optional[str]:
+        return self.snapshots[0] if self.snapshots else None
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def generation_dirname(number: int) -> str:
+    return f"gen-{number:06d}"
+
+
+def segment_filename(number: int) -> str:
+    return f"seg-{number:06d}.pbj"
+
+
+def snapshot_filename(version: int) -> str:
+    return f"snapshot-v{version}.sqlite3"
+
+
+DAMAGE_MARK = "DAMAGED"  # in a generation directory: a writer found it damaged (FORMAT.md)
+
+
+def damage_mark(gen_path: str) -> Optional[str]:
+    """What the writer that found generation `gen_path` damaged wrote, or None."""
+    try:
+        with open(os.path.join(gen_path, DAMAGE_MARK), encoding="utf-8", errors="replace") as f:
+            return f.read(4096).strip() or "damaged"
+    except FileNotFoundError:
+        return None
+
+
+def write_text_durably(path: str, text: str) -> None:
+    """PATH.tmp written and synced, renamed to PATH, the directory synced: PATH is either
+    absent or whole, after any crash (a leftover PATH.tmp is simply written again)."""
+    tmp = path + ".tmp"
+    try:
+        os.unlink(tmp)  # a leftover: created anew below, so it is never someone else's file or link
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def write_damage_mark(gen_path: str, why: str) -> None:
+    """Mark a generation damaged, durably: no later start continues it."""
+    write_text_durably(os.path.join(gen_path, DAMAGE_MARK), why + "\n")
+
+
+def check_marker(path: str) -> None:
+    """Is `path` a pibackup backup this release can read, and safe to use (refuse_foreign)?"""
+    refuse_foreign(path)
+    marker = os.path.join(path, MARKER)
+    try:
+        with open(marker, encoding="utf-8", errors="replace") as f:
+            text = f.read(4096)
+    except OSError as e:
+        raise DestinationError(f"{path}: cannot read {MARKER}: {e.strerror}") from e
+    lines = text.splitlines()
+    if not lines or lines[0] != "pibackup backup directory":
+        raise DestinationError(f"{marker} is not a pibackup marker: {path} is not a pibackup backup")
+    if len(lines) < 2 or lines[1] != "format 1":
+        raise DestinationError(
+            f"{path} was written in backup {lines[1] if len(lines) > 1 else 'an unknown format'}; "
+            "this pibackup reads format 1 only. Use the pibackup release that wrote it."
+        )
+    if text != MARKER_TEXT:
+        raise DestinationError(
+            f"{marker} is damaged (it holds more than the two lines pibackup wrote): the medium may be failing; "
+            "run pibackup verify on it, and if the rest is fine write the file again with exactly those two lines"
+        )
+
+
+def validate(path: Optional[str]) -> None:
+    """Refuse a destination a backup must not be written to, with a message that says what to do."""
+    example = "e.g. pibackup-destination=/media/usb/pibackup"
+    if not path:
+        raise DestinationError(f"pibackup-destination is not set: add it to lightningd's config file ({example})")
+    if any(ord(c) < 32 for c in path):
+        raise DestinationError("pibackup-destination contains control characters; give a plain absolute path")
+    if not os.path.isabs(path):
+        raise DestinationError(f"pibackup-destination={path} is a relative path; give an absolute path ({example})")
+    if not os.path.exists(path):
+        raise DestinationError(
+            f"pibackup-destination {path} does not exist: is the USB stick mounted? "
+            f"Mount it, or create the directory (mkdir -p {path}), then restart lightningd"
+        )
+    if not os.path.isdir(path):
+        raise DestinationError(f"pibackup-destination {path} is not a directory; point it at a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        hint = "remount it read-write or replace the stick" if read_only_fs(path) else "fix its owner or permissions"
+        raise DestinationError(f"pibackup-destination {path} is not writable by this user ({_user()}); {hint}")
+    # A first start that crashed midway leaves PIBACKUP.tmp, or the lock directory alone.
+    entries = set(os.listdir(path)) - {MARKER + ".tmp", LOCK_DIR}
+    if MARKER in entries:
+        for name in sorted(entries | {LOCK_DIR}):
+            if (name in (MARKER, LOCK_DIR) or _GEN.match(name)) and os.path.islink(os.path.join(path, name)):
+                raise _link_error(os.path.join(path, name))
+        check_marker(path)
+        return
+    refuse_foreign(path)
+    foreign = sorted(e for e in entries - FS_ARTIFACTS)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise DestinationError(
+            f"pibackup-destination {path} holds files that are not pibackup's ({shown}); "
+            f"use an empty directory, e.g. {os.path.join(path, 'pibackup')}"
+        )
+
+
+def _link_error(path: str) -> DestinationError:
+    return DestinationError(
+        f"{path} is a symbolic link (to {os.readlink(path)}); pibackup never follows links inside its backup "
+        "directory, which could lead its writes or reads elsewhere. Replace the link with the real directory or file"
+    )
+
+
+def _remove_tree(path: str) -> None:
+    """rmtree, retried: the compaction process of a plugin that was just killed may still be
+    finishing a write into this directory when the next plugin starts."""
+    for attempt in range(20):
+        try:
+            shutil.rmtree(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if attempt == 19:
+                raise
+            time.sleep(0.1)
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.geteuid())
+
+
+def writer_running(path: str) -> bool:
+    """Does a plugin hold the writer's lock on this backup directory right now?
+
+    Asked by root or the backup's owner (restore, status). A backup whose writer never ran
+    this release has no lock directory: its writer (an earlier release) locks the marker.
+    A user who cannot open the lock directory cannot tell: the answer is then yes, so that
+    a restore never replaces a database a running node may be using."""
+    lock_dir = os.path.join(path, LOCK_DIR)
+    if not os.path.lexists(lock_dir):
+        return _locked(os.path.join(path, MARKER))
+    return _locked(lock_dir)
+
+
+def _locked(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # a directory too
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def refuse_foreign(path: str) -> List[str]:
+    """Raise DestinationError when anything in `path` belongs to another user; return the
+    warnings (directories others can write to)."""
+    problems = access_problems(path)
+    bad = [p for p in problems if p.foreign]
+    if bad:
+        more = f" ({len(bad) - 1} more entries belong to other users)" if len(bad) > 1 else ""
+        raise DestinationError(bad[0].message + more)
+    return [p.message for p in problems]
+
+
+class Destination:
+    """A local backup directory. The writer holds an flock on DEST/PIBACKUP.lock while it runs."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock_fd = -1
+
+    # --- reading -------------------------------------------------------------
+    def generations(self) -> List[Generation]:
+        """Complete generations, oldest first. `.partial` directories are never listed, nor
+        one another user owns (access_problems: refused before, ignored if planted since)."""
+        out = []
+        trusted = {os.stat(self.path).st_uid, 0}
+        for name in sorted(os.listdir(self.path)):
+            m = _GEN.match(name)
+            if not m:
+                continue
+            gpath = os.path.join(self.path, name)
+            st = os.lstat(gpath)
+            if stat.S_ISLNK(st.st_mode):
+                raise _link_error(gpath)
+            if st.st_uid not in trusted:
+                continue
+            files = sorted(os.listdir(gpath))
+            for f in files:
+                if _SNAP.match(f) or _SEG.match(f):
+                    fst = os.lstat(os.path.join(gpath, f))
+                    if stat.S_ISLNK(fst.st_mode):
+                        raise _link_error(os.path.join(gpath, f))
+                    if fst.st_uid not in trusted:
+                        # Never read past it, nor drop it: a generation without its newest
+                        # segment would restore an older state without a word.
+                        refuse_foreign(self.path)
+            snaps = [f for f in files if _SNAP.match(f)]
+            segs = [os.path.join(gpath, f) for f in files if _SEG.match(f)]
+            out.append(Generation(int(m.group(1)), gpath, [os.path.join(gpath, f) for f in snaps], segs))
+        return out
+
+    def newest(self) -> Optional[Generation]:
+        gens = self.generations()
+        return gens[-1] if gens else None
+
+    # --- writing -------------------------------------------------------------
+    def prepare(self) -> None:
+        """Write the marker on first use and take the writer's lock.
+
+        A backup an earlier release wrote (marker 0644, no lock directory) is taken over as
+        it is: the marker is made 0600 and the lock directory created."""
+        marker = os.path.join(self.path, MARKER)
+        if not os.path.exists(marker):
+            write_text_durably(marker, MARKER_TEXT)  # its .tmp replaced if a first start crashed after creating it
+        private(marker, 0o600)
+        lock_dir = os.path.join(self.path, LOCK_DIR)
+        try:
+            os.mkdir(lock_dir, 0o700)
+        except FileExistsError:
+            if os.path.islink(lock_dir) or not os.path.isdir(lock_dir):
+                raise DestinationError(
+                    f"{lock_dir} is pibackup's lock directory, but it is not a directory; remove it and restart lightningd"
+                ) from None
+        private(lock_dir, 0o700)
+        refuse_foreign(self.path)  # also what this start just created: files of a user the directory is not owned by
+        fd = os.open(lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise DestinationError(
+                    f"{self.path} is being written by another pibackup (another lightningd?); "
+                    "give each node its own pibackup-destination"
+                ) from e
+            raise
+        self._lock_fd = fd
+        self.remove_partials()
+
+    def remove_partials(self) -> None:
+        """A `.partial` generation, or a `.tmp` segment, never acknowledged anything: drop them.
+        A `.deleted` generation is one retention had begun to delete: finish that."""
+        for name in os.listdir(self.path):
+            if _PARTIAL.match(name) or _DELETED.match(name):
+                _remove_tree(os.path.join(self.path, name))
+        fsync_dir(self.path)
+        newest = self.newest()
+        if newest is not None:
+            for name in os.listdir(newest.path):
+                if name.endswith(".tmp"):
+                    os.unlink(os.path.join(newest.path, name))
+
+    def next_generation_number(self) -> int:
+        gens = self.generations()
+        return gens[-1].number + 1 if gens else 1
+
+    def begin_generation(self, number: int) -> str:
+        path = os.path.join(self.path, generation_dirname(number) + ".partial")
+        os.mkdir(path, 0o700)
+        return path
+
+    def commit_generation(self, partial: str, dir_synced: bool = False) -> str:
+        """Make a fully written and synced `.partial` generation visible, atomically.
+        `dir_synced`: the caller synced the directory after its last change."""
+        if not dir_synced:
+            fsync_dir(partial)
+        final = partial[: -len(".partial")]
+        fault_point("generation-rename", partial)
+        os.rename(partial, final)
+        fault_point("generation-renamed", self.path)
+        fsync_dir(self.path)
+        return final
+
+    def delete_generation(self, gen: Generation) -> None:
+        """Retention: rename to `.deleted` first (atomic: readers stop seeing it at once, and
+        a crash halfway through the removal never leaves a half-deleted `gen-NNNNNN`), then
+        remove it."""
+        doomed = gen.path + ".deleted"
+        os.rename(gen.path, doomed)
+        fsync_dir(self.path)
+        shutil.rmtree(doomed)
+        fsync_dir(self.path)
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
