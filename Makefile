@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# xfsprogs, btrfs-progs, exfatprogs, exfat-fuse: tests/test_filesystems.py's sticks (mkfs, and exFAT through FUSE)
+# xfsprogs, btrfs-progs, exfatprogs, exfat-fuse: tests/e2e/test_filesystems.py's sticks (mkfs, and exFAT through FUSE)
 APT_PACKAGES = python3 python3-venv python3-pip sqlite3 make strace xz-utils e2fsprogs util-linux rsync openssh-client openssh-server \
 	xfsprogs btrfs-progs exfatprogs exfat-fuse
 # `make deb` and `make test-deb`: Debian's package tools, lintian, and debootstrap for the test chroot.
@@ -36,12 +36,12 @@ test: lint
 # The large runs: >= 500 SIGKILLs of the plugin per recording; every crash state of trace A
 # (tests/crashstates.py), with its figures.
 test-long:
-	PIBACKUP_KILL_POINTS=500 $(PY) -m pytest -q -s -k sigkill tests/test_traces.py tests/test_compact.py tests/test_replica.py
-	PIBACKUP_CORRUPTIONS=3000 $(PY) -m pytest -q -s tests/test_corruption.py
-	$(PY) -m pytest -q -s -m long tests/test_crashstates.py
+	PIBACKUP_KILL_POINTS=500 $(PY) -m pytest -q -s -k sigkill tests/e2e/test_traces.py tests/e2e/test_compact.py tests/e2e/test_replica.py
+	PIBACKUP_CORRUPTIONS=3000 $(PY) -m pytest -q -s tests/crash/test_corruption.py
+	$(PY) -m pytest -q -s -m long tests/crash/test_crashstates.py
 
 # docs/guide/options.md is generated from the options table (pibackup/app/options.py);
-# tests/test_docs.py fails when the two differ.
+# tests/unit/test_docs.py fails when the two differ.
 docs:
 	$(PY) -m pibackup.app.options docs/guide/options.md
 

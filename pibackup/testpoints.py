@@ -7,7 +7,7 @@ import os
 import signal
 
 # A test can make the plugin or its child SIGKILL itself at one named step, to prove every
-# step crash-safe (tests/test_compact.py); unset in production.
+# step crash-safe (tests/e2e/test_compact.py); unset in production.
 CRASH_ENV = "PIBACKUP_TEST_CRASH"
 
 

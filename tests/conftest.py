@@ -14,8 +14,6 @@ import driver  # noqa: E402
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "long: the large runs of `make test-long`")
-    if not driver.TRACES.is_dir():
-        raise pytest.UsageError(f"recordings not found at {driver.TRACES}; set PIBACKUP_TRACES")
 
 
 @pytest.fixture
@@ -46,6 +44,10 @@ def make_node(tmp_path: Path, dest: Path) -> Iterator[Callable[..., driver.Node]
 
 @pytest.fixture(scope="session")
 def traces() -> dict:
+    # Without the recordings only the tests that replay them are skipped (tests/unit needs none);
+    # the tests parametrized over driver.trace_names() collect to an empty set.
+    if not driver.TRACES.is_dir():
+        pytest.skip(f"recordings not found at {driver.TRACES}; set PIBACKUP_TRACES")
     return {name: driver.load_trace(name) for name in driver.trace_names()}
 
 

@@ -208,7 +208,7 @@ def _cell(text: str) -> str:
 
 
 def options_page() -> str:
-    """docs/guide/options.md, as `make docs` writes it and tests/test_docs.py expects it."""
+    """docs/guide/options.md, as `make docs` writes it and tests/unit/test_docs.py expects it."""
     lines = [
         "# Options",
         "",

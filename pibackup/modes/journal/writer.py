@@ -486,7 +486,7 @@ class Backup:
         a device number, so another stick at the path always differs. st_ino is sound even
         where the file system invents inode numbers (FAT, exFAT, FUSE), which change only
         when the kernel forgets the inode: the lock directory held open in it pins this
-        directory (tests/test_filesystems.py drops the caches under a replay on exFAT)."""
+        directory (tests/e2e/test_filesystems.py drops the caches under a replay on exFAT)."""
         if self._dest_id is None:
             return
         try:

@@ -10,7 +10,7 @@ import pytest
 
 from pibackup.app.options import BY_NAME, options_page
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OPTIONS_PAGE = ROOT / "docs" / "guide" / "options.md"
 MAN_PAGE = ROOT / "packaging" / "man" / "pibackup.1"
 

@@ -12,7 +12,7 @@ import pytest
 import dbcompare
 from helpers import cli, restore_to
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "backups-format1.tar.xz"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "backups-format1.tar.xz"
 
 
 @pytest.fixture
