@@ -18,7 +18,7 @@ from typing import Any, Callable, List, Optional
 from . import __version__, stickcheck
 from .config import SHIP_PORT_DEFAULT, ConfigError, _int
 from .crypt import key_id, write_key_file
-from .destination import writer_running
+from .destination import refuse_foreign, writer_running
 from .errors import PibackupError
 from .remote import MAX_FILE_DEFAULT, CopyReport, Terminated, older_than_records, readable_copy
 from .replica import is_replica_backup, restore_replica, verify_replica
@@ -194,6 +194,7 @@ def _restore(args: argparse.Namespace) -> int:
     with copy as report:
         src = report.root
         _copy_notes(report)
+        _access_warnings(src)
         if is_replica_backup(src):
             return _restore_replica(src, args)
         out = restore(
@@ -274,7 +275,14 @@ def rescan_advice(height: Optional[int]) -> str:
     )
 
 
+def _access_warnings(backup_dir: str) -> None:
+    """Refuse a backup holding another user's files; say who else can change it."""
+    for w in refuse_foreign(backup_dir):
+        print(f"pibackup: WARNING: {w}", file=sys.stderr)
+
+
 def _status(args: argparse.Namespace) -> int:
+    _access_warnings(args.backup_dir)
     if is_replica_backup(args.backup_dir):
         lines, damaged = verify_replica(args.backup_dir)
         print(f"backup directory {os.path.abspath(args.backup_dir)} (replica mode): {'DAMAGED' if damaged else 'ok'}")
@@ -312,6 +320,7 @@ def _verify(args: argparse.Namespace) -> int:
     with copy as report:
         src = report.root
         _copy_notes(report)
+        _access_warnings(src)
         if is_replica_backup(src):
             lines, damaged = verify_replica(src)
             for line in lines:
