@@ -24,7 +24,7 @@ from pibackup.copies.ship import ShipError, check_local_file
 from pibackup.errors import PibackupError
 from pibackup.modes.journal.restore import Outcome, check_output, offline_status, restore, verify
 from pibackup.modes.replica.writer import is_replica_backup, restore_replica, verify_replica
-from pibackup.store.directory import writer_running
+from pibackup.store.directory import refuse_foreign, writer_running
 
 
 def _checked(check: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -195,6 +195,7 @@ def _restore(args: argparse.Namespace) -> int:
     with copy as report:
         src = report.root
         _copy_notes(report)
+        _access_warnings(src)
         if is_replica_backup(src):
             return _restore_replica(src, args)
         out = restore(
@@ -275,7 +276,14 @@ def rescan_advice(height: Optional[int]) -> str:
     )
 
 
+def _access_warnings(backup_dir: str) -> None:
+    """Refuse a backup holding another user's files; say who else can change it."""
+    for w in refuse_foreign(backup_dir):
+        print(f"pibackup: WARNING: {w}", file=sys.stderr)
+
+
 def _status(args: argparse.Namespace) -> int:
+    _access_warnings(args.backup_dir)
     if is_replica_backup(args.backup_dir):
         lines, damaged = verify_replica(args.backup_dir)
         print(f"backup directory {os.path.abspath(args.backup_dir)} (replica mode): {'DAMAGED' if damaged else 'ok'}")
@@ -313,6 +321,7 @@ def _verify(args: argparse.Namespace) -> int:
     with copy as report:
         src = report.root
         _copy_notes(report)
+        _access_warnings(src)
         if is_replica_backup(src):
             lines, damaged = verify_replica(src)
             for line in lines:

@@ -190,7 +190,8 @@ def check(directory: str, live_db: Optional[str] = None, samples: int = SYNC_SAM
     )
     if fstype in FAT_LIKE:
         rep.warnings.append(
-            f"{directory} is on {fstype} (FAT32 or exFAT keep no owners or modes, and a rename is not atomic "
+            f"{directory} is on {fstype}{' (exFAT or NTFS through FUSE)' if fstype == 'fuseblk' else ''} (FAT32 and exFAT "
+            "keep no owners or modes, and a rename is not atomic "
             "across a power cut): make the stick ext4 (mkfs.ext4 -L PIBACKUP), see docs/guide/sticks.md"
         )
     if m is not None and "ro" in m.options:

@@ -95,7 +95,7 @@ def test_report_on_a_loop_mounted_stick(fstype, tmp_path, fstab):
         assert str(f["medium"]).startswith("loop") and f["medium"] != f["live_db_medium"]
         assert not any("same medium" in w for w in rep.warnings)
         assert any("has no nofail" in w for w in rep.warnings), rep.warnings
-        fat = [w for w in rep.warnings if "FAT32 or exFAT" in w]
+        fat = [w for w in rep.warnings if "FAT32 and exFAT" in w]
         assert bool(fat) == (fstype == "exfat"), rep.warnings
         assert int(f["free_bytes"]) > 0  # type: ignore[call-overload]
         # With nofail, an ext4 stick has nothing to warn about but (perhaps) its speed.

@@ -639,6 +639,7 @@ class ReplicaOutcome:
 
 
 def newest_replica(backup_dir: str) -> str:
+    dst.refuse_foreign(backup_dir)  # as a journal backup: nothing another user planted is restored
     dirs = replica_dirs(backup_dir)
     if not dirs:
         raise RestoreError(f"{backup_dir} holds no complete replica yet")
@@ -715,6 +716,7 @@ def restore_replica(backup_dir: str, output: str, force: bool = False) -> Replic
 
 
 def verify_replica(backup_dir: str) -> Tuple[List[str], bool]:
+    dst.refuse_foreign(backup_dir)
     lines: List[str] = []
     damaged = False
     for _, path in replica_dirs(backup_dir):
