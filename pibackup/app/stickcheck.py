@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from pibackup.store.medium import medium, mount_of, unescape
+
 # File systems that keep no owners or modes and whose rename is not atomic across a power
 # cut: docs/guide/sticks.md. fuseblk is what exfat-fuse and ntfs-3g mount as.
 FAT_LIKE = {"vfat", "msdos", "fat", "exfat", "fuseblk", "fuse.exfat", "fuse.exfat-fuse"}
@@ -30,78 +32,6 @@ LIVE_DB_GLOBS = (
 )
 
 
-@dataclass
-class Mount:
-    point: str
-    source: str
-    fstype: str
-    options: List[str]  # per-mount and per-superblock options together
-    dev: str  # "major:minor" as mountinfo gives it
-
-
-def _unescape(s: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    for esc, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        s = s.replace(esc, ch)
-    return s
-
-
-def mount_of(path: str, mountinfo: str = "/proc/self/mountinfo") -> Optional[Mount]:
-    """The mount that holds `path`: the longest mount point above it, the last one mounted
-    there when several are stacked."""
-    real = os.path.realpath(path)
-    best: Optional[Mount] = None
-    try:
-        with open(mountinfo, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        a, b = left.split(), right.split()
-        if not sep or len(a) < 6 or len(b) < 2:
-            continue
-        point = _unescape(a[4])
-        if not (real == point or real.startswith(point.rstrip("/") + "/")):
-            continue
-        if best is None or len(point) >= len(best.point):
-            options = list(dict.fromkeys(a[5].split(",") + (b[2].split(",") if len(b) > 2 else [])))
-            best = Mount(point, _unescape(b[1]), b[0], options, a[2])
-    return best
-
-
-def _whole_disk(major: int, minor: int) -> Optional[str]:
-    """The disk a block device belongs to (sda for sda1, mmcblk0 for mmcblk0p2), from sysfs."""
-    link = f"/sys/dev/block/{major}:{minor}"
-    if not os.path.exists(link):
-        return None
-    real = os.path.realpath(link)
-    if os.path.exists(os.path.join(real, "partition")):
-        real = os.path.dirname(real)
-    return os.path.basename(real)
-
-
-def medium(path: str) -> str:
-    """A name for the physical medium under `path`: two partitions of one stick, or two btrfs
-    subvolumes (each its own st_dev), are one medium. A file system on no block device
-    (tmpfs, a network mount) is a medium of its own, named by its st_dev."""
-    st = os.stat(path)
-    m = mount_of(path)
-    candidates = []
-    if m is not None and m.source.startswith("/dev/"):
-        try:
-            src = os.stat(m.source)
-            candidates.append((os.major(src.st_rdev), os.minor(src.st_rdev)))
-        except OSError:
-            pass
-    candidates.append((os.major(st.st_dev), os.minor(st.st_dev)))
-    for major, minor in candidates:
-        disk = _whole_disk(major, minor)
-        if disk is not None:
-            return disk
-    return f"device {os.major(st.st_dev)}:{os.minor(st.st_dev)}"
-
-
 def fstab_options(point: str, fstab: str = "/etc/fstab") -> Optional[List[str]]:
     """The options of the /etc/fstab line that mounts at `point`, or None without one."""
     try:
@@ -111,7 +41,7 @@ def fstab_options(point: str, fstab: str = "/etc/fstab") -> Optional[List[str]]:
         return None
     for line in lines:
         fields = line.split("#", 1)[0].split()
-        if len(fields) >= 4 and _unescape(fields[1]).rstrip("/") == point.rstrip("/"):
+        if len(fields) >= 4 and unescape(fields[1]).rstrip("/") == point.rstrip("/"):
             return fields[3].split(",")
     return None
 

@@ -20,11 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from pibackup.app.stickcheck import medium
 from pibackup.errors import PibackupError
 from pibackup.modes.api import Call, Log
 from pibackup.modes.journal.writer import Backup
 from pibackup.store import directory as dst
+from pibackup.store.medium import medium
 
 HALT, CONTINUE_DEGRADED = "halt", "continue-degraded"
 POLICIES = (HALT, CONTINUE_DEGRADED)

@@ -30,7 +30,6 @@ LAYERS: Dict[str, int] = {
 }
 
 KNOWN_VIOLATIONS: Set[str] = {
-    "pibackup.fanout.destinations -> pibackup.app.stickcheck",
     "pibackup.fanout.destinations -> pibackup.modes.journal.writer",
     "pibackup.modes.journal.writer -> pibackup.compaction.compact",
     "pibackup.modes.replica.writer -> pibackup.modes.journal.restore",
