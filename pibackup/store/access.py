@@ -13,8 +13,7 @@ import stat
 from dataclasses import dataclass
 from typing import List
 
-# What file systems put at the root of a stick; harmless next to a backup.
-FS_ARTIFACTS = {"lost+found", "System Volume Information", ".Trashes", ".fseventsd", ".Spotlight-V100"}
+from pibackup.store.layout import FS_ARTIFACTS
 
 
 def read_only_fs(path: str) -> bool:

@@ -12,6 +12,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from pibackup.errors import PibackupError
 from pibackup.store.directory import Generation
 from pibackup.store.journal import HEADER_SIZE, KIND_INFO, Frame, JournalError, SegmentHeader, SegmentReader, decode_header
+from pibackup.store.layout import snapshot_filename
 
 _ZERO_SHA = b"\0" * 32
 
@@ -57,7 +58,7 @@ def check_header(gen: Generation, header: SegmentHeader, index: int, first: Opti
         has_snap = header.snapshot_sha256 != _ZERO_SHA
         if has_snap != (gen.snapshot is not None):
             raise DamageError(f"{gen.path}: snapshot file and segment header disagree (missing snapshot?)", path, 0)
-        if gen.snapshot is not None and not gen.snapshot.endswith(f"snapshot-v{header.base_version}.sqlite3"):
+        if gen.snapshot is not None and not gen.snapshot.endswith(snapshot_filename(header.base_version)):
             raise DamageError(f"{gen.snapshot}: name does not match the base data_version {header.base_version}", path, 0)
     if len(gen.snapshots) > 1:
         raise DamageError(f"{gen.path}: more than one snapshot file", gen.path, None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
 import shutil
 import stat
 import time
@@ -17,22 +16,33 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from pibackup.errors import PibackupError
-from pibackup.store.access import FS_ARTIFACTS, access_problems, private, read_only_fs
+from pibackup.store.access import access_problems, private, read_only_fs
 from pibackup.store.journal import fsync_dir
+from pibackup.store.layout import (  # noqa: F401  (names others' files read here: moved: removed in the sweep)
+    DAMAGE_MARK,
+    DELETED_GENERATION_RE,
+    DELETED_SUFFIX,
+    FS_ARTIFACTS,
+    GENERATION_RE,
+    LOCK_DIR,
+    MARKER,
+    MARKER_TMP,
+    PARTIAL_GENERATION_RE,
+    PARTIAL_SUFFIX,
+    SEGMENT_RE,
+    SNAPSHOT_RE,
+    TMP_SUFFIX,
+    generation_dirname,
+    segment_filename,
+    snapshot_filename,
+)
 from pibackup.testpoints import fault_point
 
-MARKER = "PIBACKUP"
 MARKER_TEXT = "pibackup backup directory\nformat 1\n"
-# The writer's lock is an flock on a 0700 directory of its own, which no other user can
-# open: a lock on a file any local user can open (the marker, as earlier releases had it)
-# let any of them hold it and halt the node. The directory itself, not a file in it: one
-# inode, and nothing in it for copies and checks to meet.
-LOCK_DIR = "PIBACKUP.lock"
-_GEN = re.compile(r"^gen-(\d{6})$")
-_PARTIAL = re.compile(r"^gen-(\d{6})\.partial$")
-_DELETED = re.compile(r"^gen-(\d{6})\.deleted$")
-_SEG = re.compile(r"^seg-(\d{6})\.pbj$")
-_SNAP = re.compile(r"^snapshot-v(\d+)\.sqlite3$")
+# moved: removed in the sweep (others' files read these names through this module)
+_GEN = GENERATION_RE
+_SEG = SEGMENT_RE
+_SNAP = SNAPSHOT_RE
 
 
 class DestinationError(PibackupError):
@@ -55,21 +65,6 @@ class Generation:
         return os.path.basename(self.path)
 
 
-def generation_dirname(number: int) -> str:
-    return f"gen-{number:06d}"
-
-
-def segment_filename(number: int) -> str:
-    return f"seg-{number:06d}.pbj"
-
-
-def snapshot_filename(version: int) -> str:
-    return f"snapshot-v{version}.sqlite3"
-
-
-DAMAGE_MARK = "DAMAGED"  # in a generation directory: a writer found it damaged (FORMAT.md)
-
-
 def damage_mark(gen_path: str) -> Optional[str]:
     """What the writer that found generation `gen_path` damaged wrote, or None."""
     try:
@@ -82,7 +77,7 @@ def damage_mark(gen_path: str) -> Optional[str]:
 def write_text_durably(path: str, text: str) -> None:
     """PATH.tmp written and synced, renamed to PATH, the directory synced: PATH is either
     absent or whole, after any crash (a leftover PATH.tmp is simply written again)."""
-    tmp = path + ".tmp"
+    tmp = path + TMP_SUFFIX
     try:
         os.unlink(tmp)  # a leftover: created anew below, so it is never someone else's file or link
     except FileNotFoundError:
@@ -145,10 +140,10 @@ def validate(path: Optional[str]) -> None:
         hint = "remount it read-write or replace the stick" if read_only_fs(path) else "fix its owner or permissions"
         raise DestinationError(f"pibackup-destination {path} is not writable by this user ({_user()}); {hint}")
     # A first start that crashed midway leaves PIBACKUP.tmp, or the lock directory alone.
-    entries = set(os.listdir(path)) - {MARKER + ".tmp", LOCK_DIR}
+    entries = set(os.listdir(path)) - {MARKER_TMP, LOCK_DIR}
     if MARKER in entries:
         for name in sorted(entries | {LOCK_DIR}):
-            if (name in (MARKER, LOCK_DIR) or _GEN.match(name)) and os.path.islink(os.path.join(path, name)):
+            if (name in (MARKER, LOCK_DIR) or GENERATION_RE.match(name)) and os.path.islink(os.path.join(path, name)):
                 raise _link_error(os.path.join(path, name))
         check_marker(path)
         return
@@ -247,7 +242,7 @@ class Destination:
         out = []
         trusted = {os.stat(self.path).st_uid, 0}
         for name in sorted(os.listdir(self.path)):
-            m = _GEN.match(name)
+            m = GENERATION_RE.match(name)
             if not m:
                 continue
             gpath = os.path.join(self.path, name)
@@ -258,7 +253,7 @@ class Destination:
                 continue
             files = sorted(os.listdir(gpath))
             for f in files:
-                if _SNAP.match(f) or _SEG.match(f):
+                if SNAPSHOT_RE.match(f) or SEGMENT_RE.match(f):
                     fst = os.lstat(os.path.join(gpath, f))
                     if stat.S_ISLNK(fst.st_mode):
                         raise _link_error(os.path.join(gpath, f))
@@ -266,8 +261,8 @@ class Destination:
                         # Never read past it, nor drop it: a generation without its newest
                         # segment would restore an older state without a word.
                         refuse_foreign(self.path)
-            snaps = [f for f in files if _SNAP.match(f)]
-            segs = [os.path.join(gpath, f) for f in files if _SEG.match(f)]
+            snaps = [f for f in files if SNAPSHOT_RE.match(f)]
+            segs = [os.path.join(gpath, f) for f in files if SEGMENT_RE.match(f)]
             out.append(Generation(int(m.group(1)), gpath, [os.path.join(gpath, f) for f in snaps], segs))
         return out
 
@@ -313,13 +308,13 @@ class Destination:
         """A `.partial` generation, or a `.tmp` segment, never acknowledged anything: drop them.
         A `.deleted` generation is one retention had begun to delete: finish that."""
         for name in os.listdir(self.path):
-            if _PARTIAL.match(name) or _DELETED.match(name):
+            if PARTIAL_GENERATION_RE.match(name) or DELETED_GENERATION_RE.match(name):
                 _remove_tree(os.path.join(self.path, name))
         fsync_dir(self.path)
         newest = self.newest()
         if newest is not None:
             for name in os.listdir(newest.path):
-                if name.endswith(".tmp"):
+                if name.endswith(TMP_SUFFIX):
                     os.unlink(os.path.join(newest.path, name))
 
     def next_generation_number(self) -> int:
@@ -327,7 +322,7 @@ class Destination:
         return gens[-1].number + 1 if gens else 1
 
     def begin_generation(self, number: int) -> str:
-        path = os.path.join(self.path, generation_dirname(number) + ".partial")
+        path = os.path.join(self.path, generation_dirname(number) + PARTIAL_SUFFIX)
         os.mkdir(path, 0o700)
         return path
 
@@ -336,7 +331,7 @@ class Destination:
         `dir_synced`: the caller synced the directory after its last change."""
         if not dir_synced:
             fsync_dir(partial)
-        final = partial[: -len(".partial")]
+        final = partial[: -len(PARTIAL_SUFFIX)]
         fault_point("generation-rename", partial)
         os.rename(partial, final)
         fault_point("generation-renamed", self.path)
@@ -347,7 +342,7 @@ class Destination:
         """Retention: rename to `.deleted` first (atomic: readers stop seeing it at once, and
         a crash halfway through the removal never leaves a half-deleted `gen-NNNNNN`), then
         remove it."""
-        doomed = gen.path + ".deleted"
+        doomed = gen.path + DELETED_SUFFIX
         os.rename(gen.path, doomed)
         fsync_dir(self.path)
         shutil.rmtree(doomed)

@@ -13,6 +13,7 @@ from typing import Iterable
 
 from pibackup.errors import PibackupError
 from pibackup.store.journal import fsync_dir, fsync_file
+from pibackup.store.layout import SNAPSHOT_TMP, snapshot_filename
 
 _CHUNK = 1 << 20
 
@@ -76,7 +77,7 @@ def take_snapshot(live_db: str, directory: str, strip: Iterable[str] = (), busy_
     Returns (path, data_version, sha256). lightningd is blocked on us whenever this runs
     (at init, or inside a hook call), so the copy cannot race a commit.
     """
-    tmp = os.path.join(directory, "snapshot.tmp")
+    tmp = os.path.join(directory, SNAPSHOT_TMP)
     os.close(private_file(tmp))  # the backup API then writes into this file, keeping its mode
     try:
         src = connect_readonly(live_db, busy_timeout)
@@ -106,7 +107,7 @@ def take_snapshot(live_db: str, directory: str, strip: Iterable[str] = (), busy_
         raise SnapshotError(f"snapshot of {live_db} failed: {e}") from e
     fsync_file(tmp)
     digest = sha256_file(tmp)
-    final = os.path.join(directory, f"snapshot-v{version}.sqlite3")
+    final = os.path.join(directory, snapshot_filename(version))
     os.rename(tmp, final)
     fsync_dir(directory)
     return final, version, digest
