@@ -786,12 +786,17 @@ def test_a_damage_report_only_affects_the_generation_still_written(traces, tmp_p
     assert b.damaged is None and not (d / "gen-000007").exists()
     b.mark_damaged(gen, "bit rot")
     assert b.damaged == "bit rot" and (Path(gen) / "DAMAGED").read_text() == "bit rot\n"
+    assert b.warnings() == [
+        f"the backup in {d} is damaged (bit rot); a new generation is started from a snapshot of "
+        "the live database at lightningd's next database write"
+    ]
     with pytest.raises(BehindError):
         b.write(recs[30].data_version, list(recs[30].writes))
     assert b.damaged == "bit rot" and b.generation == gen
     b.write(recs[60].data_version, list(recs[60].writes))
     live.commit(recs[60].writes)
     assert b.damaged is None and b.generation != gen and b.base_version == recs[59].data_version
+    assert b.warnings() == []
     assert any("replacing the damaged gen-000001" in m for m in logs), logs
     b.close()
     live.close()

@@ -16,7 +16,7 @@ from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 from pibackup import __version__
 from pibackup.compaction.compact import CompactionError, Compactor, Superseded
 from pibackup.errors import PibackupError
-from pibackup.modes.api import BehindError, Call, Counters, Log
+from pibackup.modes.api import BehindError, Call, CompactAnswer, Counters, Log
 from pibackup.rules import filter as flt
 from pibackup.rules.replayguard import check_call
 from pibackup.rules.sequence import Action, classify, is_pragma_only, reconcile
@@ -668,6 +668,38 @@ class Backup:
             self._reserved = None
             self.log(f"switched from {os.path.basename(src or '')} to {os.path.basename(final)}", "debug")
             return final
+
+    def warnings(self) -> List[str]:
+        """What status, systemd and the LED warn of for this destination (the fan-out adds its own)."""
+        out: List[str] = []
+        if self.roll_failed:
+            out.append(
+                f"cannot start a new journal segment in {self.destination}: the current one grows past "
+                "pibackup-segment-size until it can (see the log for the cause)"
+            )
+        damaged = self.damaged
+        if damaged:
+            out.append(
+                f"the backup in {self.destination} is damaged ({damaged}); a new generation is started from a snapshot of "
+                "the live database at lightningd's next database write"
+            )
+        return out
+
+    def compact(self) -> CompactAnswer:
+        """`lightning-cli pibackup-compact` for this destination: start a compaction in the background."""
+        if self.compactor is None:
+            return CompactAnswer("refused", "automatic compaction and retention are off for this destination")
+        damaged = self.damaged
+        outcome = self.compactor.request()
+        if outcome == "started":
+            return CompactAnswer("started")
+        if outcome == "already running":
+            return CompactAnswer("already running")
+        damaged = self.damaged or damaged
+        reason = ""
+        if damaged:
+            reason = f"the current generation is damaged ({damaged}); lightningd's next write replaces it from the live DB"
+        return CompactAnswer("refused", reason)
 
     def generation_number(self) -> Optional[int]:
         g = self.generation
