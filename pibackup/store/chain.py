@@ -9,21 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
+# DamageError lives in errors; others still import it from here. moved: removed in the sweep
+from pibackup.errors import DamageError as DamageError
 from pibackup.errors import PibackupError
 from pibackup.store.directory import Generation
 from pibackup.store.journal import HEADER_SIZE, KIND_INFO, Frame, JournalError, SegmentHeader, SegmentReader, decode_header
 from pibackup.store.layout import snapshot_filename
 
 _ZERO_SHA = b"\0" * 32
-
-
-class DamageError(PibackupError):
-    """Damaged backup data; `path` and `offset` say where."""
-
-    def __init__(self, message: str, path: str = "", offset: Optional[int] = None):
-        super().__init__(message)
-        self.path = path
-        self.offset = offset
 
 
 @dataclass
