@@ -17,7 +17,8 @@ from typing import List, Optional
 
 from pibackup.errors import PibackupError
 from pibackup.store.access import access_problems, private, read_only_fs
-from pibackup.store.journal import fsync_dir
+from pibackup.store.fsio import fsync_dir
+from pibackup.store.fsio import write_text_durably as write_text_durably  # moved: removed in the sweep
 from pibackup.store.layout import (  # noqa: F401  (names others' files read here: moved: removed in the sweep)
     DAMAGE_MARK,
     DELETED_GENERATION_RE,
@@ -72,23 +73,6 @@ def damage_mark(gen_path: str) -> Optional[str]:
             return f.read(4096).strip() or "damaged"
     except FileNotFoundError:
         return None
-
-
-def write_text_durably(path: str, text: str) -> None:
-    """PATH.tmp written and synced, renamed to PATH, the directory synced: PATH is either
-    absent or whole, after any crash (a leftover PATH.tmp is simply written again)."""
-    tmp = path + TMP_SUFFIX
-    try:
-        os.unlink(tmp)  # a leftover: created anew below, so it is never someone else's file or link
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with open(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-    fsync_dir(os.path.dirname(path))
 
 
 def write_damage_mark(gen_path: str, why: str) -> None:

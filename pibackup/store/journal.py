@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple
 
 from pibackup.errors import PibackupError
-from pibackup.testpoints import fault_point
+from pibackup.store.fsio import fsync_dir
+from pibackup.store.fsio import fsync_file as fsync_file  # moved: removed in the sweep
 
 SEGMENT_MAGIC = b"PIBKJRNL"
 FORMAT_VERSION = 1
@@ -581,23 +582,5 @@ def trim_zeros(path: str, length: int) -> bool:
     try:
         end = os.fstat(fd).st_size
         return end > length and _trim_fd(fd, length, end)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: str) -> None:
-    """Sync a file written by someone else (SQLite) through a descriptor of our own."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str) -> None:
-    fault_point("dirsync", path)
-    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)

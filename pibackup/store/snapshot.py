@@ -12,7 +12,8 @@ import urllib.parse
 from typing import Iterable
 
 from pibackup.errors import PibackupError
-from pibackup.store.journal import fsync_dir, fsync_file
+from pibackup.store.fsio import fsync_dir, fsync_file
+from pibackup.store.fsio import private_file as private_file  # moved: removed in the sweep
 from pibackup.store.layout import SNAPSHOT_TMP, snapshot_filename
 
 _CHUNK = 1 << 20
@@ -54,19 +55,6 @@ def sha256_file(path: str) -> bytes:
             if not b:
                 return h.digest()
             h.update(b)
-
-
-def private_file(path: str) -> int:
-    """Create (or empty) `path` readable and writable by its owner only, whatever the umask:
-    a database or snapshot holds the node's channel state. Returns its descriptor, open
-    for writing. SQLite creates a database's journal files with the database's mode."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def take_snapshot(live_db: str, directory: str, strip: Iterable[str] = (), busy_timeout: float = 5.0) -> tuple[str, int, bytes]:
