@@ -11,20 +11,19 @@ import os
 import signal
 import sqlite3
 import sys
-import time
 from types import FrameType
 from typing import Any, Callable, List, Optional
 
 from pibackup import __version__
 from pibackup.app import stickcheck
 from pibackup.app.config import SHIP_PORT_DEFAULT, ConfigError, _int
+from pibackup.app.modes import RestoreArgs, detect
 from pibackup.copies.crypt import key_id, write_key_file
 from pibackup.copies.remote import MAX_FILE_DEFAULT, CopyReport, Terminated, older_than_records, readable_copy
 from pibackup.copies.ship import ShipError, check_local_file
 from pibackup.errors import PibackupError
-from pibackup.modes.journal.restore import Outcome, check_output, offline_status, restore, verify
-from pibackup.modes.replica.writer import is_replica_backup, restore_replica, verify_replica
-from pibackup.store.directory import refuse_foreign, writer_running
+from pibackup.modes.journal.restore import Outcome, check_output
+from pibackup.store.directory import refuse_foreign
 
 
 def _checked(check: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -189,39 +188,25 @@ def _progress(out: Outcome, fraction: float, rate: float) -> None:
 def _restore(args: argparse.Namespace) -> int:
     tty = sys.stderr.isatty()  # progress for a person at a terminal, nothing in scripts and logs
     check_output(args.output, args.force)  # before fetching anything
-    copy = readable_copy(
-        args.backup_dir, args.output, args.key, args.ssh_port, args.ssh_identity, args.known_hosts, args.max_file_mb
-    )
+    copy = readable_copy(args.backup_dir, args.output, args.key, args.ssh_port, args.ssh_identity, args.known_hosts, args.max_file_mb)
     with copy as report:
         src = report.root
         _copy_notes(report)
         _access_warnings(src)
-        if is_replica_backup(src):
-            return _restore_replica(src, args)
-        out = restore(
-            src,
-            args.output,
-            force=args.force,
-            generation=args.generation,
-            partial=args.partial,
-            progress=_progress if tty else None,
-        )
+        what = RestoreArgs(args.force, args.generation, args.partial, _progress if tty else None)
+        out = detect(src).restore(src, args.output, what)
     if tty:
         sys.stderr.write("\r" + " " * 78 + "\r")
-    if out.torn_tail:
-        print(f"pibackup: note: {out.torn_tail}", file=sys.stderr)
-        print(f"pibackup: note: everything up to data_version {out.last_version} is restored", file=sys.stderr)
-    if out.damage:
-        print(f"pibackup: WARNING: {out.damage}", file=sys.stderr)
-        print(f"pibackup: WARNING: restored only up to data_version {out.last_version} (--partial)", file=sys.stderr)
-    print(
-        f"restored {args.output} at data_version {out.last_version} from {out.generation} "
-        f"(base {out.base_version}, {out.transactions} transactions replayed, {out.rewinds} rewound ones skipped)"
-    )
+    for note in out.notes:
+        print(f"pibackup: note: {note}", file=sys.stderr)
+    for warning in out.warnings:
+        print(f"pibackup: WARNING: {warning}", file=sys.stderr)
+    for line in out.lines:
+        print(line)
     if "utxoset" in out.filtered_tables:
         print(rescan_advice(out.rescan_from))
-    older = _copy_warnings(report, restoring=True)
-    return 1 if out.damage or older else 0
+    older = out.checks_copy and _copy_warnings(report, restoring=True)
+    return 1 if out.damaged or older else 0
 
 
 def _copy_notes(report: CopyReport) -> None:
@@ -253,16 +238,6 @@ def _copy_warnings(report: CopyReport, restoring: bool) -> bool:
     return True
 
 
-def _restore_replica(src: str, args: argparse.Namespace) -> int:
-    """pibackup-mode=replica: a verified copy of the replica (replica.py)."""
-    r = restore_replica(src, args.output, force=args.force)
-    how = ", its last transaction applied" if r.pending_applied else ""
-    print(f"restored {args.output} at data_version {r.last_version} from the replica {r.replica}{how}")
-    if "utxoset" in r.filtered_tables:
-        print(rescan_advice(r.rescan_from))
-    return 0
-
-
 def rescan_advice(height: Optional[int]) -> str:
     """What a node restored without its utxoset rows needs (README: Filtering)."""
     start = f"--rescan=-{height}" if height is not None else "--rescan=-<height of your oldest channel>"
@@ -284,28 +259,13 @@ def _access_warnings(backup_dir: str) -> None:
 
 def _status(args: argparse.Namespace) -> int:
     _access_warnings(args.backup_dir)
-    if is_replica_backup(args.backup_dir):
-        lines, damaged = verify_replica(args.backup_dir)
-        print(f"backup directory {os.path.abspath(args.backup_dir)} (replica mode): {'DAMAGED' if damaged else 'ok'}")
-        for line in lines:
-            print("  " + line)
-        print("a running pibackup is writing it" if writer_running(args.backup_dir) else "no pibackup is writing it now")
-        return 1 if damaged else 0
-    st = offline_status(args.backup_dir)
-    if args.json:
-        print(json.dumps(st, indent=2))
+    st = detect(args.backup_dir).offline_status(args.backup_dir)
+    if args.json and st.data is not None:
+        print(json.dumps(st.data, indent=2))
         return 0
-    print(f"backup directory {st['path']}: {st['state']}")
-    for g in st["generations"]:
-        base = f"snapshot at data_version {g['base_version']}" if g["snapshot"] else "empty database"
-        print(f"  {g['name']}: {base}, {g['segments']} segment(s), {g['bytes'] // 1024} KiB")
-    if st.get("last_data_version") is not None:
-        print(f"newest data_version: {st['last_data_version']}")
-    if st.get("last_write") is not None:
-        print(f"last write: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(st['last_write']))}")
-    print(f"free space: {st['free_bytes'] // (1024 * 1024)} MiB")
-    print("a running pibackup is writing it" if st["writer_running"] else "no pibackup is writing it now")
-    return 0
+    for line in st.lines:
+        print(line)
+    return 1 if st.failed else 0
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -322,15 +282,9 @@ def _verify(args: argparse.Namespace) -> int:
         src = report.root
         _copy_notes(report)
         _access_warnings(src)
-        if is_replica_backup(src):
-            lines, damaged = verify_replica(src)
-            for line in lines:
-                print(line)
-            print("DAMAGE FOUND" if damaged else "ok")
-            return 1 if damaged else 0
-        rep = verify(src)
-    for line in rep.lines:
-        print(line)
-    older = _copy_warnings(report, restoring=False)
+        rep = detect(src).verify(src)
+        for line in rep.lines:
+            print(line)
+        older = rep.checks_copy and _copy_warnings(report, restoring=False)
     print("DAMAGE FOUND" if rep.damaged else "OLDER THAN ITS RECORDS" if older else "ok")
     return 1 if rep.damaged or older else 0

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, cast
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
 from pibackup.app.config import Config, parse_options
 from pibackup.app.livedb import find_live_db
+from pibackup.app.modes import MODES
 from pibackup.app.status import REMINDER_SECONDS, Led, Reporter, StatusError, systemd_notifier
 from pibackup.errors import PibackupError
 from pibackup.fanout.destinations import Destinations
 from pibackup.modes.api import Call, Log
-from pibackup.modes.journal.writer import Backup
-from pibackup.modes.replica.writer import Replica
 
 if TYPE_CHECKING:
     from pibackup.copies.ship import Shipper
@@ -85,28 +84,14 @@ class HookHandler:
             self._start_reporter(cfg)
             lightning_dir = str(configuration.get("lightning-dir") or ".")
             live_db = find_live_db(cfg.live_db, lightning_dir)
-            c = cfg
             self.mode = cfg.mode
-
-            def make(path: str) -> Backup:
-                if c.mode == "replica":
-                    # A Replica has every part of Backup's interface that Destinations uses.
-                    return cast(Backup, Replica(path, live_db, self.log, filter_tables=c.filter_tables))
-                return Backup(
-                    path,
-                    live_db,
-                    self.log,
-                    segment_bytes=c.segment_bytes,
-                    filter_tables=c.filter_tables,
-                    batch_seconds=c.batch_seconds,
-                    batch_bytes=c.batch_bytes,
-                    preallocate=c.preallocate_bytes,
-                    compact_ratio=c.compact_ratio,
-                    compact_min_bytes=c.compact_min_bytes,
-                    keep_generations=c.keep_generations,
-                )
-
-            backup = Destinations(cfg.destinations or ("",), make, cfg.on_destination_failure, self.log)
+            mode, c = MODES[cfg.mode], cfg
+            backup = Destinations(
+                cfg.destinations or ("",),
+                lambda path: mode.make_writer(path, live_db, self.log, c),
+                cfg.on_destination_failure,
+                self.log,
+            )
             backup.start(self.early)
         except Exception as e:
             if isinstance(e, PibackupError):
@@ -188,19 +173,17 @@ class HookHandler:
         b = self.backup
         if self.failure is not None:
             return {"compaction": "refused", "reason": self.failure}
-        if self.mode == "replica":
-            return {"compaction": "refused", "reason": "pibackup-mode=replica: a replica never grows past the database"}
         if b is None:
             return {"compaction": "refused", "reason": "the backup has not started yet (no init from lightningd)"}
         # Each destination compacts its own backup.
-        started = {m.destination: m.compactor.request() for m in list(b.active) if m.compactor is not None}
+        answers = {m.destination: m.compact() for m in list(b.active)}
+        started = {d: a.outcome for d, a in answers.items()}
         first = next(iter(started.values()), "refused")
         generation = b.generation and b.generation.rsplit("/", 1)[-1]
         out: Dict[str, Any] = {"compaction": first, "destinations": started, "generation": generation}
-        refused = [m for m in list(b.active) if started.get(m.destination) == "refused"]
-        damaged = next((m.damaged for m in refused if getattr(m, "damaged", None)), None)
-        if damaged:
-            out["reason"] = f"the current generation is damaged ({damaged}); lightningd's next write replaces it from the live DB"
+        reason = next((a.reason for a in answers.values() if a.outcome == "refused" and a.reason), None)
+        if reason:
+            out["reason"] = reason
         return out
 
     def _start_reporter(self, cfg: Optional[Config]) -> None:

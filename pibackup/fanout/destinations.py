@@ -1,5 +1,6 @@
 """Several destinations (pibackup-destination given more than once): a USB stick and a second
-SD card, say. Each is a complete backup of its own, written by its own Backup.
+SD card, say. Each is a complete backup of its own, written by its own writer (a Writer of
+modes/api.py, whatever the mode).
 
 A transaction is acknowledged only once every destination in use has it as durably as the
 tiers promise (critical frames synced on all). The writes to the destinations run side by
@@ -21,8 +22,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from pibackup.errors import PibackupError
-from pibackup.modes.api import Call, Log
-from pibackup.modes.journal.writer import Backup
+from pibackup.modes.api import Call, Log, Writer
 from pibackup.store import directory as dst
 from pibackup.store.medium import medium
 
@@ -33,12 +33,12 @@ WRITE_DEADLINE = 30.0
 
 
 class Destinations:
-    def __init__(self, paths: Sequence[str], make: Callable[[str], Backup], policy: str, log: Log):
+    def __init__(self, paths: Sequence[str], make: Callable[[str], Writer], policy: str, log: Log):
         self.paths = list(paths)
         self.make = make
         self.policy = policy
         self.log = log
-        self.active: List[Backup] = []
+        self.active: List[Writer] = []
         self.dropped: Dict[str, str] = {}  # path -> why, in continue-degraded mode
         self._failure: Optional[str] = None
         self._pool = ThreadPoolExecutor(max_workers=2 * len(paths), thread_name_prefix="pibackup-dest") if len(paths) > 1 else None
@@ -47,9 +47,9 @@ class Destinations:
         self._usable: set = set()  # dropped paths the probe found usable again
         self._lock = threading.Lock()  # guards active/dropped against status() from other threads
 
-    # --- what hook.py and the shipper use from a Backup ------------------------------
+    # --- what hook.py and the shipper use from a Writer ------------------------------
     @property
-    def first(self) -> Backup:
+    def first(self) -> Writer:
         return self.active[0]
 
     @property
@@ -161,14 +161,14 @@ class Destinations:
             raise dst.DestinationError("every backup destination failed: " + "; ".join(f"{p}: {w}" for p, w in self.dropped.items()))
 
     @staticmethod
-    def _write_one(b: Backup, data_version: int, writes: List[str]) -> List[Tuple[Backup, str]]:
+    def _write_one(b: Writer, data_version: int, writes: List[str]) -> List[Tuple[Writer, str]]:
         try:
             b.write(data_version, writes)
         except PibackupError as e:
             return [(b, str(e))]
         return []
 
-    def _drop(self, b: Backup, why: str) -> None:
+    def _drop(self, b: Writer, why: str) -> None:
         with self._lock:
             self.active.remove(b)
         # Closing flushes and syncs on the failing medium, which may hang: not on the hook's path.
@@ -176,7 +176,7 @@ class Destinations:
         self._drop_path(b.destination, why)
 
     @staticmethod
-    def _close_quietly(b: Backup) -> None:
+    def _close_quietly(b: Writer) -> None:
         try:
             b.close()
         except (PibackupError, OSError):
@@ -252,24 +252,14 @@ class Destinations:
         with self._lock:
             on = ", ".join(b.destination for b in self.active) or "nothing"
             out = [f"destination {p} is not in use ({why}); the backup is on {on} only" for p, why in self.dropped.items()]
-            out += [
-                f"cannot start a new journal segment in {b.destination}: the current one grows past "
-                "pibackup-segment-size until it can (see the log for the cause)"
-                for b in self.active
-                if getattr(b, "roll_failed", False)
-            ]
+            for b in self.active:
+                out += b.warnings()  # the mode's own: a roll-over failing, a damaged generation
             if self.policy != HALT and self._failure is None:
                 out += [
                     f"destination {b.destination} failed ({b.failure}); it is dropped at lightningd's next write"
                     for b in self.active
                     if b.failure
                 ]
-            out += [
-                f"the backup in {b.destination} is damaged ({b.damaged}); a new generation is started from a snapshot of "
-                "the live database at lightningd's next database write"
-                for b in self.active
-                if getattr(b, "damaged", None)
-            ]
             return out
 
     def status(self) -> Dict[str, Any]:

@@ -30,7 +30,7 @@ def replica_node(make_node, **options):
 
 
 def replica_state(dest: Path):
-    from pibackup.modes.replica.writer import REPLICA_FILE
+    from pibackup.store.layout import REPLICA_FILE
 
     f = dest / "replica-000001" / REPLICA_FILE
     c = sqlite3.connect(f"file:{f}?mode=ro", uri=True)

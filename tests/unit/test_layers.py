@@ -30,13 +30,10 @@ LAYERS: Dict[str, int] = {
 }
 
 KNOWN_VIOLATIONS: Set[str] = {
-    "pibackup.fanout.destinations -> pibackup.modes.journal.writer",
     "pibackup.modes.journal.writer -> pibackup.compaction.compact",
-    "pibackup.modes.replica.writer -> pibackup.modes.journal.restore",
+    "pibackup.modes.replica.restore -> pibackup.modes.journal.restore",
 }
-KNOWN_CYCLES: Set[str] = {
-    "pibackup.compaction.compact -> pibackup.modes.journal.writer -> pibackup.compaction.compact",
-}
+KNOWN_CYCLES: Set[str] = set()
 
 
 def module_name(path: Path) -> str:

@@ -236,3 +236,11 @@ def test_the_same_destination_twice_is_refused(tmp_path):
             parse_options({"pibackup-destination": dests})
     cfg = parse_options({"pibackup-destination": ["/media/usb/pibackup", "/media/sd2/pibackup"]})
     assert cfg.destinations == ("/media/usb/pibackup", "/media/sd2/pibackup") and cfg.destination == "/media/usb/pibackup"
+
+
+def test_every_mode_the_options_accept_has_a_registry_entry_and_no_other():
+    from pibackup.app.modes import MODES as REGISTRY
+    from pibackup.app.options import MODES as ACCEPTED
+
+    assert set(REGISTRY) == set(ACCEPTED)
+    assert all(m.name == name for name, m in REGISTRY.items())

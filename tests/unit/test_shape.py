@@ -18,14 +18,8 @@ CLASS_LINES = 250
 KNOWN: Set[str] = {
     "pibackup/compaction/compact.py",
     "pibackup/compaction/compact.py::Compactor",
-    "pibackup/copies/ship.py",
-    "pibackup/copies/ship.py::Shipper",
-    "pibackup/fanout/destinations.py::Destinations",
     "pibackup/modes/journal/writer.py",
     "pibackup/modes/journal/writer.py::Backup",
-    "pibackup/modes/replica/writer.py",
-    "pibackup/modes/replica/writer.py::Replica",
-    "pibackup/store/journal.py",
 }
 
 
