@@ -13,8 +13,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from pibackup.errors import DamageError as DamageError
 from pibackup.errors import PibackupError
 from pibackup.store.directory import Generation
-from pibackup.store.journal import HEADER_SIZE, KIND_INFO, Frame, JournalError, SegmentHeader, SegmentReader, decode_header
 from pibackup.store.layout import snapshot_filename
+from pibackup.store.reader import SegmentReader
+from pibackup.store.segment import HEADER_SIZE, KIND_INFO, Frame, JournalError, SegmentHeader, decode_header
 
 _ZERO_SHA = b"\0" * 32
 

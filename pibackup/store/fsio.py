@@ -11,6 +11,10 @@ import os
 from pibackup.store.layout import TMP_SUFFIX
 from pibackup.testpoints import fault_point
 
+# Zero scans and preallocation read and write in pieces this big: small buffers, so two
+# writers at once (the hook and a compaction) stay light.
+IO_CHUNK = 64 * 1024
+
 
 def io_error_message(e: OSError, where: str) -> str:
     """Say what a failed write to the backup medium means and what to do about it."""

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 from pibackup.errors import DamageError, PibackupError
 from pibackup.rules.replayguard import GuardedConnection, Refused, check_frame
 from pibackup.rules.sequence import next_version
-from pibackup.store.journal import KIND_INFO, KIND_PRAGMA, KIND_TX, Frame
+from pibackup.store.segment import KIND_INFO, KIND_PRAGMA, KIND_TX, Frame
 
 REPLAY_BATCH = 256  # transactions per SQL transaction in restore and compaction
 

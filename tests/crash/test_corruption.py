@@ -25,7 +25,8 @@ import pytest
 import driver
 from pibackup.errors import PibackupError
 from pibackup.modes.journal.restore import restore, verify
-from pibackup.store.journal import HEADER_SIZE, scan_segment
+from pibackup.store.reader import scan_segment
+from pibackup.store.segment import HEADER_SIZE
 
 N = int(os.environ.get("PIBACKUP_CORRUPTIONS", "400"))  # make test-long: 3000
 

@@ -11,19 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pibackup.rules.sequence import Action, classify, reconcile
-from pibackup.store.journal import (
-    FLAG_DEFLATE,
-    HEADER_SIZE,
-    KIND_PRAGMA,
-    KIND_TX,
-    MAX_INFLATED,
-    JournalError,
-    SegmentHeader,
-    SegmentReader,
-    SegmentWriter,
-    scan_segment,
-    trim_zeros,
-)
+from pibackup.store.reader import SegmentReader, scan_segment
+from pibackup.store.segment import FLAG_DEFLATE, HEADER_SIZE, KIND_PRAGMA, KIND_TX, MAX_INFLATED, JournalError, SegmentHeader
+from pibackup.store.writer import SegmentWriter, trim_zeros
 
 
 def make_segment(path: Path, frames, flags: int = 0, preallocate: int = 0, close: bool = True):

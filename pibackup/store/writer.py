@@ -1,0 +1,198 @@
+"""Appending frames to one segment file: create it atomically, write ahead zeros, sync, trim.
+
+A frame is durable only once a flush that covers it returned (FORMAT.md: preallocation, trimming).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import zlib
+from typing import List, Sequence
+
+from pibackup.store.fsio import IO_CHUNK, fsync_dir
+from pibackup.store.layout import TMP_SUFFIX
+from pibackup.store.segment import DEFLATE_LEVEL, FLAG_DEFLATE, HEADER_SIZE, SYNC_TAIL, SegmentHeader, encode_frame
+
+
+class SegmentLeftBehind(OSError):
+    """A segment whose creation failed after its rename, and whose removal failed too."""
+
+
+class SegmentWriter:
+    """Appends frames to one open segment file.
+
+    `add` encodes a frame into memory (advancing the checksum chain); `flush` writes
+    everything added since the last flush with one write() and one fdatasync(). A frame
+    is durable only once a flush that covers it has returned.
+    """
+
+    def __init__(self, path: str, fd: int, header: SegmentHeader, size: int, checksum: int, preallocate: int = 0):
+        self.path = path
+        self.fd = fd
+        self.header = header
+        self.size = size  # bytes of valid content, durably in the file
+        self.allocated = size  # the file's length: zeros beyond `size`
+        self.preallocate = preallocate
+        self.checksum = checksum  # chain value after the last added frame
+        self._pending: List[bytes] = []
+        self.pending_bytes = 0
+        self._deflate = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15, 9) if header.flags & FLAG_DEFLATE else None
+        self.write_calls = 0
+        self.syncs = 0
+
+    @classmethod
+    def create(cls, path: str, header: SegmentHeader, preallocate: int = 0) -> SegmentWriter:
+        """Create a new segment durably and atomically: the header is written to PATH.tmp and
+        synced, then renamed, then the directory is synced. A segment never exists without
+        its whole header."""
+        tmp = path + TMP_SUFFIX
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)  # read too: trimming checks for zeros
+        renamed = False
+        try:
+            _write_all(fd, header.encode())
+            os.fsync(fd)
+            os.rename(tmp, path)
+            renamed = True
+            fsync_dir(os.path.dirname(path))
+        except BaseException as e:
+            os.close(fd)
+            try:
+                # A caller that goes on without this segment must not leave it behind: it
+                # would claim to continue a segment that keeps growing. Once renamed, only
+                # a synced removal makes it gone.
+                os.unlink(path if renamed else tmp)
+                if renamed:
+                    fsync_dir(os.path.dirname(path))
+            except OSError:
+                if renamed and isinstance(e, OSError):
+                    raise SegmentLeftBehind(e.errno or 0, f"{e.strerror or e}; and the new segment could not be removed", path) from e
+            raise
+        return cls(path, fd, header, HEADER_SIZE, header.checksum, preallocate)
+
+    def restart_stream(self) -> None:
+        """Frames added from now on inflate without the ones before (FORMAT.md: a full
+        flush; its output, an empty stored block, is dropped like the sync flush's tail).
+        Only between flushed frames. Nothing to do when no frame was added since the
+        segment began or the last restart (zlib would then have nothing to flush)."""
+        assert not self._pending, "restart_stream with frames not yet flushed"
+        if self._deflate is not None and self._dirty:
+            out = self._deflate.flush(zlib.Z_FULL_FLUSH)
+            assert out == b"\x00" + SYNC_TAIL, out
+            self._dirty = False
+
+    _dirty = False  # frames were compressed since the stream began or was restarted
+
+    def preallocate_ahead(self, chunk: int) -> None:
+        """Turn preallocation on (a compaction's new segment, just before the switch) and
+        write the first chunk of zeros now, so the hook's first append does not."""
+        self.preallocate = chunk
+        if chunk and self.allocated <= self.size:
+            self._extend(self.size + 1)
+
+    def add(self, kind: int, data_version: int, statements: Sequence[str]) -> int:
+        """Encode one frame after the others; returns its size. Not durable until flush()."""
+        data, crc = encode_frame(kind, data_version, statements, self.checksum, self._deflate)
+        self._dirty = True
+        self._pending.append(data)
+        self.pending_bytes += len(data)
+        self.checksum = crc
+        return len(data)
+
+    def flush(self) -> int:
+        """Make every added frame durable: one write, one fdatasync. Returns bytes written."""
+        if not self._pending:
+            return 0
+        data = b"".join(self._pending)
+        end = self.size + len(data)
+        if self.preallocate and end > self.allocated:
+            self._extend(end)
+        _pwrite_all(self.fd, data, self.size)
+        self.write_calls += 1
+        os.fdatasync(self.fd)
+        self.syncs += 1
+        if os.fstat(self.fd).st_nlink == 0:
+            # Writes to a deleted file succeed and go nowhere: never acknowledge those.
+            raise FileNotFoundError(errno.ENOENT, "the segment file was deleted while in use", self.path)
+        self._pending = []
+        self.pending_bytes = 0
+        self.size += len(data)
+        self.allocated = max(self.allocated, self.size)  # also when nothing is preallocated
+        return len(data)
+
+    def _extend(self, end: int) -> None:
+        """Write zeros ahead, in whole chunks, and sync them once: afterwards an append only
+        overwrites blocks that exist, so its fdatasync flushes data and no metadata (the
+        file's size and extents stay as they are). Readers take trailing zeros for unused
+        space (FORMAT.md)."""
+        new = -(-end // self.preallocate) * self.preallocate  # up to a whole chunk
+        zeros = bytes(min(new - self.allocated, IO_CHUNK))
+        pos = self.allocated
+        while pos < new:
+            n = os.pwrite(self.fd, zeros[: new - pos], pos)
+            pos += n
+        os.fsync(self.fd)
+        self.allocated = new
+
+    def append(self, kind: int, data_version: int, statements: Sequence[str]) -> int:
+        """add() then flush(): one durable frame."""
+        self.add(kind, data_version, statements)
+        return self.flush()
+
+    def close(self, trim: bool = True) -> None:
+        """Close the file; with `trim`, first give back the zeros written ahead of the last
+        frame (trim_zeros). A failed trim leaves them: the file is valid either way."""
+        if self.fd < 0:
+            return
+        fd, self.fd = self.fd, -1
+        try:
+            if trim and self.allocated > self.size:
+                _trim_fd(fd, self.size, self.allocated)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _trim_fd(fd: int, length: int, end: int) -> bool:
+    """Cut the file to `length` if everything from there to `end` (its size) is zeros; sync.
+
+    The sync is not for the data (valid with or without the zeros) but for FAT: there a
+    truncate shortens the cluster chain at once while the directory entry keeps the old
+    size until written, and a power cut between the two leaves a file whose end cannot be
+    read. Returns whether it cut."""
+    pos = length
+    while pos < end:
+        b = os.pread(fd, min(IO_CHUNK, end - pos), pos)
+        if not b:
+            break
+        if b.count(0) != len(b):
+            return False  # never cut anything but the zeros written ahead
+        pos += len(b)
+    os.ftruncate(fd, length)
+    os.fsync(fd)
+    return True
+
+
+def trim_zeros(path: str, length: int) -> bool:
+    """Give back a closed segment's preallocated zeros after its valid `length` bytes."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        end = os.fstat(fd).st_size
+        return end > length and _trim_fd(fd, length, end)
+    finally:
+        os.close(fd)
