@@ -21,9 +21,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from pibackup.errors import PibackupError
+from pibackup.modes.journal.port import CompactionError, CompactionPort, Finished, GenerationDamaged, Superseded
 from pibackup.modes.journal.restore import copy_snapshot
 from pibackup.rules.replayguard import Refused, check_frame
 from pibackup.rules.replayguard import connect as guarded_connect
@@ -45,9 +46,6 @@ from pibackup.store.replay import REPLAY_BATCH, Outcome, OutputError, Replayer, 
 from pibackup.store.snapshot import private_file, read_data_version, sha256_file
 from pibackup.testpoints import crash_point
 
-if TYPE_CHECKING:
-    from pibackup.modes.journal.writer import Backup
-
 RETRY_AFTER_FAILURE = 3600.0  # automatic retries of a failed compaction; the RPC retries at once
 CHECK_INTERVAL = 30.0  # the thread also wakes at once when a flush crosses the threshold
 # A compaction process started ahead and not used by then is stopped (shorter in tests).
@@ -59,15 +57,7 @@ _SYNC_EVERY = 1 << 20  # the snapshot copy is synced every MiB (the hook's syncs
 _MAX_ROUNDS = 32  # the child catches up with the writer at most this many times before it finishes
 
 
-class CompactionError(PibackupError):
-    pass
-
-
-class GenerationDamaged(CompactionError):
-    """The generation being compacted cannot be read whole (its snapshot or a journal frame
-    is damaged): a restore of it would stop short, so the backup starts a new generation
-    from the live database (Backup.mark_damaged)."""
-
+__all__ = ["CompactionError", "GenerationDamaged", "Superseded"]  # moved: removed in the sweep (modes/journal/port.py)
 
 # --- the child process: snapshot + journal up to the cut (and past it) -> new snapshot ----
 @dataclass
@@ -331,12 +321,12 @@ class Compactor:
     """Watches the writer's generation; compacts it in the background when its journal
     passes `ratio` times its snapshot (and `min_bytes`), or when asked."""
 
-    def __init__(self, backup: Backup, ratio: float, min_bytes: int, keep: int):
-        self.backup = backup
+    def __init__(self, ratio: float, min_bytes: int, keep: int, log: Any):
         self.ratio = ratio
         self.min_bytes = min_bytes
         self.keep = keep
-        self.log = backup.log
+        self.log = log
+        self._port: Optional[CompactionPort] = None  # the writer, once bound
         self.state = "idle"  # idle, running or failed
         self.step = ""
         self.error: Optional[str] = None
@@ -361,8 +351,24 @@ class Compactor:
         self.overshoot = 0
         self._thread = threading.Thread(target=self._loop, name="pibackup-compactor", daemon=True)
 
+    @property
+    def port(self) -> CompactionPort:
+        assert self._port is not None, "Compactor.bind() was not called"
+        return self._port
+
+    def bind(self, port: CompactionPort) -> None:
+        """The writer it compacts (built after the compactor: the writer takes its hooks)."""
+        self._port = port
+
     def start(self) -> None:
         self._thread.start()
+
+    def flushed(self, journal_bytes: int, snapshot_bytes: int) -> None:
+        """The writer flushed (under its lock): wake the thread once the journal passes the threshold."""
+        if self.state != "running":
+            limit = self.threshold(snapshot_bytes)
+            if limit is not None and journal_bytes >= limit:
+                self._wake.set()
 
     def threshold(self, snapshot_bytes: int) -> Optional[int]:
         """Journal bytes at which the generation is compacted; None when automatic compaction is off."""
@@ -374,7 +380,7 @@ class Compactor:
         """`lightning-cli pibackup-compact`: start one now (in the background)."""
         if self.state == "running":
             return "already running"
-        if self.backup.damaged is not None:
+        if self.port.state().damaged is not None:
             return "refused"  # its replacement is a snapshot of the live database, at the next write
         self.state, self.step, self.error = "running", "queued", None
         self._manual = True
@@ -384,7 +390,7 @@ class Compactor:
     def wake(self) -> None:
         self._wake.set()
 
-    def retain(self) -> None:
+    def new_generation(self) -> None:
         """A new generation started (a gap): apply retention in the background."""
         self.overshoot = 0
         self._failed_at = None  # a failure compacting the old generation says nothing of the new one
@@ -409,21 +415,22 @@ class Compactor:
             out["error"] = self.error
         if self.last:
             out["last"] = self.last
-        b = self.backup
-        out["journal_bytes"] = b.journal_bytes
-        out["snapshot_bytes"] = b.snapshot_bytes
-        out["compact_at_bytes"] = self.threshold(b.snapshot_bytes)
+        journal_bytes, snapshot_bytes = self.port.sizes()
+        out["journal_bytes"] = journal_bytes
+        out["snapshot_bytes"] = snapshot_bytes
+        out["compact_at_bytes"] = self.threshold(snapshot_bytes)
         out["keep_generations"] = self.keep
         return out
 
     # --- the thread ---------------------------------------------------------------------
     def _due(self) -> bool:
-        if self.backup.damaged is not None:
+        if self.port.state().damaged is not None:
             return False  # the next write replaces the generation: compacting it would only read the damage again
         if self._manual:
             return True
-        limit = self.threshold(self.backup.snapshot_bytes)
-        if limit is None or self.backup.journal_bytes < limit:
+        journal_bytes, snapshot_bytes = self.port.sizes()
+        limit = self.threshold(snapshot_bytes)
+        if limit is None or journal_bytes < limit:
             return False
         return self._failed_at is None or time.monotonic() - self._failed_at >= RETRY_AFTER_FAILURE
 
@@ -432,16 +439,17 @@ class Compactor:
             if self._retain:
                 self._retain = False
                 try:
-                    current = self.backup.generation_number()
+                    current = self.port.state().number
                     if current is not None:
-                        apply_retention(self.backup.dest, self.keep, self.log, protect=current)
+                        apply_retention(self.port.dest, self.keep, self.log, protect=current)
                 except OSError as e:
                     self.log(f"could not delete an old backup generation: {_describe(e)}", "warn")
             spare_left = SPARE_IDLE - (time.monotonic() - self._spare[1]) if self._spare else CHECK_INTERVAL
             self._wake.wait(max(0.0, min(CHECK_INTERVAL, spare_left)))
             self._wake.clear()
-            if self._stop.is_set() or self.backup.failure is not None or not self._due():
-                if self._spare is not None and (self.backup.failure is not None or time.monotonic() - self._spare[1] >= SPARE_IDLE):
+            failed = self.port.state().failure is not None
+            if self._stop.is_set() or failed or not self._due():
+                if self._spare is not None and (failed or time.monotonic() - self._spare[1] >= SPARE_IDLE):
                     self._drop_spare()
                 continue
             self._manual = False
@@ -451,7 +459,7 @@ class Compactor:
                 try:
                     self.last = self._compact()
                 finally:
-                    self.backup.trim_closed()  # the segment the switch closed: off the hook's path
+                    self.port.trim_closed()  # the segment the switch closed: off the hook's path
                 if self.last is not None:
                     self.last["seconds"] = round(time.monotonic() - started, 3)
                     self.runs += 1
@@ -466,13 +474,13 @@ class Compactor:
                 # generation from the live database, not a retry of this compaction. (The
                 # state first: the new generation's retain() resets _failed_at.)
                 self.state, self.error, self._failed_at = "failed", str(e), self._failure_time()
-                self.backup.mark_damaged(self._source, str(e))
+                self.port.mark_damaged(self._source, str(e))
             except Exception as e:  # a failed compaction never fails the backup: it goes on in the old generation
                 msg = _describe(e) if isinstance(e, (OSError, sqlite3.Error)) else str(e)
                 if not isinstance(e, (PibackupError, OSError, sqlite3.Error)):
                     msg = f"internal error ({type(e).__name__}: {e}); please report it"
                 self.state, self.error, self._failed_at = "failed", msg, self._failure_time()
-                if self.backup.failure is not None:
+                if self.port.state().failure is not None:
                     self.log(f"compaction failed: {msg}", "warn")  # and the backup with it: logged as an error already
                     continue
                 self.log(
@@ -484,17 +492,17 @@ class Compactor:
     def _failure_time(self) -> Optional[float]:
         """When the failed compaction's generation is still the writer's: the retry waits.
         After a gap (whose retain() may already have run) the new generation owes it nothing."""
-        return time.monotonic() if self.backup.generation == self._source else None
+        return time.monotonic() if self.port.state().generation == self._source else None
 
     def _compact(self) -> Optional[Dict[str, Any]]:
-        b = self.backup
-        self._source = b.generation or ""  # until the cut says which one
-        cut = b.cut_for_compaction()  # under the writer's lock: where the durable journal ends
+        b = self.port
+        self._source = b.state().generation or ""  # until the cut says which one
+        cut = b.cut()  # under the writer's lock: where the durable journal ends
         if cut is None:
-            if b.failure is None:
+            if b.state().failure is None:
                 self.log("nothing to compact: no transaction committed since the current generation's snapshot", "info")
             return None
-        src, segments, length, checksum, number = cut
+        src, segments, length, checksum, number = cut.generation, cut.segment, cut.length, cut.checksum, cut.number
         self._source = src.path  # for a damage found on the way (_loop)
         crash_point("cut")
         partial = ""
@@ -512,13 +520,17 @@ class Compactor:
                 self.log(f"nothing to compact: {src.name} holds no committed transaction after its snapshot yet", "info")
                 return None
             self.step = "journal"
-            self._spare_if_busy(b.journal_bytes - b.cut_journal_bytes)
+            self._spare_if_busy(b.sizes()[0] - cut.journal_bytes)
             target = _NewGeneration(b, partial, number, built, src)
             crash_point("segment")
             target.follow(src, segments, length, checksum, self._stop)
             self.step = "switch"
             target.writer.preallocate_ahead(target.chunk)  # the zeros now, not on the hook's next call
-            final = b.switch_to(target)  # under the writer's lock; sets self.overshoot
+            switched = b.switch(target.source_number, target.finish)  # under the writer's lock
+            target.adopted = True
+            final = switched.generation
+            # The old generation stays (keep >= 2) holding what it grew by.
+            self.overshoot = switched.grown if self.keep >= 2 else 0
             partial = ""
             self.step = "retention"
             apply_retention(b.dest, self.keep, self.log, protect=number)
@@ -529,7 +541,7 @@ class Compactor:
                 shutil.rmtree(partial, ignore_errors=True)
             raise
         finally:
-            b.release_reservation()
+            b.release()
         self.log(
             f"compacted {src.name} into {os.path.basename(final)}: snapshot at data_version {built['version']} "
             f"({built['snapshot_bytes']:,} bytes) from {built['transactions']:,} journalled transactions",
@@ -559,7 +571,7 @@ class Compactor:
                 if msg is None:
                     return line
                 seg, off = msg["at"]
-                pos = self.backup.writer_position(src.number)
+                pos = self.port.position(src.number)
                 more = pos is not None and (pos[0] != seg or pos[1] - off >= _CAUGHT_UP_BYTES) and not self._stop.is_set()
                 reply: Dict[str, Any] = {"more": list(pos)} if pos is not None and more else {"done": True}
                 child.stdin.write((json.dumps(reply) + "\n").encode())
@@ -581,7 +593,7 @@ class Compactor:
         """Start the next compaction's process now if `tail`, the journal written during a
         compaction (held by both generations), is a good part of a threshold: at such a rate
         the next compaction is due soon after this one, and its start-up would lengthen it."""
-        if self.ratio > 0 and self._spare is None and tail >= max(self.min_bytes, int(self.ratio * self.backup.snapshot_bytes)) // 4:
+        if self.ratio > 0 and self._spare is None and tail >= max(self.min_bytes, int(self.ratio * self.port.sizes()[1])) // 4:
             try:
                 self._spare = (self._spawn(), time.monotonic())
             except OSError as e:  # only a head start lost: the next compaction starts its own
@@ -597,7 +609,7 @@ class Compactor:
 
     def _run_child(self, src: dst.Generation, segments: int, length: int, checksum: int, partial: str) -> Optional[Dict[str, Any]]:
         job = {
-            "destination": self.backup.destination,
+            "destination": self.port.destination,
             "generation": src.number,
             "segments": segments,
             "limit": length,
@@ -633,16 +645,13 @@ class _Stopped(Exception):
     pass
 
 
-class Superseded(CompactionError):
-    """A gap started a newer generation from the live DB while this compaction ran."""
-
-
 class _NewGeneration:
     """The `.partial` generation being written: its snapshot is done, its journal is the
     tail of the old generation's, copied frame by frame."""
 
-    def __init__(self, b: Backup, partial: str, number: int, built: Dict[str, Any], src: dst.Generation):
-        self.backup = b
+    def __init__(self, b: CompactionPort, partial: str, number: int, built: Dict[str, Any], src: dst.Generation):
+        self.port = b
+        self.adopted = False  # the writer went on in its open segment (the switch)
         self.partial = partial
         self.number = number
         self.version = int(built["version"])
@@ -695,7 +704,7 @@ class _NewGeneration:
     def flush(self) -> None:
         w = self.writer
         w.flush()
-        if w.size >= self.backup.segment_bytes:
+        if w.size >= self.port.segment_bytes:
             h = w.header
             nxt = SegmentHeader(
                 generation=h.generation,
@@ -733,7 +742,7 @@ class _NewGeneration:
                 return
 
     def _position(self, src: dst.Generation) -> Tuple[int, int]:
-        state = self.backup.writer_position(src.number)
+        state = self.port.position(src.number)
         if state is None:
             raise Superseded("a new generation was started meanwhile (a gap); this compaction is dropped")
         return state
@@ -745,6 +754,15 @@ class _NewGeneration:
         for f, where in self._follower.frames(segment, durable, checksum):
             self.add(f, where)
 
+    def finish(self, segment: int, durable: int, checksum: int) -> Finished:
+        """At the switch, under the writer's lock: copy the frames up to the writer's durable
+        end (`checksum`: its chain value there) and sync them."""
+        first = self.writer.header.segment
+        self.copy_available(segment, durable, checksum)
+        self.flush()
+        self.close()
+        return Finished(self.partial, self.writer, self.closed_bytes, self.version, dir_synced=self.writer.header.segment == first)
+
     def close(self) -> None:
         if self._follower is not None:
             self._follower.close()
@@ -752,5 +770,5 @@ class _NewGeneration:
     def abort(self) -> None:
         """A failed compaction: close its files (the caller removes the .partial)."""
         self.close()
-        if self.backup.writer is not self.writer:
+        if not self.adopted:
             self.writer.close()

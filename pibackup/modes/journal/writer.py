@@ -11,12 +11,12 @@ import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from pibackup import __version__
-from pibackup.compaction.compact import CompactionError, Compactor, Superseded
 from pibackup.errors import PibackupError
 from pibackup.modes.api import BehindError, Call, CompactAnswer, Counters, Log
+from pibackup.modes.journal.port import CompactionError, CompactionHooks, Cut, Finished, PortState, Superseded, Switched
 from pibackup.rules import filter as flt
 from pibackup.rules.replayguard import check_call
 from pibackup.rules.sequence import Action, classify, is_pragma_only, reconcile
@@ -77,6 +77,7 @@ class Backup:
         compact_ratio: float = 0.0,
         compact_min_bytes: int = 0,
         keep_generations: int = 0,
+        compaction: Optional[CompactionHooks] = None,
     ):
         # Defaults live in config.py only; hook.py passes every value it parsed.
         self.destination = destination
@@ -107,9 +108,18 @@ class Backup:
         self._reserved: Optional[int] = None  # generation number a compaction is building
         self.untrimmed: List[Tuple[str, int]] = []  # (closed segment, valid length): zeros to give back
         self.base_version: Optional[int] = None  # of the current generation
-        self.compactor: Optional[Compactor] = None
-        if keep_generations > 0:
-            self.compactor = Compactor(self, compact_ratio, compact_min_bytes, keep_generations)
+        self._cut_journal_bytes = 0
+        # compaction/wiring.py make_journal_writer() passes the compactor in; the writer never
+        # imports compaction.
+        self.compactor: Optional[CompactionHooks] = compaction
+        if compaction is None and keep_generations > 0:
+            # moved: removed in the sweep (the old construction path, until app/hook.py builds
+            # the writer through make_journal_writer)
+            from pibackup.compaction.compact import Compactor
+
+            c = Compactor(compact_ratio, compact_min_bytes, keep_generations, log)
+            c.bind(self)
+            self.compactor = c
 
     # --- start-up --------------------------------------------------------------
     def start(self, early: Sequence[Call]) -> None:
@@ -295,7 +305,7 @@ class Backup:
         self.journal_bytes = writer.size
         self.snapshot_bytes = snapshot_bytes
         if self.compactor is not None:
-            self.compactor.retain()
+            self.compactor.new_generation()
         what = f"snapshot at data_version {version}" if snapshot else "an empty database (new node)"
         self.log(f"started backup generation {os.path.basename(final)} from {what}", "info")
 
@@ -421,11 +431,8 @@ class Backup:
             self._check_destination_in_place()
             self.last_flush = time.time()
             self.journal_bytes += n
-            c = self.compactor
-            if c is not None and c.state != "running":
-                limit = c.threshold(self.snapshot_bytes)
-                if limit is not None and self.journal_bytes >= limit:
-                    c.wake()
+            if self.compactor is not None:
+                self.compactor.flushed(self.journal_bytes, self.snapshot_bytes)
             self.counters.bytes_written += n
             self.counters.write_calls += 1
             self.counters.syncs += 1
@@ -546,14 +553,13 @@ class Backup:
             return None if w is None else (w.path, w.size)
 
     # --- compaction (the compactor thread calls these; each takes the lock briefly) ---------
-    def cut_for_compaction(self) -> Optional[Tuple[dst.Generation, int, int, int, int]]:
+    def cut(self) -> Optional[Cut]:
         """Make everything answered so far durable and note where the journal ends: segments
         before the writer's and the first `length` bytes of its segment never change again
         (appends only), so the child can replay them while the hook goes on. The writer
         restarts its deflate stream there, so the frames after the cut can be read without
         the ones before. No file is created or closed: a call waiting meanwhile pays one
-        sync at most. Returns (generation, segment number, length, chain checksum there,
-        number reserved for the new generation), or None when there is nothing to compact."""
+        sync at most. None when there is nothing to compact."""
         with self._lock:
             w = self.writer
             if self.failure is not None or w is None or self.generation is None:
@@ -573,9 +579,9 @@ class Backup:
             if gen is None:
                 return None
             self._reserved = max(self.dest.next_generation_number(), gen.number + 1)
-            self.cut_journal_bytes = self.journal_bytes
+            self._cut_journal_bytes = self.journal_bytes
             w.restart_stream()
-            return gen, w.header.segment, w.size, w.checksum, self._reserved
+            return Cut(gen, w.header.segment, w.size, w.checksum, self._reserved, self.journal_bytes)
 
     def trim_closed(self) -> None:
         """Give back the preallocated zeros of segments closed by a compaction's
@@ -592,11 +598,19 @@ class Backup:
             except OSError:
                 pass
 
-    def release_reservation(self) -> None:
+    def release(self) -> None:
         with self._lock:
             self._reserved = None
 
-    def writer_position(self, generation: int) -> Optional[Tuple[int, int]]:
+    def sizes(self) -> Tuple[int, int]:
+        with self._lock:
+            return self.journal_bytes, self.snapshot_bytes
+
+    def state(self) -> PortState:
+        with self._lock:
+            return PortState(self.failure, self.damaged, self.generation, self.generation_number())
+
+    def position(self, generation: int) -> Optional[Tuple[int, int]]:
         """(segment number, durable bytes) of the segment being written, if the writer is
         still in `generation` (None after a gap started another)."""
         with self._lock:
@@ -610,16 +624,13 @@ class Backup:
             return None
         return w.header.segment, w.size
 
-    cut_journal_bytes = 0
-
-    def switch_to(self, target: Any) -> str:
+    def switch(self, source: int, finish: Callable[[int, int, int], Finished]) -> Switched:
         """The atomic switch, under the lock (the hook waits for it): the old generation's
-        waiting frames are made durable, the last frames copied and synced, the `.partial`
-        renamed, and the writer goes on in the new generation's open segment. Returns the new
-        generation's path."""
+        waiting frames are made durable, `finish` copies the last frames and syncs them, the
+        `.partial` is renamed, and the writer goes on in the new generation's open segment."""
         with self._lock:
             src = self.generation
-            position = self._position(target.source_number)
+            position = self._position(source)
             if position is None:
                 raise Superseded("a new generation was started meanwhile (a gap); this compaction is dropped")
             try:
@@ -630,24 +641,21 @@ class Backup:
                 raise CompactionError(self.failure) from e
             w = self.writer
             assert w is not None
-            segment = target.writer.header.segment
-            target.copy_available(w.header.segment, w.size, w.checksum)
-            target.flush()
-            target.close()
+            done = finish(w.header.segment, w.size, w.checksum)
             crash_point("switch-synced")
             # Every file in the .partial was created with a directory sync (segments, the
             # snapshot's rename); only a segment begun just now could need another.
             try:
-                final = self.dest.commit_generation(target.partial, dir_synced=target.writer.header.segment == segment)
+                final = self.dest.commit_generation(done.partial, dir_synced=done.dir_synced)
             except OSError as e:
-                if os.path.lexists(target.partial[: -len(".partial")]):
+                if os.path.lexists(done.partial[: -len(".partial")]):
                     # Renamed but not synced: the new generation may be what a restore reads,
                     # so going on in the old one could put answered calls where none looks.
-                    self.failure = io_error_message(e, target.partial)
+                    self.failure = io_error_message(e, done.partial)
                     self.log(f"pibackup: {self.failure}. lightningd will be halted at its next database write.", "error")
                 raise
             crash_point("switch-renamed")
-            new = target.writer
+            new = done.writer
             new.path = os.path.join(final, os.path.basename(new.path))
             self.writer = new
             if w.allocated > w.size:
@@ -657,17 +665,15 @@ class Backup:
             except OSError:
                 pass
             self.generation = final
-            grown = max(0, self.journal_bytes - self.cut_journal_bytes)
-            if self.compactor is not None:  # the old generation stays (keep >= 2) holding what it grew by
-                self.compactor.overshoot = grown if self.compactor.keep >= 2 else 0
-            self.journal_bytes = target.closed_bytes + new.size
-            self.snapshot_bytes = _size(os.path.join(final, dst.snapshot_filename(target.version)))
-            self.base_version = target.version
+            grown = max(0, self.journal_bytes - self._cut_journal_bytes)
+            self.journal_bytes = done.closed_bytes + new.size
+            self.snapshot_bytes = _size(os.path.join(final, dst.snapshot_filename(done.version)))
+            self.base_version = done.version
             self.counters.generations_started += 1
             self.counters.compactions += 1
             self._reserved = None
             self.log(f"switched from {os.path.basename(src or '')} to {os.path.basename(final)}", "debug")
-            return final
+            return Switched(final, grown)
 
     def warnings(self) -> List[str]:
         """What status, systemd and the LED warn of for this destination (the fan-out adds its own)."""
@@ -717,6 +723,8 @@ class Backup:
             free: Optional[int] = st.f_bavail * st.f_frsize
         except OSError:
             free = None
+        # Outside the lock: the compactor's status asks the writer for its sizes.
+        compaction: Any = self.compactor.status() if self.compactor is not None else "off"
         with self._lock:
             w = self.writer
             return {
@@ -735,7 +743,7 @@ class Backup:
                 "filter_tables": sorted(self.filter_tables),
                 "pending_bulk_bytes": w.pending_bytes if w else 0,
                 "counters": asdict(self.counters),
-                "compaction": self.compactor.status() if self.compactor is not None else "off",
+                "compaction": compaction,
             }
 
     def close(self) -> None:
