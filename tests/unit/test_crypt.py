@@ -113,9 +113,9 @@ def test_a_closed_segment_that_lost_its_zeros_after_listing_stages_whole(tmp_pat
     """The compactor trims a closed segment's preallocated zeros outside the writer's lock,
     so the shipper may list it at its old length and find it shorter: the staged copy ends
     where the file ends, finished (its final chunk), not a failed round."""
-    from pibackup.copies.copyhead import HeadMaker
     from pibackup.copies.crypt import Key, decrypt_file
-    from pibackup.copies.ship import FileState, ShipConfig, Shipper, parse_target
+    from pibackup.copies.shipstate import FileState
+    from pibackup.copies.staging import Staging
 
     dest = tmp_path / "pibackup"
     (dest / "gen-000001").mkdir(parents=True)
@@ -123,14 +123,12 @@ def test_a_closed_segment_that_lost_its_zeros_after_listing_stages_whole(tmp_pat
     content = os.urandom(5000)
     seg.write_bytes(content)
     key = Key(os.urandom(32))
-    cfg = ShipConfig(parse_target("pi@host:/srv/pb"), 22, None, None, 60.0, 900.0, key)
-    sh = Shipper(cfg, str(dest), lambda: None, lambda *a: None)
-    os.makedirs(sh.staging)
-    sh.head = HeadMaker(str(dest), sh.staging, key)  # what start() makes: the copy id
+    staging = Staging(str(dest), key)
+    staging.open()  # what the shipper's start does: the directory and the copy id
     st = FileState()
     rel = "gen-000001/seg-000001.pbj"
-    assert sh._stage(rel, str(seg), len(content) + 4096, True, st)  # listed with its zeros
+    assert staging.stage(rel, str(seg), len(content) + 4096, True, st)  # listed with its zeros
     assert st.final and st.staged == len(content)
     out = io.BytesIO()
-    d = decrypt_file(sh._staging_path(rel), out, key, rel)
+    d = decrypt_file(staging.path(rel), out, key, rel)
     assert d.final and not d.torn and out.getvalue() == content
