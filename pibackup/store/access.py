@@ -1,4 +1,4 @@
-"""Who may change a backup directory: the owner of everything in it, and who can write to it.
+"""Whether a backup directory may be used: its marker, the configured path, and who owns what in it.
 
 Another local user's file in a backup directory (planted where they could write) must never
 be restored from; a directory others can write to is worth a warning. A FAT or exFAT stick
@@ -11,9 +11,16 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
-from pibackup.store.layout import FS_ARTIFACTS
+from pibackup.errors import PibackupError
+from pibackup.store.layout import FS_ARTIFACTS, GENERATION_RE, LOCK_DIR, MARKER, MARKER_TMP
+
+MARKER_TEXT = "pibackup backup directory\nformat 1\n"
+
+
+class DestinationError(PibackupError):
+    """The backup directory cannot be used as it is."""
 
 
 def read_only_fs(path: str) -> bool:
@@ -141,3 +148,91 @@ def private(path: str, mode: int) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_marker(path: str) -> None:
+    """Is `path` a pibackup backup this release can read, and safe to use (refuse_foreign)?"""
+    refuse_foreign(path)
+    marker = os.path.join(path, MARKER)
+    try:
+        with open(marker, encoding="utf-8", errors="replace") as f:
+            text = f.read(4096)
+    except OSError as e:
+        raise DestinationError(f"{path}: cannot read {MARKER}: {e.strerror}") from e
+    lines = text.splitlines()
+    if not lines or lines[0] != "pibackup backup directory":
+        raise DestinationError(f"{marker} is not a pibackup marker: {path} is not a pibackup backup")
+    if len(lines) < 2 or lines[1] != "format 1":
+        raise DestinationError(
+            f"{path} was written in backup {lines[1] if len(lines) > 1 else 'an unknown format'}; "
+            "this pibackup reads format 1 only. Use the pibackup release that wrote it."
+        )
+    if text != MARKER_TEXT:
+        raise DestinationError(
+            f"{marker} is damaged (it holds more than the two lines pibackup wrote): the medium may be failing; "
+            "run pibackup verify on it, and if the rest is fine write the file again with exactly those two lines"
+        )
+
+
+def validate(path: Optional[str]) -> None:
+    """Refuse a destination a backup must not be written to, with a message that says what to do."""
+    example = "e.g. pibackup-destination=/media/usb/pibackup"
+    if not path:
+        raise DestinationError(f"pibackup-destination is not set: add it to lightningd's config file ({example})")
+    if any(ord(c) < 32 for c in path):
+        raise DestinationError("pibackup-destination contains control characters; give a plain absolute path")
+    if not os.path.isabs(path):
+        raise DestinationError(f"pibackup-destination={path} is a relative path; give an absolute path ({example})")
+    if not os.path.exists(path):
+        raise DestinationError(
+            f"pibackup-destination {path} does not exist: is the USB stick mounted? "
+            f"Mount it, or create the directory (mkdir -p {path}), then restart lightningd"
+        )
+    if not os.path.isdir(path):
+        raise DestinationError(f"pibackup-destination {path} is not a directory; point it at a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        hint = "remount it read-write or replace the stick" if read_only_fs(path) else "fix its owner or permissions"
+        raise DestinationError(f"pibackup-destination {path} is not writable by this user ({_user()}); {hint}")
+    # A first start that crashed midway leaves PIBACKUP.tmp, or the lock directory alone.
+    entries = set(os.listdir(path)) - {MARKER_TMP, LOCK_DIR}
+    if MARKER in entries:
+        for name in sorted(entries | {LOCK_DIR}):
+            if (name in (MARKER, LOCK_DIR) or GENERATION_RE.match(name)) and os.path.islink(os.path.join(path, name)):
+                raise link_error(os.path.join(path, name))
+        check_marker(path)
+        return
+    refuse_foreign(path)
+    foreign = sorted(e for e in entries - FS_ARTIFACTS)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise DestinationError(
+            f"pibackup-destination {path} holds files that are not pibackup's ({shown}); "
+            f"use an empty directory, e.g. {os.path.join(path, 'pibackup')}"
+        )
+
+
+def link_error(path: str) -> DestinationError:
+    return DestinationError(
+        f"{path} is a symbolic link (to {os.readlink(path)}); pibackup never follows links inside its backup "
+        "directory, which could lead its writes or reads elsewhere. Replace the link with the real directory or file"
+    )
+
+
+def refuse_foreign(path: str) -> List[str]:
+    """Raise DestinationError when anything in `path` belongs to another user; return the
+    warnings (directories others can write to)."""
+    problems = access_problems(path)
+    bad = [p for p in problems if p.foreign]
+    if bad:
+        more = f" ({len(bad) - 1} more entries belong to other users)" if len(bad) > 1 else ""
+        raise DestinationError(bad[0].message + more)
+    return [p.message for p in problems]
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.geteuid())

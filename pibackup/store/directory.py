@@ -1,4 +1,4 @@
-"""A backup directory on the backup medium: its marker, its generations, its checks.
+"""A backup directory on the backup medium: its generations, the writer's lock, damage marks.
 
 Layout (FORMAT.md): DEST/PIBACKUP, DEST/gen-NNNNNN/{snapshot-vN.sqlite3, seg-NNNNNN.pbj},
 DEST/PIBACKUP.lock/ (an empty directory only its owner can open: the writer's lock).
@@ -15,8 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional
 
-from pibackup.errors import PibackupError
-from pibackup.store.access import access_problems, private, read_only_fs
+from pibackup.store.access import MARKER_TEXT as MARKER_TEXT  # moved: removed in the sweep
+from pibackup.store.access import DestinationError, link_error, private, refuse_foreign
+from pibackup.store.access import check_marker as check_marker  # moved: removed in the sweep
+from pibackup.store.access import validate as validate  # moved: removed in the sweep
 from pibackup.store.fsio import fsync_dir
 from pibackup.store.fsio import write_text_durably as write_text_durably  # moved: removed in the sweep
 from pibackup.store.layout import (  # noqa: F401  (names others' files read here: moved: removed in the sweep)
@@ -39,15 +41,10 @@ from pibackup.store.layout import (  # noqa: F401  (names others' files read her
 )
 from pibackup.testpoints import fault_point
 
-MARKER_TEXT = "pibackup backup directory\nformat 1\n"
 # moved: removed in the sweep (others' files read these names through this module)
 _GEN = GENERATION_RE
 _SEG = SEGMENT_RE
 _SNAP = SNAPSHOT_RE
-
-
-class DestinationError(PibackupError):
-    """The backup directory cannot be used as it is."""
 
 
 @dataclass(frozen=True)
@@ -80,74 +77,6 @@ def write_damage_mark(gen_path: str, why: str) -> None:
     write_text_durably(os.path.join(gen_path, DAMAGE_MARK), why + "\n")
 
 
-def check_marker(path: str) -> None:
-    """Is `path` a pibackup backup this release can read, and safe to use (refuse_foreign)?"""
-    refuse_foreign(path)
-    marker = os.path.join(path, MARKER)
-    try:
-        with open(marker, encoding="utf-8", errors="replace") as f:
-            text = f.read(4096)
-    except OSError as e:
-        raise DestinationError(f"{path}: cannot read {MARKER}: {e.strerror}") from e
-    lines = text.splitlines()
-    if not lines or lines[0] != "pibackup backup directory":
-        raise DestinationError(f"{marker} is not a pibackup marker: {path} is not a pibackup backup")
-    if len(lines) < 2 or lines[1] != "format 1":
-        raise DestinationError(
-            f"{path} was written in backup {lines[1] if len(lines) > 1 else 'an unknown format'}; "
-            "this pibackup reads format 1 only. Use the pibackup release that wrote it."
-        )
-    if text != MARKER_TEXT:
-        raise DestinationError(
-            f"{marker} is damaged (it holds more than the two lines pibackup wrote): the medium may be failing; "
-            "run pibackup verify on it, and if the rest is fine write the file again with exactly those two lines"
-        )
-
-
-def validate(path: Optional[str]) -> None:
-    """Refuse a destination a backup must not be written to, with a message that says what to do."""
-    example = "e.g. pibackup-destination=/media/usb/pibackup"
-    if not path:
-        raise DestinationError(f"pibackup-destination is not set: add it to lightningd's config file ({example})")
-    if any(ord(c) < 32 for c in path):
-        raise DestinationError("pibackup-destination contains control characters; give a plain absolute path")
-    if not os.path.isabs(path):
-        raise DestinationError(f"pibackup-destination={path} is a relative path; give an absolute path ({example})")
-    if not os.path.exists(path):
-        raise DestinationError(
-            f"pibackup-destination {path} does not exist: is the USB stick mounted? "
-            f"Mount it, or create the directory (mkdir -p {path}), then restart lightningd"
-        )
-    if not os.path.isdir(path):
-        raise DestinationError(f"pibackup-destination {path} is not a directory; point it at a directory")
-    if not os.access(path, os.W_OK | os.X_OK):
-        hint = "remount it read-write or replace the stick" if read_only_fs(path) else "fix its owner or permissions"
-        raise DestinationError(f"pibackup-destination {path} is not writable by this user ({_user()}); {hint}")
-    # A first start that crashed midway leaves PIBACKUP.tmp, or the lock directory alone.
-    entries = set(os.listdir(path)) - {MARKER_TMP, LOCK_DIR}
-    if MARKER in entries:
-        for name in sorted(entries | {LOCK_DIR}):
-            if (name in (MARKER, LOCK_DIR) or GENERATION_RE.match(name)) and os.path.islink(os.path.join(path, name)):
-                raise _link_error(os.path.join(path, name))
-        check_marker(path)
-        return
-    refuse_foreign(path)
-    foreign = sorted(e for e in entries - FS_ARTIFACTS)
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise DestinationError(
-            f"pibackup-destination {path} holds files that are not pibackup's ({shown}); "
-            f"use an empty directory, e.g. {os.path.join(path, 'pibackup')}"
-        )
-
-
-def _link_error(path: str) -> DestinationError:
-    return DestinationError(
-        f"{path} is a symbolic link (to {os.readlink(path)}); pibackup never follows links inside its backup "
-        "directory, which could lead its writes or reads elsewhere. Replace the link with the real directory or file"
-    )
-
-
 def _remove_tree(path: str) -> None:
     """rmtree, retried: the compaction process of a plugin that was just killed may still be
     finishing a write into this directory when the next plugin starts."""
@@ -161,15 +90,6 @@ def _remove_tree(path: str) -> None:
             if attempt == 19:
                 raise
             time.sleep(0.1)
-
-
-def _user() -> str:
-    try:
-        import pwd
-
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except (ImportError, KeyError):
-        return str(os.geteuid())
 
 
 def writer_running(path: str) -> bool:
@@ -201,17 +121,6 @@ def _locked(path: str) -> bool:
     return False
 
 
-def refuse_foreign(path: str) -> List[str]:
-    """Raise DestinationError when anything in `path` belongs to another user; return the
-    warnings (directories others can write to)."""
-    problems = access_problems(path)
-    bad = [p for p in problems if p.foreign]
-    if bad:
-        more = f" ({len(bad) - 1} more entries belong to other users)" if len(bad) > 1 else ""
-        raise DestinationError(bad[0].message + more)
-    return [p.message for p in problems]
-
-
 class Destination:
     """A local backup directory. The writer holds an flock on DEST/PIBACKUP.lock while it runs."""
 
@@ -232,7 +141,7 @@ class Destination:
             gpath = os.path.join(self.path, name)
             st = os.lstat(gpath)
             if stat.S_ISLNK(st.st_mode):
-                raise _link_error(gpath)
+                raise link_error(gpath)
             if st.st_uid not in trusted:
                 continue
             files = sorted(os.listdir(gpath))
@@ -240,7 +149,7 @@ class Destination:
                 if SNAPSHOT_RE.match(f) or SEGMENT_RE.match(f):
                     fst = os.lstat(os.path.join(gpath, f))
                     if stat.S_ISLNK(fst.st_mode):
-                        raise _link_error(os.path.join(gpath, f))
+                        raise link_error(os.path.join(gpath, f))
                     if fst.st_uid not in trusted:
                         # Never read past it, nor drop it: a generation without its newest
                         # segment would restore an older state without a word.
