@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from pibackup.app.config import Config
+from pibackup.compaction.wiring import make_journal_writer
 from pibackup.modes.api import Log, Writer
 from pibackup.modes.journal import restore as journal_restore
-from pibackup.modes.journal.writer import Backup
 from pibackup.modes.replica.restore import restore_replica, verify_replica
 from pibackup.modes.replica.writer import ReplicaWriter
 from pibackup.store.directory import writer_running
@@ -70,7 +70,7 @@ class Mode:
 
 # --- journal mode -----------------------------------------------------------------------
 def _journal_writer(path: str, live_db: str, log: Log, c: Config) -> Writer:
-    return Backup(
+    return make_journal_writer(
         path,
         live_db,
         log,
