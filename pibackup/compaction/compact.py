@@ -11,7 +11,6 @@ a crash at each leaves, are in FORMAT.md ("Compaction").
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import signal
@@ -20,9 +19,9 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
+from pibackup.compaction.messages import At, Built, Done, Failed, Job, More, Nothing, Start, decode_reply, decode_result
 from pibackup.errors import PibackupError
 from pibackup.modes.journal.port import CompactionError, CompactionPort, Finished, GenerationDamaged, Superseded
 from pibackup.modes.journal.restore import copy_snapshot
@@ -60,16 +59,6 @@ _MAX_ROUNDS = 32  # the child catches up with the writer at most this many times
 __all__ = ["CompactionError", "GenerationDamaged", "Superseded"]  # moved: removed in the sweep (modes/journal/port.py)
 
 # --- the child process: snapshot + journal up to the cut (and past it) -> new snapshot ----
-@dataclass
-class Built:
-    version: int  # data_version of the new snapshot
-    sha256: bytes
-    snapshot_bytes: int
-    transactions: int  # replayed into it
-    pending: List[Tuple[int, int, List[str]]]  # (kind, data_version, statements) not yet known committed
-    end: Tuple[int, int] = (0, 0)  # (segment, offset) where the replay stopped: the copy starts there
-
-
 class JournalFollower:
     """Reads a generation's journal from its cut on: segment `first` at `offset`, where the
     writer restarted its deflate stream (`checksum`: the chain value there). Each call of
@@ -228,14 +217,14 @@ def child_main() -> None:
     stdin, builds the snapshot, prints the result as JSON. Started ahead of time when the
     plugin expects a compaction soon (a spare), it waits for the job; end of input without
     one: it exits, nothing done."""
-    args = json.loads(sys.argv[1])
+    start = Start.decode(sys.argv[1])
     try:
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the plugin
     except (OSError, AttributeError):
         pass
-    if os.getppid() != args["parent"]:
+    if os.getppid() != start.parent:
         # The plugin died while this process was starting, before the line above could
         # tie us to it: its next start removes the .partial; never write into it again.
         sys.exit(3)
@@ -247,49 +236,42 @@ def child_main() -> None:
         os.nice(COMPACTION_NICE)
     except OSError:
         pass
-    job = sys.stdin.readline()
-    if not job:
+    line = sys.stdin.readline()
+    if not line:
         return  # a spare that was not needed
-    args.update(json.loads(job))
-    gen = dst.Destination(args["destination"]).generations()
-    src = next((g for g in gen if g.number == args["generation"]), None)
+    job = Job.decode(line)
+    gen = dst.Destination(job.destination).generations()
+    src = next((g for g in gen if g.number == job.generation), None)
+    result: Union[Built, Nothing, Failed]
     try:
         if src is None:
-            raise CompactionError(f"generation {args['generation']} vanished")
-        b = build_snapshot(src, args["segments"], args["partial"], args.get("limit"), args.get("checksum"), _ask_parent)
-        result: Dict[str, Any] = {
-            "version": b.version,
-            "sha256": b.sha256.hex(),
-            "snapshot_bytes": b.snapshot_bytes,
-            "transactions": b.transactions,
-            "pending": b.pending,
-            "end": list(b.end),
-        }
+            raise CompactionError(f"generation {job.generation} vanished")
+        result = build_snapshot(src, job.segments, job.partial, job.limit, job.checksum, _ask_parent)
     except NothingToDo as e:
-        result = {"nothing": str(e)}
+        result = Nothing(str(e))
     except DamageError as e:
         # An unreadable file (EIO, a vanished stick) is the medium's failure, not damage a
         # new generation would cure; the next attempt or the writer's own errors tell.
-        result = {"error": str(e), "damaged": not isinstance(e.__cause__, OSError)}
+        result = Failed(str(e), damaged=not isinstance(e.__cause__, OSError))
     except OutputError as e:
-        full = OSError(errno.ENOSPC, "No space left on device", args["partial"]) if e.full else None
-        result = {"error": _describe(full) if full else f"{e} (in {args['partial']})"}
+        full = OSError(errno.ENOSPC, "No space left on device", job.partial) if e.full else None
+        result = Failed(_describe(full) if full else f"{e} (in {job.partial})")
     except (PibackupError, sqlite3.Error, OSError) as e:
-        result = {"error": _describe(e)}
-    sys.stdout.write(json.dumps(result) + "\n")
+        result = Failed(_describe(e))
+    sys.stdout.write(result.encode())
     sys.stdout.flush()
 
 
 def _ask_parent(position: Tuple[int, int]) -> Optional[Tuple[int, int]]:
     """The child's side of following the journal: say how far it has replayed, read how far
     the writer has made it durable since, or None (finish the snapshot now)."""
-    sys.stdout.write(json.dumps({"at": list(position)}) + "\n")
+    sys.stdout.write(At(*position).encode())
     sys.stdout.flush()
     line = sys.stdin.readline()
     if not line:
         return None
-    reply = json.loads(line)
-    return None if "more" not in reply else (int(reply["more"][0]), int(reply["more"][1]))
+    reply = decode_reply(line)
+    return (reply.segment, reply.durable) if isinstance(reply, More) else None
 
 
 def _describe(e: BaseException) -> str:
@@ -543,38 +525,37 @@ class Compactor:
         finally:
             b.release()
         self.log(
-            f"compacted {src.name} into {os.path.basename(final)}: snapshot at data_version {built['version']} "
-            f"({built['snapshot_bytes']:,} bytes) from {built['transactions']:,} journalled transactions",
+            f"compacted {src.name} into {os.path.basename(final)}: snapshot at data_version {built.version} "
+            f"({built.snapshot_bytes:,} bytes) from {built.transactions:,} journalled transactions",
             "info",
         )
         return {
             "generation": os.path.basename(final),
             "from": src.name,
-            "base_version": built["version"],
-            "snapshot_bytes": built["snapshot_bytes"],
-            "transactions": built["transactions"],
+            "base_version": built.version,
+            "snapshot_bytes": built.snapshot_bytes,
+            "transactions": built.transactions,
             "finished": int(time.time()),
         }
 
-    def _converse(self, child: subprocess.Popen[bytes], src: dst.Generation, job: Dict[str, Any]) -> bytes:
+    def _converse(self, child: subprocess.Popen[bytes], src: dst.Generation, job: Job) -> bytes:
         """Send the job; answer each "at" (how far the child has replayed) with how far the
         writer has made the journal durable since, until less than _CAUGHT_UP_BYTES is left
         (then "done": the child finishes the snapshot). Returns the result line (b"" if the
         child died or stopped)."""
         assert child.stdin is not None and child.stdout is not None
         try:
-            child.stdin.write((json.dumps(job) + "\n").encode())
+            child.stdin.write(job.encode().encode())
             child.stdin.flush()
             while True:
                 line = child.stdout.readline()
-                msg = json.loads(line) if line.startswith(b'{"at"') else None
-                if msg is None:
+                at = At.decode(line)
+                if at is None:
                     return line
-                seg, off = msg["at"]
                 pos = self.port.position(src.number)
-                more = pos is not None and (pos[0] != seg or pos[1] - off >= _CAUGHT_UP_BYTES) and not self._stop.is_set()
-                reply: Dict[str, Any] = {"more": list(pos)} if pos is not None and more else {"done": True}
-                child.stdin.write((json.dumps(reply) + "\n").encode())
+                more = pos is not None and (pos[0] != at.segment or pos[1] - at.offset >= _CAUGHT_UP_BYTES) and not self._stop.is_set()
+                reply: Union[More, Done] = More(*pos) if pos is not None and more else Done()
+                child.stdin.write(reply.encode().encode())
                 child.stdin.flush()
         except (BrokenPipeError, ValueError):
             return b""  # (communicate() then closes its stdin and collects what is left)
@@ -583,7 +564,7 @@ class Compactor:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above pibackup/compaction/
         code = f"import sys; sys.path.insert(0, {root!r}); from pibackup.compaction.compact import child_main; child_main()"
         return subprocess.Popen(  # -I (isolated), as the Debian package runs the plugin itself
-            [sys.executable, "-I", "-c", code, json.dumps({"parent": os.getpid()})],
+            [sys.executable, "-I", "-c", code, Start(os.getpid()).encode()],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -607,15 +588,8 @@ class Compactor:
             spare[0].kill()
             spare[0].communicate()
 
-    def _run_child(self, src: dst.Generation, segments: int, length: int, checksum: int, partial: str) -> Optional[Dict[str, Any]]:
-        job = {
-            "destination": self.port.destination,
-            "generation": src.number,
-            "segments": segments,
-            "limit": length,
-            "checksum": checksum,
-            "partial": partial,
-        }
+    def _run_child(self, src: dst.Generation, segments: int, length: int, checksum: int, partial: str) -> Optional[Built]:
+        job = Job(self.port.destination, src.number, segments, length, checksum, partial)
         spare, self._spare = self._spare, None
         if spare is not None and spare[0].poll() is not None:
             spare[0].communicate()
@@ -632,11 +606,11 @@ class Compactor:
         if child.returncode != 0 or not out:
             tail = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
             raise CompactionError(f"the compaction process died ({tail[0]})")
-        result: Dict[str, Any] = json.loads(out)
-        if "error" in result:
-            kind = GenerationDamaged if result.get("damaged") else CompactionError
-            raise kind(f"cannot build the new snapshot from {src.name}: {result['error']}")
-        if "nothing" in result:
+        result = decode_result(out)
+        if isinstance(result, Failed):
+            kind = GenerationDamaged if result.damaged else CompactionError
+            raise kind(f"cannot build the new snapshot from {src.name}: {result.error}")
+        if isinstance(result, Nothing):
             return None
         return result
 
@@ -649,35 +623,34 @@ class _NewGeneration:
     """The `.partial` generation being written: its snapshot is done, its journal is the
     tail of the old generation's, copied frame by frame."""
 
-    def __init__(self, b: CompactionPort, partial: str, number: int, built: Dict[str, Any], src: dst.Generation):
+    def __init__(self, b: CompactionPort, partial: str, number: int, built: Built, src: dst.Generation):
         self.port = b
         self.adopted = False  # the writer went on in its open segment (the switch)
         self.partial = partial
         self.number = number
-        self.version = int(built["version"])
+        self.version = built.version
         header = SegmentHeader(
             generation=number,
             generation_id=os.urandom(16),
             segment=1,
             base_version=self.version,
-            snapshot_sha256=bytes.fromhex(built["sha256"]),
+            snapshot_sha256=built.sha256,
             created=int(time.time()),
             flags=b.segment_flags,
         )
         # No zeros ahead while only the tail is copied in: the hook's appends get them after
         # the switch (they would be space held twice while both generations are on the medium).
-        self.chunk = b.chunk_for(int(built["snapshot_bytes"]))
+        self.chunk = b.chunk_for(built.snapshot_bytes)
         self.writer = SegmentWriter.create(os.path.join(partial, dst.segment_filename(1)), header, 0)
         self.writer.add(KIND_INFO, self.version, b.info_lines())
         self.last = self.version
-        for kind, version, statements in built["pending"]:
+        for kind, version, statements in built.pending:
             self.writer.add(kind, version, statements)
             self.last = version
         self.writer.flush()
         self.closed_bytes = 0  # valid bytes of the new generation's closed segments
         self._follower: Optional[JournalFollower] = None
-        end = built.get("end") or (0, 0)
-        self._end = (int(end[0]), int(end[1]))  # the child replayed up to here
+        self._end = built.end  # the child replayed up to here
         self.source_number = src.number
 
     def add(self, frame: Frame, where: str = "") -> None:

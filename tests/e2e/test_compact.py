@@ -16,7 +16,9 @@ import pytest
 import dbcompare
 import driver
 from helpers import cli, restore_to
+from pibackup.compaction import messages as msg
 from pibackup.compaction.compact import CompactionError, JournalFollower, _NewGeneration
+from pibackup.compaction.messages import Built
 from pibackup.modes.journal.writer import Backup
 from pibackup.store import directory as dst
 from pibackup.store.chain import DamageError
@@ -126,7 +128,7 @@ def test_the_new_generation_takes_only_frames_that_follow_its_snapshot(tmp_path)
     d.mkdir()
     b = Backup(str(d), "", print, segment_bytes=1 << 20, filter_tables=frozenset(), batch_seconds=0, batch_bytes=0, preallocate=0)
     partial = b.dest.begin_generation(2)
-    built = {"version": 10, "sha256": "00" * 32, "snapshot_bytes": 0, "pending": []}
+    built = Built(10, b"\0" * 32, 0, 0, [])
     src = dst.Generation(1, str(d / "gen-000001"), [], [])
     ng = _NewGeneration(b, partial, 2, built, src)
 
@@ -759,6 +761,30 @@ def test_compact_before_init_is_refused_with_a_reason(make_node):
     r = node.rpc("pibackup-compact")
     assert r["compaction"] == "refused" and "has not started yet" in r["reason"]
     node.kill()
+
+
+def test_the_messages_to_and_from_the_compaction_process_keep_their_wire_form():
+    # The child may be a spare started by an older plugin (never: same process tree), but the
+    # lines are the protocol FORMAT.md's readers see in a trace: their keys do not change.
+    assert msg.Start(42).encode() == '{"parent": 42}' and msg.Start.decode('{"parent": 42}') == msg.Start(42)
+    job = msg.Job("/d", 3, 2, 100, 7, "/d/gen-000004.partial")
+    line = job.encode()
+    assert line == (
+        '{"destination": "/d", "generation": 3, "segments": 2, "limit": 100, "checksum": 7, '
+        '"partial": "/d/gen-000004.partial"}\n'
+    )
+    assert msg.Job.decode(line) == job
+    assert msg.At(2, 64).encode() == '{"at": [2, 64]}\n' and msg.At.decode(b'{"at": [2, 64]}\n') == msg.At(2, 64)
+    assert msg.At.decode(b'{"nothing": "x"}\n') is None
+    assert msg.decode_reply(msg.More(2, 99).encode()) == msg.More(2, 99) and msg.More(2, 99).encode() == '{"more": [2, 99]}\n'
+    assert msg.decode_reply(msg.Done().encode()) == msg.Done() and msg.Done().encode() == '{"done": true}\n'
+    built = msg.Built(10, b"\1" * 32, 4096, 5, [(1, 11, ["UPDATE t SET v=1"])], (2, 64))
+    assert msg.decode_result(built.encode().encode()) == built
+    assert '"sha256": "' + "01" * 32 + '"' in built.encode()
+    assert msg.decode_result(msg.Nothing("why").encode().encode()) == msg.Nothing("why")
+    assert msg.Failed("bad").encode() == '{"error": "bad"}\n'
+    assert msg.Failed("bad", damaged=False).encode() == '{"error": "bad", "damaged": false}\n'
+    assert msg.decode_result(b'{"error": "bad", "damaged": true}') == msg.Failed("bad", True)
 
 
 def test_a_damage_report_only_affects_the_generation_still_written(traces, tmp_path):
