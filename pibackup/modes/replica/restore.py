@@ -14,9 +14,10 @@ from pibackup.modes.replica.state import STATE_TABLE, ReplicaError, read_state, 
 from pibackup.rules import replayguard
 from pibackup.rules.replayguard import Refused
 from pibackup.store import directory as dst
+from pibackup.store.fsio import private_file
 from pibackup.store.layout import REPLICA_FILE, replica_dirs
 from pibackup.store.replay import RestoreError
-from pibackup.store.snapshot import private_file, read_data_version
+from pibackup.store.snapshot import read_data_version
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Replica mode's state on the medium: the replica file's names, its state table and how it
-is read, and the refusals a replica's pending transaction can meet (FORMAT.md, "Replica mode").
+"""Replica mode's state on the medium: the state table and how it is read, how a replica is
+built or set aside, and the refusals its pending transaction can meet (FORMAT.md, "Replica mode").
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pibackup.errors import DamageError, PibackupError
 from pibackup.modes.api import BehindError
 from pibackup.rules import replayguard
 from pibackup.rules.replayguard import GuardedConnection, Refused, check_frame
-from pibackup.store.journal import decode_statements, fsync_dir
+from pibackup.store.fsio import fsync_dir, private_file
 from pibackup.store.layout import REPLICA_ANY_RE, REPLICA_FILE
-from pibackup.store.snapshot import private_file, read_data_version, take_snapshot
+from pibackup.store.segment import decode_statements
+from pibackup.store.snapshot import read_data_version, take_snapshot
 
 STATE_TABLE = "pibackup_replica"
 _SCHEMA = (

@@ -46,9 +46,9 @@ from pibackup.rules import replayguard
 from pibackup.rules.replayguard import GuardedConnection
 from pibackup.rules.sequence import Action, classify, is_pragma_only, reconcile
 from pibackup.store import directory as dst
-from pibackup.store.fsio import io_error_message
-from pibackup.store.journal import encode_statements, fsync_dir
+from pibackup.store.fsio import fsync_dir, io_error_message
 from pibackup.store.layout import REPLICA_FILE, REPLICA_LEFTOVER_RE, holds_journal, replica_dirs
+from pibackup.store.segment import encode_statements
 from pibackup.store.snapshot import live_data_version
 
 
