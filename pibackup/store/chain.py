@@ -1,11 +1,14 @@
-"""Reading one generation: its segments in order, checked against each other.
+"""Reading one generation's chain: its segments in order, checked against each other.
 
-Used by the writer (to find where to go on), by restore and by verify; one frame in memory
-at a time.
+The one reader of a chain: every frame (iter_frames, whole or up to a cut), the tail a writer
+goes on from (read_tail), and a segment's checksum chain without inflating (walk_segment, for
+copies); one frame in memory at a time.
 """
 
 from __future__ import annotations
 
+import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -15,7 +18,20 @@ from pibackup.errors import PibackupError
 from pibackup.store.directory import Generation
 from pibackup.store.layout import snapshot_filename
 from pibackup.store.reader import SegmentReader
-from pibackup.store.segment import HEADER_SIZE, KIND_INFO, Frame, JournalError, SegmentHeader, decode_header
+from pibackup.store.segment import (
+    ENCODINGS,
+    FRAME_FIELDS,
+    FRAME_HEADER_SIZE,
+    HEADER_SIZE,
+    KIND_INFO,
+    KINDS,
+    MAX_PAYLOAD,
+    U32,
+    Frame,
+    JournalError,
+    SegmentHeader,
+    decode_header,
+)
 
 _ZERO_SHA = b"\0" * 32
 
@@ -170,6 +186,48 @@ def read_tail(gen: Generation) -> Tail:
             break
     assert tail is not None
     return tail
+
+
+# --- the newest frame of a segment, for copies ------------------------------------------
+@dataclass
+class Walk:
+    """How far the frames of one segment were checked: offset after the last valid frame,
+    its chained checksum, and its data_version."""
+
+    path: str
+    offset: int = HEADER_SIZE
+    checksum: int = 0
+    data_version: Optional[int] = None
+
+
+def walk_segment(w: Walk, limit: int) -> Walk:
+    """Follow the checksum chain from where `w` stopped up to `limit` bytes of the file:
+    the valid content as any reader finds it (header fields and checksums only, nothing
+    inflated). Segments only grow at their end, so a walk goes on where it stopped."""
+    with open(w.path, "rb", buffering=1 << 16) as f:
+        if w.offset == HEADER_SIZE and w.data_version is None:
+            head = f.read(HEADER_SIZE)
+            if len(head) < HEADER_SIZE:
+                return w
+            w.checksum = struct.unpack(">I", head[124:128])[0]  # the header's crc32: the chain's seed
+        f.seek(w.offset)
+        while w.offset + FRAME_HEADER_SIZE <= limit:
+            fh = f.read(FRAME_HEADER_SIZE)
+            if len(fh) < FRAME_HEADER_SIZE:
+                break
+            kind, encoding, reserved, version, length = FRAME_FIELDS.unpack(fh[: FRAME_FIELDS.size])
+            if kind not in KINDS or encoding not in ENCODINGS or reserved or length > MAX_PAYLOAD:
+                break
+            if w.offset + FRAME_HEADER_SIZE + length > limit:
+                break
+            payload = f.read(length)
+            crc = zlib.crc32(payload, zlib.crc32(fh[: FRAME_FIELDS.size], w.checksum))
+            if len(payload) < length or crc != U32.unpack(fh[FRAME_FIELDS.size : FRAME_HEADER_SIZE])[0]:
+                break
+            w.offset += FRAME_HEADER_SIZE + length
+            w.checksum = crc
+            w.data_version = version
+    return w
 
 
 def generation_settings(gen: Generation) -> Dict[str, str]:
