@@ -18,15 +18,14 @@ from typing import Any, Dict, List, Optional
 from pibackup.copies.crypt import NO_NODE_ID, Binding, CryptError, Encryptor, Key, decrypt_file
 from pibackup.errors import PibackupError
 from pibackup.store import directory as dst
-from pibackup.store.journal import ENCODINGS, FRAME_HEADER_SIZE, HEADER_SIZE, KINDS, MAX_PAYLOAD, SegmentReader
+from pibackup.store.layout import COPY_ID_FILE, HEAD, is_generation_name, is_segment_name, is_snapshot_name
+from pibackup.store.reader import SegmentReader
+from pibackup.store.segment import ENCODINGS, FRAME_HEADER_SIZE, HEADER_SIZE, KINDS, MAX_PAYLOAD
 
-HEAD = "HEAD"  # at the top of a copy, beside PIBACKUP
 HEAD_VERSION = 1
-COPY_ID_FILE = "copy-id"  # in DEST/.ship: made once per backup directory
 _HEAD_MAX = 1 << 20  # a head record is a few hundred bytes; a reader never takes more
 _FRAME = struct.Struct(">BBHII")
 _NODE_ID_SQL = re.compile(r"'node_id'\s*,\s*[xX]'([0-9a-fA-F]{66})'")
-_SEG = re.compile(r"^seg-(\d{6})\.pbj$")
 
 
 class HeadError(PibackupError):
@@ -191,14 +190,14 @@ def decode_head(data: bytes) -> Head:
     if not isinstance(gens, dict):
         raise HeadError("the head record's generations is not an object")
     for name, g in gens.items():
-        if not dst._GEN.match(name) or not isinstance(g, dict):
+        if not is_generation_name(name) or not isinstance(g, dict):
             raise HeadError(f"the head record names {name!r}, which is not a generation")
         _hex(g.get("id"), 16, f"{name} id")
         _count(g.get("segments"), f"{name} segment count")
         if type(g.get("snapshot")) is not bool:
             raise HeadError(f"the head record's {name} snapshot is not true or false")
     generation, segment = obj.get("generation"), obj.get("segment")
-    if not isinstance(generation, str) or generation not in gens or not isinstance(segment, str) or not _SEG.match(segment):
+    if not isinstance(generation, str) or generation not in gens or not isinstance(segment, str) or not is_segment_name(segment):
         raise HeadError("the head record's newest generation or segment is not one of its own")
     node = obj.get("node_id")
     return Head(
@@ -254,8 +253,8 @@ def shortfalls(root: str, head: Head) -> List[str]:
             out.append(f"{name} is missing")
             continue
         files = os.listdir(path)
-        segs = sorted(f for f in files if _SEG.match(f))
-        if g["snapshot"] and not any(dst._SNAP.match(f) for f in files):
+        segs = sorted(f for f in files if is_segment_name(f))
+        if g["snapshot"] and not any(is_snapshot_name(f) for f in files):
             out.append(f"{name} has lost its snapshot")
         if len(segs) < g["segments"]:
             missing = [f"seg-{i:06d}.pbj" for i in range(1, g["segments"] + 1) if f"seg-{i:06d}.pbj" not in segs]
@@ -265,7 +264,7 @@ def shortfalls(root: str, head: Head) -> List[str]:
             out.append(f"{name} is not the generation the record names (generation id {gid.hex()}, not {g['id']})")
     seg = os.path.join(root, head.generation, head.segment)
     newer = os.path.isdir(os.path.join(root, head.generation)) and any(
-        f > head.segment for f in os.listdir(os.path.join(root, head.generation)) if _SEG.match(f)
+        f > head.segment for f in os.listdir(os.path.join(root, head.generation)) if is_segment_name(f)
     )
     if os.path.exists(seg) and not newer:
         w = walk_segment(Walk(seg), os.path.getsize(seg))

@@ -10,10 +10,9 @@ import tempfile
 import threading
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from pibackup.copies.copyhead import HEAD
 from pibackup.copies.target import ShipError, Target
 from pibackup.copies.transport import RemoteEntry
-from pibackup.store.directory import MARKER
+from pibackup.store.layout import HEAD, MARKER
 
 RSYNC_IO_TIMEOUT = 120  # seconds without progress before rsync gives up
 # What a fetch takes from the remote directory: the backup's layout, nothing else (a host

@@ -14,9 +14,10 @@ from typing import Any, Dict, List, Optional
 
 from pibackup.copies.rsync import RsyncTransport
 from pibackup.copies.shipper import Log, OpenSegment, ShipRound
-from pibackup.copies.staging import STAGING, Staging
+from pibackup.copies.staging import Staging
 from pibackup.copies.target import ShipConfig
 from pibackup.errors import PibackupError
+from pibackup.store.layout import STAGING_DIR
 
 BACKOFF_INTERVALS = 10  # retries back off to at most ten intervals (10 min by default)
 
@@ -42,7 +43,7 @@ class Shipper:
     def __init__(self, cfg: ShipConfig, destination: str, open_segment: OpenSegment, log: Log):
         self.cfg = cfg
         self.destination = destination
-        self.staging = os.path.join(destination, STAGING)
+        self.staging = os.path.join(destination, STAGING_DIR)
         self.log = log
         self.status_ = ShipStatus(target=str(cfg.target), encrypted=cfg.key is not None, interval_seconds=cfg.interval)
         self.started = time.time()

@@ -15,15 +15,16 @@ import os
 import tempfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from pibackup.copies.copyhead import HEAD, HeadError, HeadMaker, read_head
+from pibackup.copies.copyhead import HeadError, HeadMaker, read_head
 from pibackup.copies.crypt import CryptError
-from pibackup.copies.shipstate import STATE_FILE, BadState, FileState, is_generation_name, load_state, save_state
+from pibackup.copies.shipstate import BadState, FileState, load_state, save_state
 from pibackup.copies.staging import Staging
 from pibackup.copies.target import ShipConfig, ShipError
 from pibackup.copies.transport import Transport
 from pibackup.errors import PibackupError
 from pibackup.store import directory as dst
-from pibackup.store.journal import HEADER_SIZE, decode_header
+from pibackup.store.layout import HEAD, MARKER, STATE_FILE, is_generation_name
+from pibackup.store.segment import HEADER_SIZE, decode_header
 
 Log = Callable[[str, str], None]
 OpenSegment = Callable[[], Optional[Tuple[str, int]]]
@@ -82,7 +83,7 @@ class ShipRound:
             st = self.files.setdefault(rel, FileState())
             if st.done:
                 continue
-            if closed and (self.cfg.key is None or rel == dst.MARKER):  # the marker is never encrypted
+            if closed and (self.cfg.key is None or rel == MARKER):  # the marker is never encrypted
                 # A closed plain file is sent from the backup directory itself; the remote
                 # holds a prefix of it if it was staged while open.
                 st.staged, st.final, st.unsent = length, True, True
@@ -116,8 +117,8 @@ class ShipRound:
         every complete generation. Only the writer's open segment is not closed."""
         d = dst.Destination(self.destination)
         out: Inventory = []
-        marker = os.path.join(self.destination, dst.MARKER)
-        out.append((dst.MARKER, marker, os.path.getsize(marker), True))
+        marker = os.path.join(self.destination, MARKER)
+        out.append((MARKER, marker, os.path.getsize(marker), True))
         gens = self.staging.gens = d.generations()
         self._check_generation_ids(gens)
         if self.head is not None and gens and gens[-1].segments:
@@ -171,7 +172,7 @@ class ShipRound:
             self.remote_checked = True  # rsync creates it with the first files
             return
         names = {e.name for e in listed}
-        known = {dst.MARKER, HEAD} | {n.split("/")[0] for n in self.files}
+        known = {MARKER, HEAD} | {n.split("/")[0] for n in self.files}
         foreign = sorted(n for n in names if n not in known)
         if foreign and HEAD in names and all(is_generation_name(n) for n in foreign) and self._remote_is_ours():
             foreign = []

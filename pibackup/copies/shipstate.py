@@ -10,9 +10,8 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Tuple
 
-from pibackup.store.directory import _GEN, _SEG, _SNAP, MARKER
+from pibackup.store.layout import is_generation_name, is_layout_path
 
-STATE_FILE = "state.json"
 STATE_VERSION = 1  # fields added since are optional: an older release's state still loads
 _HEX16 = re.compile(r"^[0-9a-f]{32}$")
 _HEX33 = re.compile(r"^[0-9a-f]{66}$")
@@ -30,19 +29,6 @@ class FileState:
     final: bool = False  # the local file is closed and fully staged
     done: bool = False  # final and sent: never looked at again
     node_id: str = ""  # encrypted copies: hex node id in the file's header (its later chunks need the same)
-
-
-def is_generation_name(name: str) -> bool:
-    return bool(_GEN.match(name))
-
-
-def is_layout_path(rel: str) -> bool:
-    """PIBACKUP, or gen-NNNNNN/seg-NNNNNN.pbj, or gen-NNNNNN/snapshot-vN.sqlite3: nothing
-    that could name a file outside a generation ("..", "*", a slash too many)."""
-    if rel == MARKER:
-        return True
-    parts = rel.split("/")
-    return len(parts) == 2 and is_generation_name(parts[0]) and bool(_SEG.match(parts[1]) or _SNAP.match(parts[1]))
 
 
 class BadState(ValueError):

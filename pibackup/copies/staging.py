@@ -13,8 +13,8 @@ from pibackup.copies.crypt import NO_NODE_ID, Binding, Encryptor, Key
 from pibackup.copies.shipstate import FileState, inside
 from pibackup.copies.target import ShipError
 from pibackup.store import directory as dst
+from pibackup.store.layout import STAGING_DIR
 
-STAGING = ".ship"
 WRITE_CHUNK = 64 * 1024  # encrypt in small pieces: the hook thread never waits long for the GIL
 STAGING_RESERVE = 64 * 1024 * 1024  # free space staging copies leave to the backup
 
@@ -25,7 +25,7 @@ class Staging:
 
     def __init__(self, destination: str, key: Optional[Key]):
         self.destination = destination
-        self.root = os.path.join(destination, STAGING)
+        self.root = os.path.join(destination, STAGING_DIR)
         self.key = key
         self.head: Optional[HeadMaker] = None  # made at open(): it needs the directory
         self.gens: List[dst.Generation] = []

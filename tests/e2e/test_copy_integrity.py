@@ -217,7 +217,7 @@ def test_cli_ssh_values_ssh_would_read_as_options_are_refused_before_ssh_runs(tm
 
 
 def test_a_fetch_takes_only_the_backup_layout_and_no_file_over_the_cap(sshd, traces, make_node, dest, tmp_path):
-    from pibackup.copies.remote import fetch
+    from pibackup.copies.fetch import fetch
 
     remote = tmp_path / "remote"
     node = shipping_node(make_node, sshd, remote, None)

@@ -15,7 +15,7 @@ import pytest
 import dbcompare
 import driver
 from helpers import cli, received, restore_to, tmpfs, tree_digest
-from pibackup.copies.shipstate import is_layout_path
+from pibackup.store.layout import is_layout_path
 from sshd import Sshd
 
 CRYPT_MAGIC = b"PBKCRYPT"
