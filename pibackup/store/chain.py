@@ -10,12 +10,14 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 # DamageError lives in errors; others still import it from here. moved: removed in the sweep
 from pibackup.errors import DamageError as DamageError
-from pibackup.errors import PibackupError
 from pibackup.store.directory import Generation
+from pibackup.store.generation import GenerationInfo as GenerationInfo  # moved: removed in the sweep
+from pibackup.store.generation import generation_info as generation_info  # moved: removed in the sweep
+from pibackup.store.generation import generation_settings as generation_settings  # moved: removed in the sweep
 from pibackup.store.layout import snapshot_filename
 from pibackup.store.reader import SegmentReader
 from pibackup.store.segment import (
@@ -34,14 +36,6 @@ from pibackup.store.segment import (
 )
 
 _ZERO_SHA = b"\0" * 32
-
-
-@dataclass
-class GenerationInfo:
-    number: int
-    generation_id: bytes
-    base_version: int
-    snapshot_sha256: bytes
 
 
 def _open(path: str) -> SegmentReader:
@@ -228,31 +222,3 @@ def walk_segment(w: Walk, limit: int) -> Walk:
             w.checksum = crc
             w.data_version = version
     return w
-
-
-def generation_settings(gen: Generation) -> Dict[str, str]:
-    """The key=value lines of a generation's INFO frame (the first frame of its first
-    segment): the writer's release and filter-tables. Empty if it has none or cannot be read."""
-    if not gen.segments:
-        return {}
-    try:
-        with _open(gen.segments[0]) as r:
-            for f in r.frames():
-                if f.kind != KIND_INFO:
-                    return {}
-                return dict(line.partition("=")[::2] for line in f.statements)
-    except (OSError, PibackupError):
-        pass
-    return {}
-
-
-def generation_info(gen: Generation) -> GenerationInfo:
-    if not gen.segments:
-        raise DamageError(f"{gen.path}: generation has no journal segment", gen.path, None)
-    path = gen.segments[0]
-    try:
-        with open(path, "rb") as f:
-            h = decode_header(f.read(HEADER_SIZE), path)
-    except JournalError as e:
-        raise DamageError(str(e), path, 0) from e
-    return GenerationInfo(h.generation, h.generation_id, h.base_version, h.snapshot_sha256)
