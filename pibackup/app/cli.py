@@ -22,8 +22,9 @@ from pibackup.copies.crypt import key_id, write_key_file
 from pibackup.copies.remote import MAX_FILE_DEFAULT, CopyReport, Terminated, older_than_records, readable_copy
 from pibackup.copies.ship import ShipError, check_local_file
 from pibackup.errors import PibackupError
-from pibackup.modes.journal.restore import Outcome, check_output
+from pibackup.modes.journal.restore import check_output
 from pibackup.store.directory import refuse_foreign
+from pibackup.store.replay import Outcome
 
 
 def _checked(check: Callable[[str], Any]) -> Callable[[str], Any]:

@@ -17,8 +17,9 @@ from pibackup.modes.replica.restore import restore_replica, verify_replica
 from pibackup.modes.replica.writer import ReplicaWriter
 from pibackup.store.directory import writer_running
 from pibackup.store.layout import holds_replica
+from pibackup.store.replay import Outcome
 
-Progress = Callable[[journal_restore.Outcome, float, float], None]
+Progress = Callable[[Outcome, float, float], None]
 
 
 @dataclass(frozen=True)
