@@ -29,7 +29,7 @@ sys.path.insert(0, str(BENCH))
 import workloads  # noqa: E402,F401  (puts tests/ and the repo on sys.path)
 from workloads import driver  # noqa: E402
 
-from pibackup.compaction.compact import build_snapshot  # noqa: E402
+from pibackup.compaction.child import build_snapshot  # noqa: E402
 from pibackup.modes.journal import restore as restore_mod  # noqa: E402
 from pibackup.store.directory import Destination  # noqa: E402
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import FrozenSet, Optional
 
-from pibackup.compaction.compact import Compactor
+from pibackup.compaction.compactor import Compactor
 from pibackup.modes.api import Log
 from pibackup.modes.journal.writer import Backup
 

@@ -17,11 +17,13 @@ import dbcompare
 import driver
 from helpers import cli, restore_to
 from pibackup.compaction import messages as msg
-from pibackup.compaction.compact import CompactionError, JournalFollower, _NewGeneration
 from pibackup.compaction.messages import Built
+from pibackup.compaction.newgen import NewGeneration
+from pibackup.modes.journal.port import CompactionError
 from pibackup.modes.journal.writer import Backup
 from pibackup.store import directory as dst
 from pibackup.store.chain import DamageError
+from pibackup.store.follow import JournalFollower
 from pibackup.store.journal import FLAG_DEFLATE, KIND_TX, Frame, SegmentHeader, SegmentWriter, scan_segment
 
 
@@ -130,7 +132,7 @@ def test_the_new_generation_takes_only_frames_that_follow_its_snapshot(tmp_path)
     partial = b.dest.begin_generation(2)
     built = Built(10, b"\0" * 32, 0, 0, [])
     src = dst.Generation(1, str(d / "gen-000001"), [], [])
-    ng = _NewGeneration(b, partial, 2, built, src)
+    ng = NewGeneration(b, partial, 2, built, src)
 
     def frame(v: int) -> Frame:
         return Frame(KIND_TX, v, [f"UPDATE t SET v={v}"], 0, 0)
@@ -257,7 +259,7 @@ def test_compaction_processes_die_with_the_plugin(traces, make_node, dest):
     wait_no_compaction_process(pid)
 
 
-# Each step of a compaction, in order (pibackup/compaction/compact.py, FORMAT.md "Compaction"): the
+# Each step of a compaction, in order (pibackup/compaction/compactor.py, FORMAT.md "Compaction"): the
 # plugin (or its child) SIGKILLs itself there, as a power cut or a kill would stop it.
 PLUGIN_STEPS = ["cut", "segment", "follow", "switch-synced", "switch-renamed", "retention"]
 CHILD_STEPS = ["child-replay", "child-snapshot"]
