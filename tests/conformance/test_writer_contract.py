@@ -223,3 +223,15 @@ def test_status_keys_the_compact_answer_and_the_protocol_extras(s):
     assert seg is None or (os.path.exists(seg[0]) and seg[1] >= 0)
     w.flush()
     assert w.last_flush is not None
+
+
+def test_calls_before_init_on_an_existing_backup_are_kept(s):
+    w = s.writer(s.node.history(2))
+    w.close()
+    early = [s.node.call("INSERT INTO channels VALUES (70, 1, 'before init')")]
+    s.node.commit(early[0])  # answered `continue` before init, so lightningd committed it
+    again = s.writer(early)
+    assert again.last == 3 and again.generation == w.generation
+    s.node.send(again, "INSERT INTO channels VALUES (71, 1, 'after init')")
+    again.close()
+    assert dump(s.restored()) == dump(str(s.node.path))
