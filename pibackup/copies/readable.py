@@ -14,9 +14,9 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple
 
-from pibackup.copies.copyhead import Head, HeadError, describe_time, read_head, shortfalls
 from pibackup.copies.crypt import Binding, CryptError, Key, decrypt_file, file_header, is_encrypted
 from pibackup.copies.fetch import FREE_RESERVE, MAX_FILE_DEFAULT, _free, _mib, fetch, is_remote
+from pibackup.copies.head import Head, HeadError, describe_time, read_head, shortfalls
 from pibackup.copies.target import ShipError
 from pibackup.errors import PibackupError
 from pibackup.store import directory as dst

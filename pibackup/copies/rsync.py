@@ -8,7 +8,7 @@ import re
 import subprocess
 import tempfile
 import threading
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from pibackup.copies.target import ShipError, Target
 from pibackup.copies.transport import RemoteEntry
@@ -151,8 +151,14 @@ class RsyncTransport:
             return None
         if code != 0:
             raise self._failure(code, err)
-        names = {line.split()[-1] for line in self._last_stdout.splitlines() if line.strip()} - {"."}
-        return [RemoteEntry(n, 0, False) for n in sorted(names)]  # sizes and kinds: only the recursive listing's
+        out: Dict[str, RemoteEntry] = {}
+        for line in self._last_stdout.splitlines():
+            parts = line.split()
+            if not parts or parts[-1] == ".":
+                continue
+            size = parts[1].replace(",", "") if len(parts) >= 5 else ""  # "-rw------- 1,234 date time name"
+            out[parts[-1]] = RemoteEntry(parts[-1], int(size) if size.isdigit() else 0, line.startswith("-"))
+        return [out[n] for n in sorted(out)]
 
     def _list_layout(self) -> List[RemoteEntry]:
         cmd = self._base() + ["--recursive", "--no-h", *FETCH_FILTERS, "--list-only", f"{self.target}/"]

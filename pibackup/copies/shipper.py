@@ -15,10 +15,10 @@ import os
 import tempfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from pibackup.copies.copyhead import HeadError, HeadMaker, read_head
 from pibackup.copies.crypt import CryptError
-from pibackup.copies.shipstate import BadState, FileState, load_state, save_state
+from pibackup.copies.head import HeadError, HeadMaker, read_head
 from pibackup.copies.staging import Staging
+from pibackup.copies.state import BadState, FileState, load_state, save_state
 from pibackup.copies.target import ShipConfig, ShipError
 from pibackup.copies.transport import Transport
 from pibackup.errors import PibackupError
@@ -42,7 +42,7 @@ def _group(rel: str, sent: bool) -> str:
 
 class ShipRound:
     """What a round needs between rounds: each file's shipping state, the generation ids
-    shipped, whether the remote directory was found to be ours. Size: one round's steps."""
+    shipped, whether the remote directory was found to be ours."""
 
     def __init__(
         self, cfg: ShipConfig, destination: str, open_segment: OpenSegment, log: Log, transport: Transport, staging: Staging

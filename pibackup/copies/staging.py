@@ -8,9 +8,9 @@ import os
 import shutil
 from typing import List, Optional
 
-from pibackup.copies.copyhead import HeadMaker
 from pibackup.copies.crypt import NO_NODE_ID, Binding, Encryptor, Key
-from pibackup.copies.shipstate import FileState, inside
+from pibackup.copies.head import HeadMaker
+from pibackup.copies.state import FileState, inside
 from pibackup.copies.target import ShipError
 from pibackup.store import directory as dst
 from pibackup.store.layout import STAGING_DIR

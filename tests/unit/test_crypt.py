@@ -114,8 +114,8 @@ def test_a_closed_segment_that_lost_its_zeros_after_listing_stages_whole(tmp_pat
     so the shipper may list it at its old length and find it shorter: the staged copy ends
     where the file ends, finished (its final chunk), not a failed round."""
     from pibackup.copies.crypt import Key, decrypt_file
-    from pibackup.copies.shipstate import FileState
     from pibackup.copies.staging import Staging
+    from pibackup.copies.state import FileState
 
     dest = tmp_path / "pibackup"
     (dest / "gen-000001").mkdir(parents=True)

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 from pibackup.copies.crypt import NO_NODE_ID, Binding, CryptError, Encryptor, Key, decrypt_file
 from pibackup.errors import PibackupError
 from pibackup.store import directory as dst
+from pibackup.store.fsio import write_text_durably
 from pibackup.store.layout import COPY_ID_FILE, HEAD, is_generation_name, is_segment_name, is_snapshot_name
 from pibackup.store.reader import SegmentReader
 from pibackup.store.segment import ENCODINGS, FRAME_HEADER_SIZE, HEADER_SIZE, KINDS, MAX_PAYLOAD
@@ -45,7 +46,7 @@ def copy_id(staging: str) -> bytes:
     except (FileNotFoundError, UnicodeDecodeError):
         pass
     new = os.urandom(16)
-    dst.write_text_durably(path, new.hex() + "\n")
+    write_text_durably(path, new.hex() + "\n")
     return new
 
 
