@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import pytest
 
@@ -453,3 +453,72 @@ def test_a_new_stick_never_overwrites_or_deletes_the_remote_copy(sshd, traces, m
     wait_failing(node, "is not the gen-000001 already shipped")
     assert tree_digest(remote) == before, "the remote copy must stay as it was"
     node.stop()
+
+
+class RecordingTransport:
+    """A host that only notes what the round asks of it: the order of the calls is the
+    whole contract a new Transport must keep."""
+
+    def __init__(self) -> None:
+        self.calls: List[Tuple[str, Tuple[str, ...]]] = []
+
+    def describe(self) -> str:
+        return "pi@host:/srv/pb"
+
+    def list(self, recursive: bool = False) -> None:
+        self.calls.append(("list", ()))
+        return None  # a new directory: everything is sent
+
+    def send(self, root: str, rels: Sequence[str], append: bool) -> None:
+        self.calls.append(("send", tuple(rels)))
+
+    def fetch(self, rel: str, into: str, max_bytes: int) -> bool:
+        return False
+
+    def fetch_copy(self, into: str, max_file: int, still_room: Callable[[], bool]) -> bool:
+        return True
+
+    def delete(self, generations: Sequence[str]) -> None:
+        self.calls.append(("delete", tuple(generations)))
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_a_round_asks_its_transport_for_closed_files_snapshot_first_then_the_head_then_deletions(
+    traces, make_node, dest, tmp_path
+):
+    from pibackup.copies.crypt import Key
+    from pibackup.copies.shipper import ShipRound
+    from pibackup.copies.staging import Staging
+    from pibackup.copies.target import ShipConfig, parse_target
+
+    node = make_node(pibackup_batch_seconds=0)
+    recs = driver.first_run(traces["A"])[:150]
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    node.calls(recs[len(early) : 100])
+    node.stop()
+    node.commit_without_plugin(recs[100])
+    node.start([])  # a gap: gen-000002 from a snapshot
+    node.calls(recs[101:])
+    node.stop()
+    for key in (None, Key(os.urandom(32))):
+        local = tmp_path / f"local-{key is not None}"
+        shutil.copytree(dest, local)
+        cfg = ShipConfig(parse_target("pi@host:/srv/pb"), 22, None, None, 60.0, 900.0, key)
+        host = RecordingTransport()
+        ship = ShipRound(cfg, str(local), lambda: None, lambda *a: None, host, Staging(str(local), key))
+        ship.open()
+        ship.run(retrying=False)
+        sent = [rel for call, rels in host.calls if call == "send" for rel in rels]
+        assert host.calls[0] == ("list", ()) and sent[0] == "PIBACKUP", host.calls
+        (snap,) = [i for i, rel in enumerate(sent) if rel.startswith("gen-000002/snapshot-")]
+        first_seg = min(i for i, rel in enumerate(sent) if rel.startswith("gen-000002/seg-"))
+        assert max(i for i, rel in enumerate(sent) if rel.startswith("gen-000001/")) < snap < first_seg, sent
+        assert host.calls[-1] == ("send", ("HEAD",)) and sent.count("HEAD") == 1, host.calls
+        # Retention took gen-000001: the head record without it goes first, then the deletion.
+        shutil.rmtree(local / "gen-000001")
+        host.calls.clear()
+        ship.run(retrying=False)
+        assert host.calls == [("send", ("HEAD",)), ("delete", ("gen-000001",))], host.calls
