@@ -3,19 +3,17 @@ the old generation's, copied frame by frame while the hook appends, the rest at 
 
 from __future__ import annotations
 
-import os
 import threading
-import time
 from typing import Optional, Tuple
 
 from pibackup.compaction.messages import Built
 from pibackup.modes.journal.port import CompactionError, CompactionPort, Finished, Superseded
 from pibackup.rules.replayguard import Refused, check_frame
 from pibackup.store import directory as dst
+from pibackup.store.appender import create_segment, first_header, roll_over
 from pibackup.store.follow import JournalFollower
 from pibackup.store.replay import refused_damage
-from pibackup.store.segment import KIND_INFO, KIND_PRAGMA, Frame, SegmentHeader
-from pibackup.store.writer import SegmentWriter
+from pibackup.store.segment import KIND_INFO, KIND_PRAGMA, Frame
 from pibackup.testpoints import crash_point
 
 _CAUGHT_UP_BYTES = 64 * 1024  # copy at most about this much while holding the writer's lock
@@ -36,19 +34,11 @@ class NewGeneration:
         self.partial = partial
         self.number = number
         self.version = built.version
-        header = SegmentHeader(
-            generation=number,
-            generation_id=os.urandom(16),
-            segment=1,
-            base_version=self.version,
-            snapshot_sha256=built.sha256,
-            created=int(time.time()),
-            flags=b.segment_flags,
-        )
+        header = first_header(number, self.version, built.sha256, b.segment_settings.flags)
         # No zeros ahead while only the tail is copied in: the hook's appends get them after
         # the switch (they would be space held twice while both generations are on the medium).
-        self.chunk = b.chunk_for(built.snapshot_bytes)
-        self.writer = SegmentWriter.create(os.path.join(partial, dst.segment_filename(1)), header, 0)
+        self.chunk = b.segment_settings.chunk_for(built.snapshot_bytes)
+        self.writer = create_segment(partial, header, 0)
         self.writer.add(KIND_INFO, self.version, b.info_lines())
         self.last = self.version
         for kind, version, statements in built.pending:
@@ -85,19 +75,7 @@ class NewGeneration:
         w = self.writer
         w.flush()
         if w.size >= self.port.segment_bytes:
-            h = w.header
-            nxt = SegmentHeader(
-                generation=h.generation,
-                generation_id=h.generation_id,
-                segment=h.segment + 1,
-                base_version=h.base_version,
-                snapshot_sha256=h.snapshot_sha256,
-                prev_valid_length=w.size,
-                prev_checksum=w.checksum,
-                created=int(time.time()),
-                flags=h.flags,
-            )
-            self.writer = SegmentWriter.create(os.path.join(self.partial, dst.segment_filename(nxt.segment)), nxt, w.preallocate)
+            self.writer = roll_over(self.partial, w, w.header.flags, w.preallocate)
             self.closed_bytes += w.size
             w.close()
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 from pibackup.errors import PibackupError
 from pibackup.modes.api import Log
 from pibackup.store import directory as dst
+from pibackup.store.appender import SegmentSettings
 from pibackup.store.journal import SegmentWriter
 
 
@@ -75,9 +76,7 @@ class CompactionPort(Protocol):
     dest: dst.Destination
     log: Log
     segment_bytes: int
-    segment_flags: int
-
-    def chunk_for(self, snapshot_bytes: int) -> int: ...
+    segment_settings: SegmentSettings
 
     def info_lines(self) -> List[str]: ...
 

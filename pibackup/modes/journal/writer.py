@@ -21,10 +21,10 @@ from pibackup.rules import filter as flt
 from pibackup.rules.replayguard import check_call
 from pibackup.rules.sequence import Action, classify, is_pragma_only, reconcile
 from pibackup.store import directory as dst
+from pibackup.store.appender import SegmentSettings, create_segment, first_header, next_header
 from pibackup.store.chain import DamageError, Tail, generation_info, generation_settings, read_tail
 from pibackup.store.fsio import io_error_message
 from pibackup.store.journal import (
-    FLAG_DEFLATE,
     HEADER_SIZE,
     KIND_INFO,
     KIND_PRAGMA,
@@ -37,9 +37,6 @@ from pibackup.store.journal import (
 )
 from pibackup.store.snapshot import live_data_version, take_snapshot
 from pibackup.testpoints import crash_point
-
-PREALLOCATE_SHARE = 16
-PREALLOCATE_FLOOR = 16 * 1024  # a few dozen payments' frames between two extensions
 
 
 @dataclass
@@ -87,7 +84,7 @@ class Backup:
         self.filter_tables = frozenset(filter_tables)
         self.batch_seconds = batch_seconds
         self.batch_bytes = batch_bytes
-        self.segment_flags = FLAG_DEFLATE if compress else 0
+        self.segment_settings = SegmentSettings.of(compress, preallocate)
         self.preallocate = preallocate
         self.dest = dst.Destination(destination)
         self.writer: Optional[SegmentWriter] = None
@@ -277,17 +274,9 @@ class Backup:
                 snap, version, sha = take_snapshot(self.live_db, partial, strip=self.filter_tables)
             else:
                 snap, version, sha = "", 0, b"\0" * 32
-            header = SegmentHeader(
-                generation=number,
-                generation_id=os.urandom(16),
-                segment=1,
-                base_version=version,
-                snapshot_sha256=sha,
-                created=int(time.time()),
-                flags=self.segment_flags,
-            )
+            header = first_header(number, version, sha, self.segment_settings.flags)
             snapshot_bytes = _size(snap) if snapshot else 0
-            writer = SegmentWriter.create(os.path.join(partial, dst.segment_filename(1)), header, self.chunk_for(snapshot_bytes))
+            writer = create_segment(partial, header, self.segment_settings.chunk_for(snapshot_bytes))
             writer.append(KIND_INFO, version, self.info_lines())
             final = self.dest.commit_generation(partial)
         except BaseException:
@@ -319,20 +308,8 @@ class Backup:
         given back now (a roll-over: one more sync, once per segment), or with `trim_now`
         False by the compactor's thread later, outside the lock (trim_closed)."""
         assert self.generation is not None
-        header = SegmentHeader(
-            generation=like.generation,
-            generation_id=like.generation_id,
-            segment=number,
-            base_version=like.base_version,
-            snapshot_sha256=like.snapshot_sha256,
-            prev_valid_length=prev_length,
-            prev_checksum=prev_checksum,
-            created=int(time.time()),
-            flags=self.segment_flags,
-        )
-        writer = SegmentWriter.create(
-            os.path.join(self.generation, dst.segment_filename(number)), header, self.chunk_for(self.snapshot_bytes)
-        )
+        header = next_header(like, number, prev_length, prev_checksum, self.segment_settings.flags)
+        writer = create_segment(self.generation, header, self.segment_settings.chunk_for(self.snapshot_bytes))
         old, self.writer = self.writer, writer
         self.roll_failed = False
         if old is not None:
@@ -342,14 +319,6 @@ class Backup:
                 old.close(trim=trim_now)
             except OSError:
                 pass  # its frames were synced; the file is done with
-
-    def chunk_for(self, snapshot_bytes: int) -> int:
-        """Preallocation chunk for a segment of a generation whose snapshot has this size:
-        pibackup-preallocate-kb, but no more than 1/PREALLOCATE_SHARE of the snapshot (and no
-        less than PREALLOCATE_FLOOR), so the zeros written ahead stay a small part of the
-        backup while the database is small (issue #5: the medium stays under 3x the database)."""
-        share = snapshot_bytes // PREALLOCATE_SHARE // 4096 * 4096
-        return min(self.preallocate, max(PREALLOCATE_FLOOR, share))
 
     # --- the hot path -------------------------------------------------------------------
     def write(self, data_version: int, writes: List[str]) -> None:
