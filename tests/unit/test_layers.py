@@ -30,7 +30,6 @@ LAYERS: Dict[str, int] = {
 }
 
 KNOWN_VIOLATIONS: Set[str] = {
-    "pibackup.modes.journal.writer -> pibackup.compaction.compact",
     "pibackup.modes.replica.restore -> pibackup.modes.journal.restore",
 }
 KNOWN_CYCLES: Set[str] = set()

@@ -71,9 +71,6 @@ class Backup:
         batch_bytes: int,
         preallocate: int,
         compress: bool = True,
-        compact_ratio: float = 0.0,
-        compact_min_bytes: int = 0,
-        keep_generations: int = 0,
         compaction: Optional[CompactionHooks] = None,
     ):
         # Defaults live in config.py only; hook.py passes every value it parsed.
@@ -109,14 +106,6 @@ class Backup:
         # compaction/wiring.py make_journal_writer() passes the compactor in; the writer never
         # imports compaction.
         self.compactor: Optional[CompactionHooks] = compaction
-        if compaction is None and keep_generations > 0:
-            # moved: removed in the sweep (the old construction path, until app/hook.py builds
-            # the writer through make_journal_writer)
-            from pibackup.compaction.compact import Compactor
-
-            c = Compactor(compact_ratio, compact_min_bytes, keep_generations, log)
-            c.bind(self)
-            self.compactor = c
 
     # --- start-up --------------------------------------------------------------
     def start(self, early: Sequence[Call]) -> None:
