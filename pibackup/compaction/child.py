@@ -18,12 +18,12 @@ from typing import Callable, List, Optional, Tuple, Union
 from pibackup.compaction.messages import At, Built, Failed, Job, More, Nothing, Start, decode_reply
 from pibackup.errors import DamageError, PibackupError
 from pibackup.modes.journal.port import CompactionError
-from pibackup.modes.journal.restore import copy_snapshot
 from pibackup.rules.replayguard import connect as guarded_connect
 from pibackup.store import directory as dst
 from pibackup.store.chain import End, generation_info, iter_frames
 from pibackup.store.follow import JournalFollower
 from pibackup.store.fsio import fsync_dir, fsync_file, io_error_message
+from pibackup.store.output import copy_snapshot
 from pibackup.store.replay import REPLAY_BATCH, Outcome, OutputError, Replayer
 from pibackup.store.segment import Frame
 from pibackup.store.snapshot import private_file, read_data_version, sha256_file

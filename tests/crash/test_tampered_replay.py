@@ -18,9 +18,9 @@ import pytest
 import dbcompare
 import driver
 from helpers import cli, restore_to
-from pibackup.modes.journal.restore import copy_snapshot
 from pibackup.rules.replayguard import Refused, check_statement, connect
 from pibackup.store.journal import KIND_PRAGMA, KIND_TX, Frame, SegmentReader, SegmentWriter, encode_statements, scan_segment
+from pibackup.store.output import copy_snapshot
 from pibackup.store.snapshot import sha256_file, take_snapshot
 
 V = 40  # the data_version whose frame is tampered with

@@ -6,10 +6,8 @@ connection runs (replay.py), through the replay guard; the database is private t
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
-import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Generator, List, Optional, Tuple
@@ -17,7 +15,8 @@ from typing import Any, Callable, Dict, Generator, List, Optional, Tuple
 from pibackup.rules import replayguard
 from pibackup.store import directory as dst
 from pibackup.store.chain import DamageError, End, generation_info, iter_frames, read_tail
-from pibackup.store.journal import Frame, fsync_dir, fsync_file
+from pibackup.store.journal import Frame
+from pibackup.store.output import check_output, copy_snapshot, publish, remove_tmp  # moved: removed in the sweep (re-exported)
 from pibackup.store.replay import REPLAY_BATCH, Outcome, OutputError, Replayer, RestoreError
 from pibackup.store.snapshot import SnapshotError, private_file, read_data_version, sha256_file
 
@@ -37,8 +36,6 @@ __all__ = [
     "restore",
     "verify",
 ]
-
-_CHUNK = 1 << 20
 
 
 def _frames(gen: dst.Generation, out: Outcome, partial: bool) -> Generator[Tuple[Frame, str], None, None]:
@@ -71,40 +68,6 @@ def pick_generation(backup_dir: str, number: Optional[int] = None) -> dst.Genera
         if g.number == number:
             return g
     raise RestoreError(f"{backup_dir} has no generation {number}; it has {', '.join(str(g.number) for g in gens)}")
-
-
-def copy_snapshot(src: str, target: str, expected: bytes, sync_every: int = 0) -> None:
-    """Copy a snapshot, checking its SHA-256. `sync_every` bytes, the copy is synced: a
-    compaction's copy then never leaves a large batch of dirty pages for one sync, which
-    the hook's own syncs would wait behind."""
-    h = hashlib.sha256()
-    written = 0
-    with open(src, "rb") as fi, os.fdopen(private_file(target), "wb") as fo:
-        while True:
-            b = fi.read(_CHUNK)
-            if not b:
-                break
-            h.update(b)
-            fo.write(b)
-            written += len(b)
-            if sync_every and written >= sync_every:
-                fo.flush()
-                os.fdatasync(fo.fileno())
-                written = 0
-    if h.digest() != expected:
-        raise DamageError(f"{src}: snapshot is damaged (its SHA-256 does not match the journal's header)", src, None)
-
-
-def check_output(output: str, force: bool) -> None:
-    """OUTPUT_DB can be written: its directory exists, and it does not (or --force)."""
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise RestoreError(f"{out_dir} does not exist; create it or choose another OUTPUT_DB")
-    if os.path.lexists(output) and not force:
-        raise RestoreError(
-            f"{output} already exists; pibackup never overwrites a database unless told to. Stop lightningd, "
-            "move the file away, or pass --force"
-        )
 
 
 def restore(
@@ -184,28 +147,6 @@ def restore(
         remove_tmp(tmp)
         raise
     return out
-
-
-def publish(tmp: str, output: str) -> None:
-    """Sync a finished temporary database, rename it into place, sync its directory. A file
-    it replaces (--force) hands on its mode and owner: lightningd's user must still own it."""
-    try:
-        st: Optional[os.stat_result] = os.stat(output)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
-            os.chown(tmp, st.st_uid, st.st_gid)
-        os.chmod(tmp, stat.S_IMODE(st.st_mode))
-    fsync_file(tmp)
-    os.replace(tmp, output)
-    fsync_dir(os.path.dirname(output))
-
-
-def remove_tmp(tmp: str) -> None:
-    for stale in (tmp, tmp + "-journal", tmp + "-wal", tmp + "-shm"):
-        if os.path.lexists(stale):
-            os.unlink(stale)
 
 
 def _check_result(conn: sqlite3.Connection, out: Outcome) -> None:
