@@ -22,8 +22,8 @@ from pibackup.copies.crypt import key_id, write_key_file
 from pibackup.copies.remote import MAX_FILE_DEFAULT, CopyReport, Terminated, older_than_records, readable_copy
 from pibackup.copies.ship import ShipError, check_local_file
 from pibackup.errors import PibackupError
-from pibackup.modes.journal.restore import check_output
 from pibackup.store.directory import refuse_foreign
+from pibackup.store.output import check_output
 from pibackup.store.replay import Outcome
 
 

@@ -29,9 +29,7 @@ LAYERS: Dict[str, int] = {
     "pibackup.__main__": 6,
 }
 
-KNOWN_VIOLATIONS: Set[str] = {
-    "pibackup.modes.replica.restore -> pibackup.modes.journal.restore",
-}
+KNOWN_VIOLATIONS: Set[str] = set()
 KNOWN_CYCLES: Set[str] = set()
 
 

@@ -9,13 +9,13 @@ import sqlite3
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from pibackup.modes.journal.restore import check_output, publish, remove_tmp
 from pibackup.modes.replica.state import STATE_TABLE, ReplicaError, read_state, refused, refused_pending
 from pibackup.rules import replayguard
 from pibackup.rules.replayguard import Refused
 from pibackup.store import directory as dst
 from pibackup.store.fsio import private_file
 from pibackup.store.layout import REPLICA_FILE, replica_dirs
+from pibackup.store.output import check_output, publish, remove_tmp
 from pibackup.store.replay import RestoreError
 from pibackup.store.snapshot import read_data_version
 
