@@ -8,24 +8,22 @@ import json
 import os
 import re
 import sqlite3
-import struct
 import time
 import urllib.parse
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from pibackup.copies.crypt import NO_NODE_ID, Binding, CryptError, Encryptor, Key, decrypt_file
 from pibackup.errors import PibackupError
 from pibackup.store import directory as dst
+from pibackup.store.chain import Walk, walk_segment
 from pibackup.store.fsio import write_text_durably
 from pibackup.store.layout import COPY_ID_FILE, HEAD, is_generation_name, is_segment_name, is_snapshot_name
 from pibackup.store.reader import SegmentReader
-from pibackup.store.segment import ENCODINGS, FRAME_HEADER_SIZE, HEADER_SIZE, KINDS, MAX_PAYLOAD
+from pibackup.store.segment import HEADER_SIZE
 
 HEAD_VERSION = 1
 _HEAD_MAX = 1 << 20  # a head record is a few hundred bytes; a reader never takes more
-_FRAME = struct.Struct(">BBHII")
 _NODE_ID_SQL = re.compile(r"'node_id'\s*,\s*[xX]'([0-9a-fA-F]{66})'")
 
 
@@ -82,48 +80,6 @@ def node_id_of(gen: dst.Generation) -> Optional[bytes]:
     except (OSError, PibackupError):
         pass
     return None
-
-
-# --- the newest frame of a segment -----------------------------------------------------
-@dataclass
-class Walk:
-    """How far the frames of one segment were checked: offset after the last valid frame,
-    its chained checksum, and its data_version."""
-
-    path: str
-    offset: int = HEADER_SIZE
-    checksum: int = 0
-    data_version: Optional[int] = None
-
-
-def walk_segment(w: Walk, limit: int) -> Walk:
-    """Follow the checksum chain from where `w` stopped up to `limit` bytes of the file:
-    the valid content as any reader finds it (header fields and checksums only, nothing
-    inflated). Segments only grow at their end, so a walk goes on where it stopped."""
-    with open(w.path, "rb", buffering=1 << 16) as f:
-        if w.offset == HEADER_SIZE and w.data_version is None:
-            head = f.read(HEADER_SIZE)
-            if len(head) < HEADER_SIZE:
-                return w
-            w.checksum = struct.unpack(">I", head[124:128])[0]
-        f.seek(w.offset)
-        while w.offset + FRAME_HEADER_SIZE <= limit:
-            fh = f.read(FRAME_HEADER_SIZE)
-            if len(fh) < FRAME_HEADER_SIZE:
-                break
-            kind, encoding, reserved, version, length = _FRAME.unpack(fh[:12])
-            if kind not in KINDS or encoding not in ENCODINGS or reserved or length > MAX_PAYLOAD:
-                break
-            if w.offset + FRAME_HEADER_SIZE + length > limit:
-                break
-            payload = f.read(length)
-            crc = zlib.crc32(payload, zlib.crc32(fh[:12], w.checksum))
-            if len(payload) < length or crc != struct.unpack(">I", fh[12:16])[0]:
-                break
-            w.offset += FRAME_HEADER_SIZE + length
-            w.checksum = crc
-            w.data_version = version
-    return w
 
 
 # --- the head record ----------------------------------------------------------------------

@@ -35,8 +35,8 @@ class Transport(Protocol):
         each is sent whole and replaces the remote one at once."""
 
     def fetch(self, rel: str, into: str, max_bytes: int) -> bool:
-        """Copy one remote file into the directory `into`, unless it is over max_bytes;
-        False when the host gave nothing (absent, unreadable, or unreachable)."""
+        """Copy one remote file into the directory `into`; False when the host could not
+        give it (absent, unreadable, unreachable). One over max_bytes is skipped quietly."""
 
     def fetch_copy(self, into: str, max_file: int, still_room: Callable[[], bool]) -> bool:
         """Copy the backup layout's files (no file over max_file) into `into`; stop and
