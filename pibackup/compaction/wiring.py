@@ -7,7 +7,7 @@ from typing import FrozenSet, Optional
 
 from pibackup.compaction.compactor import Compactor
 from pibackup.modes.api import Log
-from pibackup.modes.journal.writer import Backup
+from pibackup.modes.journal.writer import JournalWriter
 
 
 def make_journal_writer(
@@ -24,14 +24,14 @@ def make_journal_writer(
     compact_ratio: float = 0.0,
     compact_min_bytes: int = 0,
     keep_generations: int = 0,
-) -> Backup:
+) -> JournalWriter:
     """A journal writer for `destination`; with keep_generations > 0 it compacts (when its
     journal passes compact_ratio times its snapshot and compact_min_bytes, or when asked)
     and keeps that many generations."""
     compactor: Optional[Compactor] = None
     if keep_generations > 0:
         compactor = Compactor(compact_ratio, compact_min_bytes, keep_generations, log)
-    writer = Backup(
+    writer = JournalWriter(
         destination,
         live_db,
         log,

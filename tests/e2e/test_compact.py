@@ -19,12 +19,14 @@ from helpers import cli, restore_to
 from pibackup.compaction import messages as msg
 from pibackup.compaction.messages import Built
 from pibackup.compaction.newgen import NewGeneration
+from pibackup.errors import DamageError
 from pibackup.modes.journal.port import CompactionError
-from pibackup.modes.journal.writer import Backup
+from pibackup.modes.journal.writer import JournalWriter
 from pibackup.store import directory as dst
-from pibackup.store.chain import DamageError
 from pibackup.store.follow import JournalFollower
-from pibackup.store.journal import FLAG_DEFLATE, KIND_TX, Frame, SegmentHeader, SegmentWriter, scan_segment
+from pibackup.store.reader import scan_segment
+from pibackup.store.segment import FLAG_DEFLATE, KIND_TX, Frame, SegmentHeader
+from pibackup.store.writer import SegmentWriter
 
 
 def status(node: driver.Node) -> Dict[str, Any]:
@@ -128,7 +130,9 @@ def test_the_new_generation_takes_only_frames_that_follow_its_snapshot(tmp_path)
     # before it; anything else would make the new generation unrestorable, so it is refused.
     d = tmp_path / "dest"
     d.mkdir()
-    b = Backup(str(d), "", print, segment_bytes=1 << 20, filter_tables=frozenset(), batch_seconds=0, batch_bytes=0, preallocate=0)
+    b = JournalWriter(
+        str(d), "", print, segment_bytes=1 << 20, filter_tables=frozenset(), batch_seconds=0, batch_bytes=0, preallocate=0
+    )
     partial = b.dest.begin_generation(2)
     built = Built(10, b"\0" * 32, 0, 0, [])
     src = dst.Generation(1, str(d / "gen-000001"), [], [])
@@ -800,7 +804,7 @@ def test_a_damage_report_only_affects_the_generation_still_written(traces, tmp_p
     d = tmp_path / "dest"
     d.mkdir()
     logs: list = []
-    b = Backup(str(d), str(live.path), lambda m, lvl="info": logs.append(m), segment_bytes=1 << 20,
+    b = JournalWriter(str(d), str(live.path), lambda m, lvl="info": logs.append(m), segment_bytes=1 << 20,
                filter_tables=frozenset({"utxoset"}), batch_seconds=0, batch_bytes=0, preallocate=0)
     for r in recs[:9]:
         live.commit(r.writes)

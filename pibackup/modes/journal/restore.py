@@ -12,12 +12,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Generator, List, Optional, Tuple
 
+from pibackup.errors import DamageError
 from pibackup.rules import replayguard
 from pibackup.store import directory as dst
-from pibackup.store.chain import DamageError, End, generation_info, iter_frames, read_tail
-from pibackup.store.journal import Frame
+from pibackup.store.chain import End, generation_info, iter_frames, read_tail
 from pibackup.store.output import check_output, copy_snapshot, publish, remove_tmp  # moved: removed in the sweep (re-exported)
 from pibackup.store.replay import REPLAY_BATCH, Outcome, OutputError, Replayer, RestoreError
+from pibackup.store.segment import Frame
 from pibackup.store.snapshot import SnapshotError, private_file, read_data_version, sha256_file
 
 __all__ = [

@@ -24,15 +24,9 @@ from pibackup.rules.sequence import Action, classify, is_pragma_only
 from pibackup.store import directory as dst
 from pibackup.store.appender import SegmentSettings, create_segment, first_header, next_header
 from pibackup.store.fsio import io_error_message
-from pibackup.store.journal import (
-    KIND_INFO,
-    KIND_PRAGMA,
-    KIND_TX,
-    SegmentHeader,
-    SegmentLeftBehind,
-    SegmentWriter,
-)
+from pibackup.store.segment import KIND_INFO, KIND_PRAGMA, KIND_TX, SegmentHeader
 from pibackup.store.snapshot import live_data_version, take_snapshot
+from pibackup.store.writer import SegmentLeftBehind, SegmentWriter
 
 
 # size: the hot path, its flushes, the segment and generation changes they trigger and the
