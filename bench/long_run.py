@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The long run of issue #5 (make bench): N synthetic transactions (default 1,000,000) shaped
+"""The long run (make bench): N synthetic transactions (default 1,000,000) shaped
 like trace A's payments, through the real plugin, with automatic compaction off and with the
 defaults (compaction on). The workload applies with foreign keys on and the database grows
 as a node's does (workloads.synthetic_growing).

@@ -36,7 +36,7 @@ class SegmentSettings:
         """Preallocation chunk for a segment of a generation whose snapshot has this size:
         pibackup-preallocate-kb, but no more than 1/PREALLOCATE_SHARE of the snapshot (and no
         less than PREALLOCATE_FLOOR), so the zeros written ahead stay a small part of the
-        backup while the database is small (issue #5: the medium stays under 3x the database)."""
+        backup while the database is small (the medium stays under 3x the database)."""
         share = snapshot_bytes // PREALLOCATE_SHARE // 4096 * 4096
         return min(self.preallocate, max(PREALLOCATE_FLOOR, share))
 

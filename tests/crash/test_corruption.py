@@ -1,4 +1,4 @@
-"""Random corruption of a real backup directory (issue #9, item 4): bit flips, truncations
+"""Random corruption of a real backup directory: bit flips, truncations
 and appended garbage over journal segments, snapshots and the marker. `verify` must notice
 every one; `restore` must never produce a wrong database silently: it fails, or it stops at
 the last good transaction and says so, and what it restores is exactly the state the node

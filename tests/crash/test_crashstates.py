@@ -1,4 +1,4 @@
-"""Crash-state exploration (issue #9 item 1; tests/crashstates.py): every state a power cut
+"""Crash-state exploration (tests/crashstates.py): every state a power cut
 may leave on the backup medium, by POSIX, at every point of a real recording's replay, must
 restore to lightningd's database with every acknowledged transaction in it."""
 

@@ -1,4 +1,4 @@
-"""Several destinations (issue #9, item 3): a USB stick and a second SD card. Every
+"""Several destinations: a USB stick and a second SD card. Every
 transaction is acknowledged only once each destination in use has it; one failing halts the
 node (default) or, with continue-degraded, is dropped with a warning and rejoins in step
 when it is usable again."""

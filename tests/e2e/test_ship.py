@@ -1,5 +1,5 @@
 """Shipping to another host with the real rsync over a real sshd on 127.0.0.1, then
-restoring from the remote copy (issue #6)."""
+restoring from the remote copy."""
 
 from __future__ import annotations
 
