@@ -997,7 +997,8 @@ class ReaderKey:
         return d
 
     def __call__(self, state: FsState, is_dir: Dict[int, bool]) -> Optional[str]:
-        from pibackup.store.journal import JournalError, SegmentReader
+        from pibackup.store.reader import SegmentReader
+        from pibackup.store.segment import JournalError
 
         entries = list(state.walk(is_dir))
         gens = sorted(rel for rel, ino in entries if ino is None and _GEN_DIR.match(rel))

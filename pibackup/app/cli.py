@@ -19,10 +19,11 @@ from pibackup.app import stickcheck
 from pibackup.app.config import SHIP_PORT_DEFAULT, ConfigError, _int
 from pibackup.app.modes import RestoreArgs, detect
 from pibackup.copies.crypt import key_id, write_key_file
-from pibackup.copies.remote import MAX_FILE_DEFAULT, CopyReport, Terminated, older_than_records, readable_copy
-from pibackup.copies.ship import ShipError, check_local_file
+from pibackup.copies.fetch import MAX_FILE_DEFAULT
+from pibackup.copies.readable import CopyReport, Terminated, older_than_records, readable_copy
+from pibackup.copies.target import ShipError, check_local_file
 from pibackup.errors import PibackupError
-from pibackup.store.directory import refuse_foreign
+from pibackup.store.access import refuse_foreign
 from pibackup.store.output import check_output
 from pibackup.store.replay import Outcome
 

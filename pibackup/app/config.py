@@ -25,7 +25,7 @@ from pibackup.errors import PibackupError
 from pibackup.rules.filter import parse_filter
 
 if TYPE_CHECKING:
-    from pibackup.copies.ship import ShipConfig
+    from pibackup.copies.target import ShipConfig
 
 SEGMENT_SIZE_DEFAULT = str(default("pibackup-segment-size"))
 _SIZE = re.compile(r"^\s*(\d+)\s*([KkMmGg]?)i?[Bb]?\s*$")
@@ -207,7 +207,7 @@ def parse_ship(options: Mapping[str, Any]) -> Optional[ShipConfig]:
         return None
     # Only now: shipping's modules cost about 2 MB of RSS that a node without it never needs.
     from pibackup.copies.crypt import load_key
-    from pibackup.copies.ship import ShipConfig, check_local_file, parse_target
+    from pibackup.copies.target import ShipConfig, check_local_file, parse_target
 
     target = parse_target(spec)
     for tool, package in (("rsync", "rsync"), ("ssh", "openssh-client")):

@@ -19,7 +19,7 @@ from pibackup.fanout.destinations import Destinations
 from pibackup.modes.api import Call, Log
 
 if TYPE_CHECKING:
-    from pibackup.copies.ship import Shipper
+    from pibackup.copies.schedule import Shipper
 
 CONTINUE: Dict[str, Any] = {"result": "continue"}
 # Anything but "continue" makes lightningd stop without committing the transaction.
@@ -156,7 +156,7 @@ class HookHandler:
         """Shipping runs beside the backup; it can fail without touching it."""
         assert cfg.ship is not None
         path = cfg.destination
-        from pibackup.copies.ship import Shipper  # only when configured (see config.parse_ship)
+        from pibackup.copies.schedule import Shipper  # only when configured (see config.parse_ship)
 
         shipper = Shipper(cfg.ship, path, lambda: backup.open_segment_of(path), self.log)
         try:

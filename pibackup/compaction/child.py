@@ -20,13 +20,15 @@ from pibackup.errors import DamageError, PibackupError
 from pibackup.modes.journal.port import CompactionError
 from pibackup.rules.replayguard import connect as guarded_connect
 from pibackup.store import directory as dst
-from pibackup.store.chain import End, generation_info, iter_frames
+from pibackup.store.chain import End, iter_frames
 from pibackup.store.follow import JournalFollower
-from pibackup.store.fsio import fsync_dir, fsync_file, io_error_message
+from pibackup.store.fsio import fsync_dir, fsync_file, io_error_message, private_file
+from pibackup.store.generation import generation_info
+from pibackup.store.layout import SNAPSHOT_TMP, snapshot_filename
 from pibackup.store.output import copy_snapshot
 from pibackup.store.replay import REPLAY_BATCH, Outcome, OutputError, Replayer
 from pibackup.store.segment import Frame
-from pibackup.store.snapshot import private_file, read_data_version, sha256_file
+from pibackup.store.snapshot import read_data_version, sha256_file
 from pibackup.testpoints import crash_point
 
 COMPACTION_NICE = 10  # added to the plugin's niceness, in the compaction's process
@@ -55,7 +57,7 @@ def build_snapshot(
     snapshot is finished. `end` in the result is where the replay stopped."""
     info = generation_info(gen)
     part = dst.Generation(gen.number, gen.path, gen.snapshots, gen.segments[:segments])
-    tmp = os.path.join(partial, "snapshot.tmp")
+    tmp = os.path.join(partial, SNAPSHOT_TMP)
     if gen.snapshot is not None:
         copy_snapshot(gen.snapshot, tmp, info.snapshot_sha256, sync_every=_SYNC_EVERY)
     else:
@@ -106,7 +108,7 @@ def build_snapshot(
         raise NothingToDo(f"{gen.name} has no committed transaction after its snapshot yet")
     fsync_file(tmp)
     sha = sha256_file(tmp)
-    final = os.path.join(partial, dst.snapshot_filename(version))
+    final = os.path.join(partial, snapshot_filename(version))
     os.rename(tmp, final)
     fsync_dir(partial)
     crash_point("child-snapshot")

@@ -18,7 +18,7 @@ from pibackup.errors import PibackupError
 from pibackup.store import directory as dst
 from pibackup.store.chain import Walk, walk_segment
 from pibackup.store.fsio import write_text_durably
-from pibackup.store.layout import COPY_ID_FILE, HEAD, is_generation_name, is_segment_name, is_snapshot_name
+from pibackup.store.layout import COPY_ID_FILE, HEAD, is_generation_name, is_segment_name, is_snapshot_name, segment_filename
 from pibackup.store.reader import SegmentReader
 from pibackup.store.segment import HEADER_SIZE
 
@@ -214,9 +214,9 @@ def shortfalls(root: str, head: Head) -> List[str]:
         if g["snapshot"] and not any(is_snapshot_name(f) for f in files):
             out.append(f"{name} has lost its snapshot")
         if len(segs) < g["segments"]:
-            missing = [f"seg-{i:06d}.pbj" for i in range(1, g["segments"] + 1) if f"seg-{i:06d}.pbj" not in segs]
+            missing = [segment_filename(i) for i in range(1, g["segments"] + 1) if segment_filename(i) not in segs]
             out.append(f"{name} lacks {', '.join(missing)} (it had {g['segments']} segment(s))")
-        gid = _generation_id(os.path.join(path, "seg-000001.pbj"))
+        gid = _generation_id(os.path.join(path, segment_filename(1)))
         if gid is not None and gid != bytes.fromhex(g["id"]):
             out.append(f"{name} is not the generation the record names (generation id {gid.hex()}, not {g['id']})")
     seg = os.path.join(root, head.generation, head.segment)

@@ -20,7 +20,7 @@ from pibackup.copies.head import Head, HeadError, describe_time, read_head, shor
 from pibackup.copies.target import ShipError
 from pibackup.errors import PibackupError
 from pibackup.store import directory as dst
-from pibackup.store.layout import HEAD, MARKER, is_generation_name, is_layout_path
+from pibackup.store.layout import HEAD, MARKER, is_generation_name, is_layout_path, segment_filename
 from pibackup.store.segment import HEADER_SIZE, decode_header
 
 _WORKDIR = re.compile(r"^pibackup-(?:fetch|plain)-(\d+)-")
@@ -274,7 +274,7 @@ def drop_unfinished_newest(root: str) -> None:
 
 
 def _unfinished(gen: dst.Generation) -> Optional[str]:
-    first = os.path.join(gen.path, "seg-000001.pbj")
+    first = os.path.join(gen.path, segment_filename(1))
     if first not in gen.segments:
         return "no journal yet"
     if gen.snapshot is not None:

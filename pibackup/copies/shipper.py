@@ -23,7 +23,7 @@ from pibackup.copies.target import ShipConfig, ShipError
 from pibackup.copies.transport import Transport
 from pibackup.errors import PibackupError
 from pibackup.store import directory as dst
-from pibackup.store.layout import HEAD, MARKER, STATE_FILE, is_generation_name
+from pibackup.store.layout import GENERATION_PREFIX, HEAD, MARKER, STATE_FILE, is_generation_name
 from pibackup.store.segment import HEADER_SIZE, decode_header
 
 Log = Callable[[str, str], None]
@@ -216,13 +216,13 @@ class ShipRound:
         """Generations gone locally (retention) go remotely too, once the newest local one is
         complete there; their state is dropped."""
         local = {rel.split("/")[0] for rel, *_ in inventory}
-        oldest = min((g for g in local if g.startswith("gen-")), default=None)
+        oldest = min((g for g in local if g.startswith(GENERATION_PREFIX)), default=None)
         # Only generations older than every local one: retention removes the oldest first.
         gone = sorted(g for g in {rel.split("/")[0] for rel in self.files if "/" in rel} - local if oldest is None or g < oldest)
         gone = [g for g in gone if is_generation_name(g)]  # checked when read; they reach --delete
         if not gone:
             return
-        newest = max((g for g in local if g.startswith("gen-")), default=None)
+        newest = max((g for g in local if g.startswith(GENERATION_PREFIX)), default=None)
         if newest is None or not all(st.sent for rel, st in self.files.items() if rel.startswith(newest + "/")):
             return
         sent = self.head.last_sent if self.head is not None else None

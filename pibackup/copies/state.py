@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Tuple
 
-from pibackup.store.layout import is_generation_name, is_layout_path
+from pibackup.store.layout import TMP_SUFFIX, is_generation_name, is_layout_path
 
 STATE_VERSION = 1  # fields added since are optional: an older release's state still loads
 _HEX16 = re.compile(r"^[0-9a-f]{32}$")
@@ -92,9 +92,9 @@ def save_state(
 ) -> None:
     data = dict(identity, version=STATE_VERSION, remote_checked=checked, generation_ids=generation_ids)
     data["files"] = {rel: asdict(st) for rel, st in files.items()}
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with open(path + TMP_SUFFIX, "w", encoding="utf-8") as f:
         json.dump(data, f)
-    os.replace(path + ".tmp", path)  # no sync: a lost update means some files are sent again
+    os.replace(path + TMP_SUFFIX, path)  # no sync: a lost update means some files are sent again
 
 
 def inside(root: str, path: str) -> bool:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from pibackup.errors import PibackupError
 from pibackup.modes.api import Call, Log, Writer
-from pibackup.store import directory as dst
+from pibackup.store.access import DestinationError, validate
 from pibackup.store.medium import medium
 
 HALT, CONTINUE_DEGRADED = "halt", "continue-degraded"
@@ -98,7 +98,7 @@ class Destinations:
         with self._lock:
             member = next((b for b in self.active if b.destination == path), None)
         if member is None:
-            raise dst.DestinationError(f"the destination {path} is not in use (dropped), so its copy is not shipped either")
+            raise DestinationError(f"the destination {path} is not in use (dropped), so its copy is not shipped either")
         return member.open_segment()
 
     def generation_count(self) -> int:
@@ -116,12 +116,12 @@ class Destinations:
                     self.close()
                     if len(self.paths) == 1:
                         raise
-                    raise dst.DestinationError(f"destination {path}: {e}") from e
+                    raise DestinationError(f"destination {path}: {e}") from e
                 self._drop_path(path, str(e))
                 continue
             self.active.append(b)
         if not self.active:
-            raise dst.DestinationError("no backup destination can be used: " + "; ".join(f"{p}: {w}" for p, w in self.dropped.items()))
+            raise DestinationError("no backup destination can be used: " + "; ".join(f"{p}: {w}" for p, w in self.dropped.items()))
         # The physical medium, not st_dev: two partitions of one stick, or two btrfs
         # subvolumes, have st_devs of their own and fail together.
         try:
@@ -154,11 +154,11 @@ class Destinations:
             return
         if self.policy == HALT:
             b, message = errors[0]
-            raise dst.DestinationError(message if len(members) == 1 else f"destination {b.destination}: {message}")
+            raise DestinationError(message if len(members) == 1 else f"destination {b.destination}: {message}")
         for b, message in errors:
             self._drop(b, message)
         if not self.active:
-            raise dst.DestinationError("every backup destination failed: " + "; ".join(f"{p}: {w}" for p, w in self.dropped.items()))
+            raise DestinationError("every backup destination failed: " + "; ".join(f"{p}: {w}" for p, w in self.dropped.items()))
 
     @staticmethod
     def _write_one(b: Writer, data_version: int, writes: List[str]) -> List[Tuple[Writer, str]]:
@@ -222,7 +222,7 @@ class Destinations:
     def _probe_dropped(self) -> None:
         for path in list(self.dropped):
             try:
-                dst.validate(path)
+                validate(path)
                 if os.statvfs(path).f_flag & os.ST_RDONLY:
                     continue
             except (PibackupError, OSError):
@@ -237,7 +237,7 @@ class Destinations:
             except PibackupError as e:
                 errors.append((b, str(e)))
         if errors and (self.policy == HALT or len(errors) == len(self.active)):
-            raise dst.DestinationError(errors[0][1])
+            raise DestinationError(errors[0][1])
         for b, message in errors:
             self._drop(b, message)
 

@@ -15,6 +15,7 @@ from pibackup.errors import PibackupError
 from pibackup.modes.api import Call, Counters
 from pibackup.rules.sequence import Action, classify, is_pragma_only, reconcile
 from pibackup.store import directory as dst
+from pibackup.store.access import DestinationError, validate
 from pibackup.store.fsio import io_error_message
 from pibackup.store.snapshot import live_data_version
 
@@ -24,13 +25,13 @@ _Id = Tuple[int, int]  # (st_dev, st_ino)
 def open_directory(dest: dst.Destination, other_mode: Callable[[str], bool], refusal: str) -> None:
     """Check the destination, refuse one that holds the other mode's backup (`refusal` says
     so), then mark and lock it as ours."""
-    dst.validate(dest.path)
+    validate(dest.path)
     if other_mode(dest.path):
-        raise dst.DestinationError(refusal)
+        raise DestinationError(refusal)
     try:
         dest.prepare()
     except OSError as e:
-        raise dst.DestinationError(io_error_message(e, dest.path)) from e
+        raise DestinationError(io_error_message(e, dest.path)) from e
 
 
 class PlaceGuard:
@@ -105,7 +106,7 @@ def behind_message(live_db: str, live: int, held: str, destination: str, left: s
 def gate(failure: Optional[str]) -> None:
     """Once a failure is set nothing more reaches the medium: every write raises it."""
     if failure is not None:
-        raise dst.DestinationError(failure)
+        raise DestinationError(failure)
 
 
 def free_bytes(path: str) -> Optional[int]:

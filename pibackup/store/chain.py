@@ -12,12 +12,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple
 
-# DamageError lives in errors; others still import it from here. moved: removed in the sweep
-from pibackup.errors import DamageError as DamageError
+from pibackup.errors import DamageError
 from pibackup.store.directory import Generation
-from pibackup.store.generation import GenerationInfo as GenerationInfo  # moved: removed in the sweep
-from pibackup.store.generation import generation_info as generation_info  # moved: removed in the sweep
-from pibackup.store.generation import generation_settings as generation_settings  # moved: removed in the sweep
 from pibackup.store.layout import snapshot_filename
 from pibackup.store.reader import SegmentReader
 from pibackup.store.segment import (

@@ -15,36 +15,23 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional
 
-from pibackup.store.access import MARKER_TEXT as MARKER_TEXT  # moved: removed in the sweep
-from pibackup.store.access import DestinationError, link_error, private, refuse_foreign
-from pibackup.store.access import check_marker as check_marker  # moved: removed in the sweep
-from pibackup.store.access import validate as validate  # moved: removed in the sweep
-from pibackup.store.fsio import fsync_dir
-from pibackup.store.fsio import write_text_durably as write_text_durably  # moved: removed in the sweep
-from pibackup.store.layout import (  # noqa: F401  (names others' files read here: moved: removed in the sweep)
+from pibackup.store.access import MARKER_TEXT, DestinationError, link_error, private, refuse_foreign
+from pibackup.store.fsio import fsync_dir, write_text_durably
+from pibackup.store.layout import (
     DAMAGE_MARK,
     DELETED_GENERATION_RE,
     DELETED_SUFFIX,
-    FS_ARTIFACTS,
     GENERATION_RE,
     LOCK_DIR,
     MARKER,
-    MARKER_TMP,
     PARTIAL_GENERATION_RE,
     PARTIAL_SUFFIX,
     SEGMENT_RE,
     SNAPSHOT_RE,
     TMP_SUFFIX,
     generation_dirname,
-    segment_filename,
-    snapshot_filename,
 )
 from pibackup.testpoints import fault_point
-
-# moved: removed in the sweep (others' files read these names through this module)
-_GEN = GENERATION_RE
-_SEG = SEGMENT_RE
-_SNAP = SNAPSHOT_RE
 
 
 @dataclass(frozen=True)

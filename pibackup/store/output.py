@@ -12,9 +12,8 @@ import stat
 from typing import Optional
 
 from pibackup.errors import DamageError
-from pibackup.store.fsio import fsync_dir, fsync_file
+from pibackup.store.fsio import fsync_dir, fsync_file, private_file
 from pibackup.store.replay import RestoreError
-from pibackup.store.snapshot import private_file
 
 _CHUNK = 1 << 20
 

@@ -12,8 +12,7 @@ import urllib.parse
 from typing import Iterable
 
 from pibackup.errors import PibackupError
-from pibackup.store.fsio import fsync_dir, fsync_file
-from pibackup.store.fsio import private_file as private_file  # moved: removed in the sweep
+from pibackup.store.fsio import fsync_dir, fsync_file, private_file
 from pibackup.store.layout import SNAPSHOT_TMP, snapshot_filename
 
 _CHUNK = 1 << 20

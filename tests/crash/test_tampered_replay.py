@@ -19,9 +19,11 @@ import dbcompare
 import driver
 from helpers import cli, restore_to
 from pibackup.rules.replayguard import Refused, check_statement, connect
-from pibackup.store.journal import KIND_PRAGMA, KIND_TX, Frame, SegmentReader, SegmentWriter, encode_statements, scan_segment
 from pibackup.store.output import copy_snapshot
+from pibackup.store.reader import SegmentReader, scan_segment
+from pibackup.store.segment import KIND_PRAGMA, KIND_TX, Frame, encode_statements
 from pibackup.store.snapshot import sha256_file, take_snapshot
+from pibackup.store.writer import SegmentWriter
 
 V = 40  # the data_version whose frame is tampered with
 NewFrames = Callable[[Frame, Path], List[Tuple[int, int, List[str]]]]

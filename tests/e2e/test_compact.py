@@ -24,6 +24,7 @@ from pibackup.modes.journal.port import CompactionError
 from pibackup.modes.journal.writer import JournalWriter
 from pibackup.store import directory as dst
 from pibackup.store.follow import JournalFollower
+from pibackup.store.layout import segment_filename
 from pibackup.store.reader import scan_segment
 from pibackup.store.segment import FLAG_DEFLATE, KIND_TX, Frame, SegmentHeader
 from pibackup.store.writer import SegmentWriter
@@ -81,7 +82,7 @@ def test_the_copy_never_comes_up_short_of_what_the_writer_made_durable(flags, tm
     # place: a new generation short of an answered call must never be switched to.
     gen = tmp_path / "gen-000001"
     gen.mkdir()
-    w = SegmentWriter.create(str(gen / dst.segment_filename(1)), header(1, flags=flags), 0)
+    w = SegmentWriter.create(str(gen / segment_filename(1)), header(1, flags=flags), 0)
     for v in range(1, 11):
         w.append(*tx(v))
     cut, seed = w.size, w.checksum
@@ -99,9 +100,9 @@ def test_the_copy_never_comes_up_short_of_what_the_writer_made_durable(flags, tm
     # A damaged frame below the writer's durable end: refused, with both places.
     for v in range(17, 20):
         w.append(*tx(v))
-    data = bytearray((gen / dst.segment_filename(1)).read_bytes())
+    data = bytearray((gen / segment_filename(1)).read_bytes())
     data[mid + 12] ^= 0x04
-    (gen / dst.segment_filename(1)).write_bytes(bytes(data))
+    (gen / segment_filename(1)).write_bytes(bytes(data))
     with pytest.raises(DamageError, match=f"frames end at offset {mid} .*its writer's at {w.size}"):
         list(f.frames(1, w.size))
     w.close()
@@ -110,14 +111,14 @@ def test_the_copy_never_comes_up_short_of_what_the_writer_made_durable(flags, tm
 def test_the_copy_refuses_a_segment_that_does_not_continue_the_one_before(tmp_path):
     gen = tmp_path / "gen-000001"
     gen.mkdir()
-    w = SegmentWriter.create(str(gen / dst.segment_filename(1)), header(1), 0)
+    w = SegmentWriter.create(str(gen / segment_filename(1)), header(1), 0)
     for v in range(1, 6):
         w.append(*tx(v))
     cut, seed = w.size, w.checksum
     w.restart_stream()
     w.append(*tx(6))
     w.close()
-    w2 = SegmentWriter.create(str(gen / dst.segment_filename(2)), header(2, prev_valid_length=w.size - 1, prev_checksum=w.checksum), 0)
+    w2 = SegmentWriter.create(str(gen / segment_filename(2)), header(2, prev_valid_length=w.size - 1, prev_checksum=w.checksum), 0)
     w2.append(*tx(7))
     w2.close()
     f = JournalFollower(str(gen), 1, cut, seed)

@@ -26,7 +26,10 @@ import driver
 from driver import REPO, Halted
 from helpers import cli, restore_to, segments
 from pibackup.store import directory as dst
-from pibackup.store.journal import FLAG_DEFLATE, KIND_TX, SegmentHeader, SegmentReader, SegmentWriter
+from pibackup.store.layout import MARKER, generation_dirname, segment_filename
+from pibackup.store.reader import SegmentReader
+from pibackup.store.segment import FLAG_DEFLATE, KIND_TX, SegmentHeader
+from pibackup.store.writer import SegmentWriter
 
 if os.geteuid() != 0:
     pytest.skip("needs root: the tests act as another user (nobody)", allow_module_level=True)
@@ -96,7 +99,7 @@ def run(node: driver.Node, records: Sequence[driver.Record]) -> None:
 def to_old_layout(dest: Path) -> None:
     """What the previous release left: a 0644 marker, its lock on it, no lock directory."""
     shutil.rmtree(dest / LOCK_DIR, ignore_errors=True)
-    os.chmod(dest / dst.MARKER, 0o644)
+    os.chmod(dest / MARKER, 0o644)
 
 
 def test_another_user_cannot_lock_the_backup_and_halt_the_node(make_node, traces, dest, tmp_path):
@@ -106,13 +109,13 @@ def test_another_user_cannot_lock_the_backup_and_halt_the_node(make_node, traces
     node.stop()
     to_old_layout(dest)  # the worst case: a marker any user could open and lock
     let_others_through(dest)
-    intruder = Intruder([dest / dst.MARKER])
+    intruder = Intruder([dest / MARKER])
     try:
         assert intruder.results == ["locked"]  # what halted the node before
         node.start()
         node.calls(recs[40:80])  # would raise Halted: "being written by another pibackup"
         assert "another pibackup" not in node.log_text()
-        again = Intruder([dest / dst.MARKER, dest / LOCK_DIR])
+        again = Intruder([dest / MARKER, dest / LOCK_DIR])
         assert again.results == ["EACCES", "EACCES"], "the marker is 0600 now, the lock directory 0700"
         again.release()
         node.stop()
@@ -133,7 +136,7 @@ def test_marker_and_lock_dir_are_private_and_an_old_layout_is_taken_over(make_no
         node = make_node()
         run(node, recs[:30])
         lock_dir = dest / LOCK_DIR
-        assert stat.S_IMODE((dest / dst.MARKER).stat().st_mode) == 0o600
+        assert stat.S_IMODE((dest / MARKER).stat().st_mode) == 0o600
         assert stat.S_IMODE(lock_dir.stat().st_mode) == 0o700
         assert os.listdir(lock_dir) == []
         assert dst.writer_running(str(dest))
@@ -141,14 +144,14 @@ def test_marker_and_lock_dir_are_private_and_an_old_layout_is_taken_over(make_no
         assert not dst.writer_running(str(dest))
         to_old_layout(dest)
         # An earlier release's writer, running: it locks the marker, and restore must see it.
-        fd = os.open(dest / dst.MARKER, os.O_RDONLY)
+        fd = os.open(dest / MARKER, os.O_RDONLY)
         fcntl.flock(fd, fcntl.LOCK_EX)
         assert dst.writer_running(str(dest))
         os.close(fd)
         assert not dst.writer_running(str(dest))
         node.start()
         node.calls(recs[30:60])
-        assert stat.S_IMODE((dest / dst.MARKER).stat().st_mode) == 0o600
+        assert stat.S_IMODE((dest / MARKER).stat().st_mode) == 0o600
         assert stat.S_IMODE(lock_dir.stat().st_mode) == 0o700
         assert dst.writer_running(str(dest))
         assert node.rpc("pibackup-status")["state"] == "ok"
@@ -163,10 +166,10 @@ def test_marker_and_lock_dir_are_private_and_an_old_layout_is_taken_over(make_no
 def plant_generation(dest: Path, records: Sequence[driver.Record], number: int = 99) -> Path:
     """A complete, restorable generation of an older state of the node, as another user
     could write it into a directory they can write to."""
-    gen = dest / dst.generation_dirname(number)
+    gen = dest / generation_dirname(number)
     gen.mkdir()
     h = SegmentHeader(generation=number, generation_id=os.urandom(16), segment=1, base_version=0, snapshot_sha256=b"\0" * 32)
-    w = SegmentWriter.create(str(gen / dst.segment_filename(1)), h)
+    w = SegmentWriter.create(str(gen / segment_filename(1)), h)
     for r in records:
         w.append(KIND_TX, r.data_version, r.writes)
     w.close()

@@ -11,7 +11,8 @@ import pytest
 import dbcompare
 import driver
 from helpers import cli, segments
-from pibackup.store.journal import KIND_TX, scan_segment
+from pibackup.store.reader import scan_segment
+from pibackup.store.segment import KIND_TX
 
 
 @pytest.fixture(scope="module")

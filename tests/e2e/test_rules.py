@@ -12,7 +12,7 @@ import dbcompare
 import driver
 from driver import Halted, Record
 from helpers import cli, restore_to, tree_digest
-from pibackup.store.journal import scan_segment
+from pibackup.store.reader import scan_segment
 
 MODES = pytest.mark.parametrize("mode", ["journal", "replica"])  # the rules hold in both backup formats
 

@@ -143,19 +143,19 @@ def test_known_entries_still_occur():
 
 
 def test_the_rules_themselves():
-    assert wrong("pibackup.store.journal", "pibackup.modes.api")
-    assert wrong("pibackup.rules.filter", "pibackup.store.journal")
+    assert wrong("pibackup.store.segment", "pibackup.modes.api")
+    assert wrong("pibackup.rules.filter", "pibackup.store.segment")
     assert wrong("pibackup.errors", "pibackup.rules.filter")
-    assert wrong("pibackup.compaction.compact", "pibackup.copies.ship")
-    assert wrong("pibackup.copies.ship", "pibackup.compaction.compact")
-    assert wrong("pibackup.copies.ship", "pibackup.modes.api")
+    assert wrong("pibackup.compaction.child", "pibackup.copies.shipper")
+    assert wrong("pibackup.copies.shipper", "pibackup.compaction.child")
+    assert wrong("pibackup.copies.shipper", "pibackup.modes.api")
     assert wrong("pibackup.modes.replica.writer", "pibackup.modes.journal.restore")
     assert wrong("pibackup.fanout.destinations", "pibackup.modes.journal.writer")
     assert not wrong("pibackup.fanout.destinations", "pibackup.modes.api")
     assert not wrong("pibackup.modes.journal.writer", "pibackup.modes.api")
-    assert not wrong("pibackup.compaction.compact", "pibackup.modes.journal.restore")
+    assert not wrong("pibackup.compaction.child", "pibackup.modes.journal.restore")
     assert not wrong("pibackup.app.hook", "pibackup.fanout.destinations")
     assert not wrong("pibackup.__main__", "pibackup.app.cli")
     assert not wrong("pibackup.store.chain", "pibackup.store.directory")
-    assert not wrong("pibackup.store.journal", "pibackup.testpoints")
+    assert not wrong("pibackup.store.segment", "pibackup.testpoints")
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == {"a -> b -> c -> a"}

@@ -15,7 +15,7 @@ from helpers import cli
 from pibackup.app.config import parse_options
 from pibackup.app.livedb import LiveDbError, find_live_db
 from pibackup.errors import PibackupError
-from pibackup.store.directory import DestinationError, validate
+from pibackup.store.access import DestinationError, validate
 
 OPTION_CASES = [
     ("pibackup-segment-size", "abc", "is not a size: write it like 32M or 512K"),
@@ -202,7 +202,7 @@ def test_good_shipping_options_are_taken_as_given(tmp_path):
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=60))
 def test_any_ship_target_is_either_safe_or_refused(spec):
-    from pibackup.copies.ship import ShipError, parse_target
+    from pibackup.copies.target import ShipError, parse_target
 
     try:
         t = parse_target(spec)

@@ -18,6 +18,7 @@ from pibackup.modes.journal.startup import file_size
 from pibackup.store import directory as dst
 from pibackup.store.appender import SegmentSettings
 from pibackup.store.fsio import io_error_message
+from pibackup.store.layout import PARTIAL_SUFFIX, generation_dirname, snapshot_filename
 from pibackup.store.writer import SegmentWriter, trim_zeros
 from pibackup.testpoints import crash_point
 
@@ -246,7 +247,7 @@ class JournalPort:
         w = self.writer
         if w is None or self.failure is not None or self.generation is None:
             return None
-        if os.path.basename(self.generation) != dst.generation_dirname(generation):
+        if os.path.basename(self.generation) != generation_dirname(generation):
             return None
         return w.header.segment, w.size
 
@@ -274,7 +275,7 @@ class JournalPort:
             try:
                 final = self.dest.commit_generation(done.partial, dir_synced=done.dir_synced)
             except OSError as e:
-                if os.path.lexists(done.partial[: -len(".partial")]):
+                if os.path.lexists(done.partial[: -len(PARTIAL_SUFFIX)]):
                     # Renamed but not synced: the new generation may be what a restore reads,
                     # so going on in the old one could put answered calls where none looks.
                     self.failure = io_error_message(e, done.partial)
@@ -293,7 +294,7 @@ class JournalPort:
             self.generation = final
             grown = max(0, self.journal_bytes - self._cut_journal_bytes)
             self.journal_bytes = done.closed_bytes + new.size
-            self.snapshot_bytes = file_size(os.path.join(final, dst.snapshot_filename(done.version)))
+            self.snapshot_bytes = file_size(os.path.join(final, snapshot_filename(done.version)))
             self.base_version = done.version
             self.counters.generations_started += 1
             self.counters.compactions += 1

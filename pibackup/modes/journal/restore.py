@@ -15,28 +15,15 @@ from typing import Any, Callable, Dict, Generator, List, Optional, Tuple
 from pibackup.errors import DamageError
 from pibackup.rules import replayguard
 from pibackup.store import directory as dst
-from pibackup.store.chain import End, generation_info, iter_frames, read_tail
-from pibackup.store.output import check_output, copy_snapshot, publish, remove_tmp  # moved: removed in the sweep (re-exported)
-from pibackup.store.replay import REPLAY_BATCH, Outcome, OutputError, Replayer, RestoreError
+from pibackup.store.access import check_marker
+from pibackup.store.chain import End, iter_frames, read_tail
+from pibackup.store.fsio import private_file
+from pibackup.store.generation import generation_info
+from pibackup.store.layout import MARKER, PARTIAL_SUFFIX, RESTORE_TMP_SUFFIX
+from pibackup.store.output import check_output, copy_snapshot, publish, remove_tmp
+from pibackup.store.replay import REPLAY_BATCH, Outcome, Replayer, RestoreError
 from pibackup.store.segment import Frame
-from pibackup.store.snapshot import SnapshotError, private_file, read_data_version, sha256_file
-
-__all__ = [
-    "REPLAY_BATCH",
-    "Outcome",
-    "OutputError",
-    "Replayer",
-    "RestoreError",
-    "VerifyReport",
-    "check_output",
-    "copy_snapshot",
-    "offline_status",
-    "pick_generation",
-    "publish",
-    "remove_tmp",
-    "restore",
-    "verify",
-]
+from pibackup.store.snapshot import SnapshotError, read_data_version, sha256_file
 
 
 def _frames(gen: dst.Generation, out: Outcome, partial: bool) -> Generator[Tuple[Frame, str], None, None]:
@@ -57,9 +44,9 @@ def _frames(gen: dst.Generation, out: Outcome, partial: bool) -> Generator[Tuple
 def pick_generation(backup_dir: str, number: Optional[int] = None) -> dst.Generation:
     if not os.path.isdir(backup_dir):
         raise RestoreError(f"{backup_dir} is not a directory (is the USB stick mounted?)")
-    if not os.path.exists(os.path.join(backup_dir, dst.MARKER)):
-        raise RestoreError(f"{backup_dir} is not a pibackup backup (no {dst.MARKER} file in it)")
-    dst.check_marker(backup_dir)
+    if not os.path.exists(os.path.join(backup_dir, MARKER)):
+        raise RestoreError(f"{backup_dir} is not a pibackup backup (no {MARKER} file in it)")
+    check_marker(backup_dir)
     gens = dst.Destination(backup_dir).generations()
     if not gens:
         raise RestoreError(f"{backup_dir} holds no complete backup generation yet")
@@ -91,7 +78,7 @@ def restore(
             f"a running pibackup (inside lightningd) is writing {backup_dir}: stop lightningd before you replace "
             f"{output} (restoring to a new file is fine while it runs)"
         )
-    tmp = output + ".pibackup-tmp"
+    tmp = output + RESTORE_TMP_SUFFIX
     for stale in (tmp, tmp + "-journal"):
         if os.path.lexists(stale):
             os.unlink(stale)
@@ -181,7 +168,7 @@ def verify(backup_dir: str) -> VerifyReport:
     pick_generation(backup_dir)  # the same checks restore makes; raises when unusable
     d = dst.Destination(backup_dir)
     for name in sorted(os.listdir(backup_dir)):
-        if name.endswith(".partial"):
+        if name.endswith(PARTIAL_SUFFIX):
             rep.lines.append(f"{name}: unfinished generation (never used; removed at the plugin's next start)")
     gens = d.generations()
     for gen in gens:

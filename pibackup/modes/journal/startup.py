@@ -15,7 +15,8 @@ from pibackup.errors import DamageError, PibackupError
 from pibackup.modes.api import BehindError, Call, Log
 from pibackup.rules.sequence import Action, classify, is_pragma_only, reconcile
 from pibackup.store import directory as dst
-from pibackup.store.chain import Tail, generation_info, generation_settings, read_tail
+from pibackup.store.chain import Tail, read_tail
+from pibackup.store.generation import generation_info, generation_settings
 from pibackup.store.segment import HEADER_SIZE, KIND_TX, SegmentHeader, decode_header
 from pibackup.store.snapshot import live_data_version
 

@@ -22,8 +22,10 @@ from pibackup.rules import filter as flt
 from pibackup.rules.replayguard import check_call
 from pibackup.rules.sequence import Action, classify, is_pragma_only
 from pibackup.store import directory as dst
+from pibackup.store.access import DestinationError, validate
 from pibackup.store.appender import SegmentSettings, create_segment, first_header, next_header
 from pibackup.store.fsio import io_error_message
+from pibackup.store.layout import REPLICA_PREFIX, segment_filename
 from pibackup.store.segment import KIND_INFO, KIND_PRAGMA, KIND_TX, SegmentHeader
 from pibackup.store.snapshot import live_data_version, take_snapshot
 from pibackup.store.writer import SegmentLeftBehind, SegmentWriter
@@ -78,7 +80,7 @@ class JournalWriter(Startup, JournalPort, Report):
         self._stop = threading.Event()
         self._flusher: Optional[threading.Thread] = None
         self._dest_id: Optional[tuple] = None  # (st_dev, st_ino) of the destination at start
-        # Compaction (compact.py): the current generation's sizes decide when; keep 0 = off.
+        # Compaction (compaction/): the current generation's sizes decide when; keep 0 = off.
         self.journal_bytes = 0
         self.snapshot_bytes = 0
         self._reserved: Optional[int] = None  # generation number a compaction is building
@@ -92,9 +94,9 @@ class JournalWriter(Startup, JournalPort, Report):
     # --- start-up --------------------------------------------------------------
     def start(self, early: Sequence[Call]) -> None:
         """Open the destination and bring it in step with the live DB and the early calls."""
-        dst.validate(self.destination)
-        if any(n.startswith("replica-") for n in os.listdir(self.destination)):
-            raise dst.DestinationError(
+        validate(self.destination)
+        if any(n.startswith(REPLICA_PREFIX) for n in os.listdir(self.destination)):
+            raise DestinationError(
                 f"{self.destination} holds a replica-mode backup (replica-NNNNNN directories); pibackup-mode=journal "
                 "needs a directory of its own: give an empty pibackup-destination, or set pibackup-mode=replica"
             )
@@ -106,7 +108,7 @@ class JournalWriter(Startup, JournalPort, Report):
                 self._start(early)
                 self._flush(other=True)
         except OSError as e:
-            raise dst.DestinationError(io_error_message(e, self.destination)) from e
+            raise DestinationError(io_error_message(e, self.destination)) from e
         if self.batch_seconds > 0:
             self._flusher = threading.Thread(target=self._flush_loop, name="pibackup-flusher", daemon=True)
             self._flusher.start()
@@ -134,7 +136,7 @@ class JournalWriter(Startup, JournalPort, Report):
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        writer.path = os.path.join(final, dst.segment_filename(1))
+        writer.path = os.path.join(final, segment_filename(1))
         if self.writer is not None:
             self.writer.close()
         self.writer = writer
@@ -177,7 +179,7 @@ class JournalWriter(Startup, JournalPort, Report):
         """Journal one db_write call (durably if it is critical), or raise. For every call after init."""
         with self._lock:
             if self.failure is not None:
-                raise dst.DestinationError(self.failure)
+                raise DestinationError(self.failure)
             self._write(data_version, writes)
 
     def _write(self, data_version: int, writes: List[str]) -> None:
@@ -206,7 +208,7 @@ class JournalWriter(Startup, JournalPort, Report):
                 raise BehindError(self._behind_message(self.last, data_version, os.path.basename(self.generation or "")))
             self._apply(a, data_version, writes)
         except OSError as e:
-            raise dst.DestinationError(io_error_message(e, self.generation or self.destination)) from e
+            raise DestinationError(io_error_message(e, self.generation or self.destination)) from e
 
     def _apply(self, a: Action, data_version: int, writes: List[str]) -> None:
         w = self.writer
@@ -269,7 +271,7 @@ class JournalWriter(Startup, JournalPort, Report):
                 # Unless the new segment could not be removed again: it would claim to
                 # continue a segment that keeps growing, so that is a failure.
                 assert self.generation is not None
-                nxt = os.path.join(self.generation, dst.segment_filename(w.header.segment + 1))
+                nxt = os.path.join(self.generation, segment_filename(w.header.segment + 1))
                 if isinstance(e, SegmentLeftBehind) or os.path.lexists(nxt):
                     self.failure = io_error_message(e, self.generation)  # nothing more reaches this writer's files
                     raise
@@ -308,7 +310,7 @@ class JournalWriter(Startup, JournalPort, Report):
                     self._flush(other=True)
                 except OSError as e:
                     self.failure = io_error_message(e, self.generation or self.destination)
-                    raise dst.DestinationError(self.failure) from e
+                    raise DestinationError(self.failure) from e
 
     def _mark_committed(self) -> None:
         """At the end (lightningd closed our stdin): if the live DB holds our last transaction's
@@ -361,5 +363,3 @@ class JournalWriter(Startup, JournalPort, Report):
                     self.writer = None
             self.dest.close()
 
-
-Backup = JournalWriter  # moved: removed in the sweep (tests and benchmarks still say Backup)

@@ -13,8 +13,9 @@ from pibackup.modes.replica.state import STATE_TABLE, ReplicaError, read_state, 
 from pibackup.rules import replayguard
 from pibackup.rules.replayguard import Refused
 from pibackup.store import directory as dst
+from pibackup.store.access import refuse_foreign
 from pibackup.store.fsio import private_file
-from pibackup.store.layout import REPLICA_FILE, replica_dirs
+from pibackup.store.layout import REPLICA_FILE, RESTORE_TMP_SUFFIX, replica_dirs
 from pibackup.store.output import check_output, publish, remove_tmp
 from pibackup.store.replay import RestoreError
 from pibackup.store.snapshot import read_data_version
@@ -31,7 +32,7 @@ class ReplicaOutcome:
 
 
 def newest_replica(backup_dir: str) -> str:
-    dst.refuse_foreign(backup_dir)  # as a journal backup: nothing another user planted is restored
+    refuse_foreign(backup_dir)  # as a journal backup: nothing another user planted is restored
     dirs = replica_dirs(backup_dir)
     if not dirs:
         raise RestoreError(f"{backup_dir} holds no complete replica yet")
@@ -49,7 +50,7 @@ def restore_replica(backup_dir: str, output: str, force: bool = False) -> Replic
         raise RestoreError(
             f"a running pibackup (inside lightningd) is writing {backup_dir}: stop lightningd before you replace {output}"
         )
-    tmp = output + ".pibackup-tmp"
+    tmp = output + RESTORE_TMP_SUFFIX
     remove_tmp(tmp)
     try:
         source = sqlite3.connect(f"file:{src}?mode=ro", uri=True, isolation_level=None)
@@ -108,7 +109,7 @@ def restore_replica(backup_dir: str, output: str, force: bool = False) -> Replic
 
 
 def verify_replica(backup_dir: str) -> Tuple[List[str], bool]:
-    dst.refuse_foreign(backup_dir)
+    refuse_foreign(backup_dir)
     lines: List[str] = []
     damaged = False
     for _, path in replica_dirs(backup_dir):

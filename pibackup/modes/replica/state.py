@@ -15,7 +15,7 @@ from pibackup.modes.api import BehindError
 from pibackup.rules import replayguard
 from pibackup.rules.replayguard import GuardedConnection, Refused, check_frame
 from pibackup.store.fsio import fsync_dir, private_file
-from pibackup.store.layout import REPLICA_ANY_RE, REPLICA_FILE
+from pibackup.store.layout import DAMAGED_SUFFIX, PARTIAL_SUFFIX, REPLICA_ANY_RE, REPLICA_FILE, replica_dirname
 from pibackup.store.segment import decode_statements
 from pibackup.store.snapshot import read_data_version, take_snapshot
 
@@ -154,7 +154,7 @@ def set_aside_damaged(destination: str, path: str, problem: str, live: int, live
             f"(data_version {live}) is OLDER than what it holds (data_version {held}). Running on it could lose "
             "funds. Stop lightningd; see `pibackup verify` and README, Restoring. The replica was left untouched"
         )
-    aside = path + ".damaged"
+    aside = path + DAMAGED_SUFFIX
     k = 1
     while os.path.lexists(aside):
         k += 1
@@ -169,8 +169,8 @@ def build_replica(destination: str, live_db: str, filter_tables: FrozenSet[str],
     node) with its state row, make it durable and rename it into place: (its path, its data_version)."""
     taken = [int(m.group(1)) for m in map(REPLICA_ANY_RE.match, os.listdir(destination)) if m]
     number = max(taken) + 1 if taken else 1
-    final = os.path.join(destination, f"replica-{number:06d}")
-    partial = final + ".partial"
+    final = os.path.join(destination, replica_dirname(number))
+    partial = final + PARTIAL_SUFFIX
     os.mkdir(partial, 0o700)
     try:
         target = os.path.join(partial, REPLICA_FILE)

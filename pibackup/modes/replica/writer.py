@@ -46,8 +46,9 @@ from pibackup.rules import replayguard
 from pibackup.rules.replayguard import GuardedConnection
 from pibackup.rules.sequence import Action, classify, is_pragma_only, reconcile
 from pibackup.store import directory as dst
+from pibackup.store.access import DestinationError
 from pibackup.store.fsio import fsync_dir, io_error_message
-from pibackup.store.layout import REPLICA_FILE, REPLICA_LEFTOVER_RE, holds_journal, replica_dirs
+from pibackup.store.layout import DELETED_SUFFIX, REPLICA_FILE, REPLICA_LEFTOVER_RE, holds_journal, replica_dirs
 from pibackup.store.segment import encode_statements
 from pibackup.store.snapshot import live_data_version
 
@@ -90,7 +91,7 @@ class ReplicaWriter:  # size: one lock guards the connection, its pending transa
             with self._lock:
                 self._start(early)
         except OSError as e:
-            raise dst.DestinationError(io_error_message(e, self.destination)) from e
+            raise DestinationError(io_error_message(e, self.destination)) from e
         except sqlite3.Error as e:
             raise ReplicaError(sqlite_message(self.generation, e)) from e
 
@@ -162,7 +163,7 @@ class ReplicaWriter:  # size: one lock guards the connection, its pending transa
         self._place.remember(self.destination, os.path.join(final, REPLICA_FILE))
         for _, old in dirs:  # the new replica is complete and synced: the old ones can go
             try:
-                doomed = old + ".deleted"
+                doomed = old + DELETED_SUFFIX
                 os.rename(old, doomed)
                 fsync_dir(self.destination)
                 shutil.rmtree(doomed)
@@ -181,7 +182,7 @@ class ReplicaWriter:  # size: one lock guards the connection, its pending transa
             try:
                 self._write(data_version, writes)
             except OSError as e:
-                raise dst.DestinationError(io_error_message(e, self.generation or self.destination)) from e
+                raise DestinationError(io_error_message(e, self.generation or self.destination)) from e
             except sqlite3.Error as e:
                 raise ReplicaError(sqlite_message(self.generation, e)) from e
 
