@@ -13,6 +13,7 @@ from dataclasses import asdict
 from typing import Any, Dict, FrozenSet, List, Optional
 
 from pibackup.modes.api import CompactAnswer, Counters
+from pibackup.modes.common import free_bytes
 from pibackup.modes.journal.port import CompactionHooks
 from pibackup.store import directory as dst
 from pibackup.store.writer import SegmentWriter
@@ -84,11 +85,7 @@ class Report:
             return 0
 
     def status(self) -> Dict[str, Any]:
-        try:
-            st = os.statvfs(self.destination)
-            free: Optional[int] = st.f_bavail * st.f_frsize
-        except OSError:
-            free = None
+        free = free_bytes(self.destination)
         # Outside the lock: the compactor's status asks the writer for its sizes.
         compaction: Any = self.compactor.status() if self.compactor is not None else "off"
         with self._lock:

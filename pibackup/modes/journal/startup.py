@@ -13,7 +13,8 @@ from typing import Any, FrozenSet, Optional, Sequence
 
 from pibackup.errors import DamageError, PibackupError
 from pibackup.modes.api import BehindError, Call, Log
-from pibackup.rules.sequence import Action, classify, is_pragma_only, reconcile
+from pibackup.modes.common import behind_message, fresh_node, replay_early
+from pibackup.rules.sequence import Action, is_pragma_only, reconcile
 from pibackup.store import directory as dst
 from pibackup.store.chain import Tail, read_tail
 from pibackup.store.generation import generation_info, generation_settings
@@ -62,9 +63,7 @@ class Startup:
         tail = self._read_tail()
         calls = [(c.data_version, is_pragma_only(c.writes)) for c in early]
         if tail is None:
-            fresh = bool(early) and early[0].data_version == 1 and not calls[0][1]
-            if fresh and reconcile(0, False, calls, live) is Action.APPEND:
-                # A brand-new node: the early calls hold its whole history from the schema on.
+            if fresh_node(early, live):
                 self._new_generation(snapshot=False)
                 self._replay_early(early)
                 return
@@ -112,22 +111,12 @@ class Startup:
         return True
 
     def _behind_message(self, backup_version: int, live: int, gen: str) -> str:
-        return (
-            f"lightningd's database {self.live_db} (data_version {live}) is OLDER than the backup in "
-            f"{self.destination} ({gen}, data_version {backup_version}). Running on it could lose funds. "
-            f"Stop lightningd and restore the newer state: pibackup restore {self.destination} {self.live_db} --force "
-            "(after moving the old file away). If this is a different node, give it an empty pibackup-destination. "
-            "The backup was left untouched"
-        )
+        held = f"the backup in {self.destination} ({gen}, data_version {backup_version})"
+        advice = "If this is a different node, give it an empty pibackup-destination. "
+        return behind_message(self.live_db, live, held, self.destination, "The backup", advice=advice)
 
     def _replay_early(self, early: Sequence[Call]) -> None:
-        for c in early:
-            pragma = is_pragma_only(c.writes)
-            a = classify(self.last, c.data_version, pragma, self.last_is_journaled)
-            if a in (Action.GAP, Action.BEHIND):
-                # Already in the snapshot we just took: a snapshot is at the live version.
-                continue
-            self._apply(a, c.data_version, c.writes)
+        replay_early(early, lambda: (self.last, self.last_is_journaled), self._apply)
 
     def _read_tail(self) -> Optional[_Tail]:
         gen = self.dest.newest()

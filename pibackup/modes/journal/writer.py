@@ -5,7 +5,6 @@ Plain Python, no pyln: plugin.py calls start() at init and write() for every hoo
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import threading
@@ -13,8 +12,8 @@ import time
 from typing import FrozenSet, List, Optional, Sequence, Tuple
 
 from pibackup import __version__
-from pibackup.errors import PibackupError
 from pibackup.modes.api import BehindError, Call, Counters, Log
+from pibackup.modes.common import PlaceGuard, committed_at_end, gate
 from pibackup.modes.journal.port import CompactionHooks, JournalPort
 from pibackup.modes.journal.report import Report
 from pibackup.modes.journal.startup import Startup, file_size
@@ -27,7 +26,7 @@ from pibackup.store.appender import SegmentSettings, create_segment, first_heade
 from pibackup.store.fsio import io_error_message
 from pibackup.store.layout import REPLICA_PREFIX, segment_filename
 from pibackup.store.segment import KIND_INFO, KIND_PRAGMA, KIND_TX, SegmentHeader
-from pibackup.store.snapshot import live_data_version, take_snapshot
+from pibackup.store.snapshot import take_snapshot
 from pibackup.store.writer import SegmentLeftBehind, SegmentWriter
 
 
@@ -79,7 +78,7 @@ class JournalWriter(Startup, JournalPort, Report):
         self.last_flush: Optional[float] = None  # time.time() of the last durable write
         self._stop = threading.Event()
         self._flusher: Optional[threading.Thread] = None
-        self._dest_id: Optional[tuple] = None  # (st_dev, st_ino) of the destination at start
+        self._place = PlaceGuard(destination)  # the destination as it was at start
         # Compaction (compaction/): the current generation's sizes decide when; keep 0 = off.
         self.journal_bytes = 0
         self.snapshot_bytes = 0
@@ -102,8 +101,7 @@ class JournalWriter(Startup, JournalPort, Report):
             )
         try:
             self.dest.prepare()
-            st = os.stat(self.destination)
-            self._dest_id = (st.st_dev, st.st_ino)
+            self._place.remember(self.destination)
             with self._lock:
                 self._start(early)
                 self._flush(other=True)
@@ -178,8 +176,7 @@ class JournalWriter(Startup, JournalPort, Report):
     def write(self, data_version: int, writes: List[str]) -> None:
         """Journal one db_write call (durably if it is critical), or raise. For every call after init."""
         with self._lock:
-            if self.failure is not None:
-                raise DestinationError(self.failure)
+            gate(self.failure)
             self._write(data_version, writes)
 
     def _write(self, data_version: int, writes: List[str]) -> None:
@@ -251,7 +248,7 @@ class JournalWriter(Startup, JournalPort, Report):
         n = w.flush()
         self._pending_since = None
         if n:
-            self._check_destination_in_place()
+            self._place.check()
             self.last_flush = time.time()
             self.journal_bytes += n
             if self.compactor is not None:
@@ -283,25 +280,6 @@ class JournalWriter(Startup, JournalPort, Report):
     roll_failed = False  # the last roll-over could not start the next segment (a warning in status)
     damaged: Optional[str] = None  # why the writer's generation cannot be restored whole (a warning in status)
 
-    def _check_destination_in_place(self) -> None:
-        """A stick unplugged (or lazily unmounted) under us: our open files live on in a
-        detached file system, writes and syncs succeed, and nobody will ever see them. The
-        path must still lead to the directory we started in. One stat per flush.
-
-        st_dev: our open files keep the old file system alive, and no two live ones share
-        a device number, so another stick at the path always differs. st_ino is sound even
-        where the file system invents inode numbers (FAT, exFAT, FUSE), which change only
-        when the kernel forgets the inode: the lock directory held open in it pins this
-        directory (tests/e2e/test_filesystems.py drops the caches under a replay on exFAT)."""
-        if self._dest_id is None:
-            return
-        try:
-            st = os.stat(self.destination)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(errno.ENOENT, "the backup directory vanished", self.destination) from e
-        if (st.st_dev, st.st_ino) != self._dest_id:
-            raise OSError(errno.ESTALE, "the backup directory was replaced (stick unplugged?)", self.destination)
-
     def flush(self) -> None:
         """Make everything answered so far durable (at shutdown, and before exit)."""
         with self._lock:
@@ -320,14 +298,10 @@ class JournalWriter(Startup, JournalPort, Report):
         with self._lock:
             if self.failure is not None or not self.last_is_journaled or self.writer is None:
                 return
-            try:
-                live = live_data_version(self.live_db, timeout=1.0)
-            except PibackupError:
-                return
-            if live != self.last:
+            if self.last is None or not committed_at_end(self.live_db, self.last):
                 return
             try:
-                self.writer.append(KIND_PRAGMA, live, [])
+                self.writer.append(KIND_PRAGMA, self.last, [])
                 self.last_is_journaled = False
             except OSError as e:
                 self.log(f"could not mark the last transaction committed: {e}", "warn")
