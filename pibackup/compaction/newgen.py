@@ -55,7 +55,7 @@ class NewGeneration:
             return
         try:
             # Frames the child did not replay: a statement a restore would refuse is never
-            # carried into the new generation (the old one is damaged: Backup.mark_damaged).
+            # carried into the new generation (the old one is damaged: JournalPort.mark_damaged).
             check_frame(frame.statements, frame.kind == KIND_PRAGMA)
         except Refused as e:
             raise refused_damage(e, where or f"{self.partial} (copying)", frame.data_version, frame.offset) from e
