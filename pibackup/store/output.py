@@ -6,13 +6,17 @@ Both modes' restores and compaction's child use these; none of them decides what
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sqlite3
 import stat
-from typing import Optional
+from typing import Iterator, Optional
 
 from pibackup.errors import DamageError
+from pibackup.store.directory import writer_running
 from pibackup.store.fsio import fsync_dir, fsync_file, private_file
+from pibackup.store.layout import RESTORE_TMP_SUFFIX
 from pibackup.store.replay import RestoreError
 
 _CHUNK = 1 << 20
@@ -52,6 +56,17 @@ def check_output(output: str, force: bool) -> None:
         )
 
 
+def check_replace(backup_dir: str, output: str, force: bool) -> None:
+    """check_output, and never replace (--force) a database while a writer runs: it is
+    lightningd's own, in use."""
+    check_output(output, force)
+    if os.path.lexists(output) and force and writer_running(backup_dir):
+        raise RestoreError(
+            f"a running pibackup (inside lightningd) is writing {backup_dir}: stop lightningd before you replace "
+            f"{output} (restoring to a new file is fine while it runs)"
+        )
+
+
 def publish(tmp: str, output: str) -> None:
     """Sync a finished temporary database, rename it into place, sync its directory. A file
     it replaces (--force) hands on its mode and owner: lightningd's user must still own it."""
@@ -72,3 +87,32 @@ def remove_tmp(tmp: str) -> None:
     for stale in (tmp, tmp + "-journal", tmp + "-wal", tmp + "-shm"):
         if os.path.lexists(stale):
             os.unlink(stale)
+
+
+@contextlib.contextmanager
+def building(output: str, what: str) -> Iterator[str]:
+    """The temporary file a restore builds `output` in (OUTPUT.pibackup-tmp): published when
+    the block ends, removed on any error, so `output` is either complete or untouched.
+    `what` completes "cannot ..." in the message of an SQLite error."""
+    tmp = output + RESTORE_TMP_SUFFIX
+    remove_tmp(tmp)
+    try:
+        yield tmp
+        publish(tmp, output)
+    except sqlite3.Error as e:
+        remove_tmp(tmp)
+        raise RestoreError(f"cannot {what}: SQLite says {e}") from e
+    except BaseException:
+        remove_tmp(tmp)
+        raise
+
+
+def check_database(conn: sqlite3.Connection, what: str) -> None:
+    """SQLite's own checks of a database built by a restore: its pages, then its foreign keys
+    (lightningd runs with them on, so a dangling one would break it later). `what` names it."""
+    row = conn.execute("PRAGMA integrity_check").fetchone()
+    if row is None or row[0] != "ok":
+        raise RestoreError(f"{what} fails SQLite's integrity check: {row[0] if row else '?'}")
+    bad = conn.execute("PRAGMA foreign_key_check").fetchmany(3)
+    if bad:
+        raise RestoreError(f"{what} has dangling foreign keys, e.g. {bad}")

@@ -19,8 +19,8 @@ from pibackup.store.access import check_marker
 from pibackup.store.chain import End, iter_frames, read_tail
 from pibackup.store.fsio import private_file
 from pibackup.store.generation import generation_info
-from pibackup.store.layout import MARKER, PARTIAL_SUFFIX, RESTORE_TMP_SUFFIX
-from pibackup.store.output import check_output, copy_snapshot, publish, remove_tmp
+from pibackup.store.layout import MARKER, PARTIAL_SUFFIX
+from pibackup.store.output import building, check_database, check_replace, copy_snapshot
 from pibackup.store.replay import REPLAY_BATCH, Outcome, Replayer, RestoreError
 from pibackup.store.segment import Frame
 from pibackup.store.snapshot import SnapshotError, read_data_version, sha256_file
@@ -72,18 +72,9 @@ def restore(
     gen = pick_generation(backup_dir, generation)
     info = generation_info(gen)
     output = os.path.abspath(output)
-    check_output(output, force)
-    if os.path.lexists(output) and force and dst.writer_running(backup_dir):
-        raise RestoreError(
-            f"a running pibackup (inside lightningd) is writing {backup_dir}: stop lightningd before you replace "
-            f"{output} (restoring to a new file is fine while it runs)"
-        )
-    tmp = output + RESTORE_TMP_SUFFIX
-    for stale in (tmp, tmp + "-journal"):
-        if os.path.lexists(stale):
-            os.unlink(stale)
+    check_replace(backup_dir, output, force)
     out = Outcome(gen.name, info.base_version, info.base_version)
-    try:
+    with building(output, f"build {output}") as tmp:
         if gen.snapshot is not None:
             copy_snapshot(gen.snapshot, tmp, info.snapshot_sha256)
         else:
@@ -127,13 +118,6 @@ def restore(
             conn.execute("PRAGMA journal_mode = DELETE")
         finally:
             conn.close()
-        publish(tmp, output)
-    except sqlite3.Error as e:
-        remove_tmp(tmp)
-        raise RestoreError(f"cannot build {output}: SQLite says {e}") from e
-    except BaseException:
-        remove_tmp(tmp)
-        raise
     return out
 
 
@@ -148,12 +132,7 @@ def _check_result(conn: sqlite3.Connection, out: Outcome) -> None:
                 f"restored database says data_version {got} but the journal ends at {out.last_version}: "
                 "the backup does not replay cleanly; run `pibackup verify`"
             )
-    row = conn.execute("PRAGMA integrity_check").fetchone()
-    if row is None or row[0] != "ok":
-        raise RestoreError(f"restored database fails SQLite's integrity check: {row[0] if row else '?'}")
-    bad = conn.execute("PRAGMA foreign_key_check").fetchmany(3)
-    if bad:
-        raise RestoreError(f"restored database has dangling foreign keys, e.g. {bad}")
+    check_database(conn, "restored database")
 
 
 @dataclass

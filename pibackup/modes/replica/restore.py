@@ -12,11 +12,10 @@ from typing import List, Optional, Tuple
 from pibackup.modes.replica.state import STATE_TABLE, ReplicaError, read_state, refused, refused_pending
 from pibackup.rules import replayguard
 from pibackup.rules.replayguard import Refused
-from pibackup.store import directory as dst
 from pibackup.store.access import refuse_foreign
 from pibackup.store.fsio import private_file
-from pibackup.store.layout import REPLICA_FILE, RESTORE_TMP_SUFFIX, replica_dirs
-from pibackup.store.output import check_output, publish, remove_tmp
+from pibackup.store.layout import REPLICA_FILE, replica_dirs
+from pibackup.store.output import building, check_database, check_replace
 from pibackup.store.replay import RestoreError
 from pibackup.store.snapshot import read_data_version
 
@@ -45,14 +44,8 @@ def restore_replica(backup_dir: str, output: str, force: bool = False) -> Replic
     last one), pibackup's table dropped, checked, synced, renamed."""
     src = newest_replica(backup_dir)
     output = os.path.abspath(output)
-    check_output(output, force)
-    if os.path.lexists(output) and force and dst.writer_running(backup_dir):
-        raise RestoreError(
-            f"a running pibackup (inside lightningd) is writing {backup_dir}: stop lightningd before you replace {output}"
-        )
-    tmp = output + RESTORE_TMP_SUFFIX
-    remove_tmp(tmp)
-    try:
+    check_replace(backup_dir, output, force)
+    with building(output, f"restore from the replica {src}") as tmp:
         source = sqlite3.connect(f"file:{src}?mode=ro", uri=True, isolation_level=None)
         try:
             os.close(private_file(tmp))  # the backup API writes into it and keeps its mode
@@ -85,12 +78,7 @@ def restore_replica(backup_dir: str, output: str, force: bool = False) -> Replic
             got = read_data_version(conn) if state.last else 0
             if got != state.last:
                 raise RestoreError(f"restored replica says data_version {got} but its state says {state.last}: run `pibackup verify`")
-            row = conn.execute("PRAGMA integrity_check").fetchone()
-            if row is None or row[0] != "ok":
-                raise RestoreError(f"the replica fails SQLite's integrity check: {row[0] if row else '?'}")
-            bad = conn.execute("PRAGMA foreign_key_check").fetchmany(3)
-            if bad:
-                raise RestoreError(f"the replica has dangling foreign keys, e.g. {bad}")
+            check_database(conn, "the replica")
             filtered = [t for t in state.filter_tables.split(",") if t]
             rescan = None
             if "utxoset" in filtered:
@@ -98,13 +86,6 @@ def restore_replica(backup_dir: str, output: str, force: bool = False) -> Replic
                 rescan = row[0] if row else None
         finally:
             conn.close()
-        publish(tmp, output)
-    except sqlite3.Error as e:
-        remove_tmp(tmp)
-        raise RestoreError(f"cannot restore from the replica {src}: SQLite says {e}") from e
-    except BaseException:
-        remove_tmp(tmp)
-        raise
     return ReplicaOutcome(src, state.applied, state.last, state.pending is not None, filtered, rescan)
 
 
