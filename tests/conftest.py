@@ -10,6 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import driver  # noqa: E402
+from helpers import cli  # noqa: E402
+from sshd import Sshd  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -74,3 +76,20 @@ def leds(tmp_path: Path) -> Path:
     (act / "brightness").write_text("0\n")
     (act / "max_brightness").write_text("255\n")
     return root
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[Sshd]:
+    """A real sshd on 127.0.0.1 for the shipping tests, stopped at the end."""
+    s = Sshd(tmp_path / "sshd")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def keyfile(tmp_path: Path) -> Path:
+    """An encryption key made by `pibackup keygen`, as a user makes one."""
+    k = tmp_path / "ship.key"
+    r = cli("keygen", str(k))
+    assert r.returncode == 0, r.stderr
+    return k

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import List, Tuple
 
 import pytest
 from test_ship import wait_in_step
@@ -25,20 +25,6 @@ from pibackup.copies.crypt import Encryptor, Key, load_key
 from sshd import Sshd
 
 STATE = Path(".ship") / "state.json"
-
-
-@pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[Sshd]:
-    s = Sshd(tmp_path / "sshd")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def keyfile(tmp_path: Path) -> Path:
-    k = tmp_path / "ship.key"
-    assert cli("keygen", str(k)).returncode == 0
-    return k
 
 
 def shipping_node(make_node, sshd: Sshd, remote: Path, keyfile, **extra) -> driver.Node:

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import pytest
 
@@ -19,21 +19,6 @@ from pibackup.store.layout import is_layout_path
 from sshd import Sshd
 
 CRYPT_MAGIC = b"PBKCRYPT"
-
-
-@pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[Sshd]:
-    s = Sshd(tmp_path / "sshd")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def keyfile(tmp_path: Path) -> Path:
-    k = tmp_path / "ship.key"
-    r = cli("keygen", str(k))
-    assert r.returncode == 0, r.stderr
-    return k
 
 
 def shipping(node: driver.Node) -> Dict[str, Any]:
