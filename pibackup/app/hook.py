@@ -17,6 +17,8 @@ from pibackup.app.status import REMINDER_SECONDS, Led, Reporter, StatusError, sy
 from pibackup.errors import PibackupError
 from pibackup.fanout.destinations import Destinations
 from pibackup.modes.api import Call, Log
+from pibackup.rules.replayguard import Unreplayable, check_call
+from pibackup.rules.sequence import is_pragma_only
 
 if TYPE_CHECKING:
     from pibackup.copies.schedule import Shipper
@@ -46,6 +48,12 @@ class HookHandler:
                 self._refusal_logged = now
                 self.log(f"refusing data_version {data_version} so lightningd halts without committing it: {self.failure}", "error")
             return ABORT
+        try:
+            # Once per call, before anything is answered (early calls too): acknowledged, a
+            # call no restore would replay would be lost at the restore that needs it.
+            check_call(data_version, writes, is_pragma_only(writes))
+        except Unreplayable as e:
+            return self._fail(str(e))
         if self.backup is None:
             # Before init the destination is unknown. lightningd commits this call once
             # we answer; until init writes it out, the live DB itself is its only copy

@@ -232,10 +232,13 @@ def test_pending_statements_tampered_with_while_the_replica_runs_are_refused_and
 
 # --- the guard itself ------------------------------------------------------------------------
 def test_every_recorded_statement_passes_the_static_check(traces):
+    checked = 0
     for records in traces.values():
         for r in records:
             for w in r.writes:
                 check_statement(w, driver.is_pragma_only(r.writes))
+                checked += 1
+    assert checked > 18_000  # both recordings, every statement (9,472 + 9,251)
 
 
 @pytest.mark.parametrize(
@@ -342,3 +345,16 @@ def test_a_call_no_restore_would_replay_is_refused_in_the_hook_and_nothing_is_st
     r = restore_to(dest, out)
     assert r.returncode == 0, r.stderr
     assert dbcompare.backup_differences(node.live.path, out, ()) == []
+
+
+def test_a_call_no_restore_would_replay_is_refused_even_before_init(traces, make_node, dest, tmp_path):
+    # Before init the destination is unknown and calls are only remembered: the check must
+    # not wait for init, or the call would be acknowledged and then stored unreplayable.
+    recs = driver.first_run(traces["A"])
+    early = [r for r in recs if r.pre_init]
+    node = make_node(pibackup_filter_tables="none")
+    node.start(early[:-1], init=False)
+    bad = early[-1]
+    with pytest.raises(driver.Halted):
+        node.call(driver.Record(seq=0, pre_init=True, data_version=bad.data_version, writes=("VACUUM", *bad.writes)))
+    assert node.live.version() == early[-2].data_version  # lightningd committed nothing more

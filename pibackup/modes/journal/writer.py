@@ -18,7 +18,6 @@ from pibackup.modes.journal.port import CompactionHooks, JournalPort
 from pibackup.modes.journal.report import Report
 from pibackup.modes.journal.startup import Startup, file_size
 from pibackup.rules import filter as flt
-from pibackup.rules.replayguard import check_call
 from pibackup.rules.sequence import Action, classify, is_pragma_only
 from pibackup.store import directory as dst
 from pibackup.store.access import DestinationError, validate
@@ -180,7 +179,6 @@ class JournalWriter(Startup, JournalPort, Report):
             self._write(data_version, writes)
 
     def _write(self, data_version: int, writes: List[str]) -> None:
-        check_call(data_version, writes, is_pragma_only(writes))
         a = classify(self.last, data_version, is_pragma_only(writes), self.last_is_journaled)
         try:
             if a is Action.GAP or (self.damaged is not None and a is not Action.BEHIND):

@@ -42,7 +42,6 @@ from pibackup.modes.replica.state import (
     sqlite_message,
 )
 from pibackup.rules import filter as flt
-from pibackup.rules import replayguard
 from pibackup.rules.replayguard import GuardedConnection
 from pibackup.rules.sequence import Action, classify, is_pragma_only, reconcile
 from pibackup.store import directory as dst
@@ -188,7 +187,6 @@ class ReplicaWriter:  # size: one lock guards the connection, its pending transa
 
     def _write(self, data_version: int, writes: List[str]) -> None:
         pragma = is_pragma_only(writes)
-        replayguard.check_call(data_version, writes, pragma)
         a = classify(self.last, data_version, pragma, self.last_is_journaled)
         if a is Action.GAP:
             self.log(
