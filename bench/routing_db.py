@@ -92,13 +92,52 @@ def add_forwards(conn: sqlite3.Connection, m: Maker, channels: List[Tuple[int, i
         failed = rng.random() < FAILED_SHARE
         m.now += rng.randint(1, 20)
         phash = m.blob(32)
-        forwards.append((scid_in, i, scid_out, i, amount + fee, amount, 2 if failed else 1, m.now, m.now + rng.randint(1, 30), 0x1007 if failed else None, 1, i))
+        forwards.append(
+            (
+                scid_in,
+                i,
+                scid_out,
+                i,
+                amount + fee,
+                amount,
+                2 if failed else 1,
+                m.now,
+                m.now + rng.randint(1, 30),
+                0x1007 if failed else None,
+                1,
+                i,
+            )
+        )
         for direction, chan, msat, origin in ((1, cin, amount + fee, None), (0, cout, amount, htlc_id + 1)):
             htlc_id += 1
             flight = i >= first + count - IN_FLIGHT // 2 and not failed
             htlcs.append(
-                (htlc_id, chan, i, direction, origin, msat, 800_000 + i % 1000, phash, None, m.blob(1366) if flight else None, None, 0,
-                 19 if failed else 9, None, m.now, None, None, None, None, 0, None, 0, fee if direction == 1 else 0, htlc_id)
+                (
+                    htlc_id,
+                    chan,
+                    i,
+                    direction,
+                    origin,
+                    msat,
+                    800_000 + i % 1000,
+                    phash,
+                    None,
+                    m.blob(1366) if flight else None,
+                    None,
+                    0,
+                    19 if failed else 9,
+                    None,
+                    m.now,
+                    None,
+                    None,
+                    None,
+                    None,
+                    0,
+                    None,
+                    0,
+                    fee if direction == 1 else 0,
+                    htlc_id,
+                )
             )
         if not failed:
             for chan, credit in ((cin, amount + fee), (cout, -amount)):
@@ -114,15 +153,68 @@ def add_invoices_payments(conn: sqlite3.Connection, m: Maker, first: int, count:
     invoices, payments = [], []
     for i in range(first, first + count):
         m.now += rng.randint(60, 3600)
-        invoices.append((i, 1, rng.randint(1, 10**9), m.blob(32), m.blob(32), f"routing-inv-{i}", m.now + 3600, i, None, m.now, m.bolt11(), "coffee " + str(i), b"", None, i, None, None))
+        invoices.append(
+            (
+                i,
+                1,
+                rng.randint(1, 10**9),
+                m.blob(32),
+                m.blob(32),
+                f"routing-inv-{i}",
+                m.now + 3600,
+                i,
+                None,
+                m.now,
+                m.bolt11(),
+                "coffee " + str(i),
+                b"",
+                None,
+                i,
+                None,
+                None,
+            )
+        )
         hops = rng.randint(1, 5)
         payments.append(
-            (i, m.now, 2, m.blob(32), b"\x03" + m.blob(32), rng.randint(1, 10**9), m.blob(32), m.blob(32 * hops), m.blob(33 * hops), m.blob(8 * hops), None, None, None, None,
-             None, None, rng.randint(1, 10**9), None, "payment " + str(i), None, m.bolt11(), rng.randint(1, 10**9), 0, 0, None, None, m.now + 5, None, None, i)
+            (
+                i,
+                m.now,
+                2,
+                m.blob(32),
+                b"\x03" + m.blob(32),
+                rng.randint(1, 10**9),
+                m.blob(32),
+                m.blob(32 * hops),
+                m.blob(33 * hops),
+                m.blob(8 * hops),
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                rng.randint(1, 10**9),
+                None,
+                "payment " + str(i),
+                None,
+                m.bolt11(),
+                rng.randint(1, 10**9),
+                0,
+                0,
+                None,
+                None,
+                m.now + 5,
+                None,
+                None,
+                i,
+            )
         )
     top_inv = conn.execute("SELECT coalesce(max(id), 0) FROM invoices").fetchone()[0]
     top_pay = conn.execute("SELECT coalesce(max(id), 0) FROM payments").fetchone()[0]
-    conn.executemany("INSERT INTO invoices VALUES (" + ",".join("?" * 17) + ")", [(r[0] + top_inv, *r[1:7], r[7] + top_inv, *r[8:14], r[14] + top_inv, *r[15:]) for r in invoices])
+    conn.executemany(
+        "INSERT INTO invoices VALUES (" + ",".join("?" * 17) + ")",
+        [(r[0] + top_inv, *r[1:7], r[7] + top_inv, *r[8:14], r[14] + top_inv, *r[15:]) for r in invoices],
+    )
     conn.executemany("INSERT INTO payments VALUES (" + ",".join("?" * 30) + ")", [(r[0] + top_pay, *r[1:]) for r in payments])
 
 
