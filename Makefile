@@ -5,7 +5,12 @@ PY      = $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # xfsprogs, btrfs-progs, exfatprogs, exfat-fuse: tests/e2e/test_filesystems.py's sticks (mkfs, and exFAT through FUSE)
 APT_PACKAGES = python3 python3-venv python3-pip sqlite3 make strace xz-utils e2fsprogs util-linux rsync openssh-client openssh-server \
-	xfsprogs btrfs-progs exfatprogs exfat-fuse
+	xfsprogs btrfs-progs exfatprogs exfat-fuse \
+	libsqlite3-0 libsodium23 libgmp10 zlib1g libpq5
+# tests/cln/: a real Core Lightning, unpacked from ../shared/cln/ into .cln/ (ignored by git);
+# its runtime libraries are the last line of APT_PACKAGES. Without the tarball the tests skip (CI fails them).
+CLN_TARBALL ?= $(CURDIR)/../shared/cln/core-lightning-v26.06.6-bookworm-amd64.tar.xz
+CLN_DIR      = $(CURDIR)/.cln
 # `make deb` and `make test-deb`: Debian's package tools, lintian, and debootstrap for the test chroot.
 DEB_APT_PACKAGES = debhelper dh-python python3-all dpkg-dev fakeroot patch lintian man-db debootstrap
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' pibackup/__init__.py)
@@ -19,6 +24,10 @@ setup:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	@if [ -f "$(CLN_TARBALL)" ]; then \
+		rm -rf "$(CLN_DIR)" && mkdir -p "$(CLN_DIR)" && tar xJf "$(CLN_TARBALL)" -C "$(CLN_DIR)" && \
+		"$(CLN_DIR)/usr/local/bin/lightningd" --version; \
+	else echo "no $(CLN_TARBALL): the tests against a real lightningd (tests/cln) will be skipped"; fi
 
 lint:
 	$(VENV)/bin/ruff check pibackup tests pibackup.py
@@ -28,10 +37,11 @@ lint:
 # and on the plugin's process, so the suite takes about half as long. The tests' files go
 # under the checkout, on a real disk: /tmp may be a tmpfs (Debian 13 mounts it so), where
 # nothing waits on a sync and the compaction process, at nice 10, can fall behind the
-# workers until the compaction tests' replays are over.
+# workers until the compaction tests' replays are over. `--dist loadgroup`: the tests against a
+# real lightningd (tests/cln) share their nodes per module, so each module runs on one worker.
 TEST_TMP = $(CURDIR)/.test-tmp
 test: lint
-	$(PY) -m pytest -q -n auto --maxprocesses=4 --basetemp=$(TEST_TMP)
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadgroup --basetemp=$(TEST_TMP)
 
 # The large runs: >= 500 SIGKILLs of the plugin per recording; every crash state of trace A
 # (tests/crashstates.py), with its figures.
@@ -46,7 +56,7 @@ docs:
 	$(PY) -m pibackup.app.options docs/guide/options.md
 
 clean:
-	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis .test-tmp
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis .test-tmp .cln
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
 # Benchmarks: never part of `make test`. Prints tables.
