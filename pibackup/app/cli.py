@@ -21,8 +21,10 @@ from pibackup.app.modes import RestoreArgs, detect
 from pibackup.copies.crypt import key_id, write_key_file
 from pibackup.copies.fetch import MAX_FILE_DEFAULT
 from pibackup.copies.readable import CopyReport, Terminated, older_than_records, readable_copy
+from pibackup.copies.rclone_target import check_config_file
 from pibackup.copies.target import ShipError, check_local_file
 from pibackup.errors import PibackupError
+from pibackup.node import restore as node_restore
 from pibackup.store.access import refuse_foreign
 from pibackup.store.output import check_output
 from pibackup.store.replay import Outcome
@@ -81,7 +83,16 @@ def _parser() -> argparse.ArgumentParser:
         "transaction in order. Writes OUTPUT_DB.pibackup-tmp, syncs it, then renames it.",
     )
     r.add_argument("backup_dir", metavar="BACKUP_DIR", help="the pibackup-destination directory, a copy, or [user@]host:/path")
-    r.add_argument("output", metavar="OUTPUT_DB", help="database file to create, e.g. ~/.lightning/bitcoin/lightningd.sqlite3")
+    r.add_argument(
+        "output", metavar="OUTPUT_DB", nargs="?", help="database file to create, e.g. ~/.lightning/bitcoin/lightningd.sqlite3"
+    )
+    r.add_argument(
+        "--lightning-dir",
+        metavar="DIR",
+        help="restore the node instead of one file: the database and emergency.recover into DIR/<network>/, "
+        "checked against the network and the hsm_secret there (docs/guide/recovery.md)",
+    )
+    r.add_argument("--network", metavar="NAME", help="with --lightning-dir: the node's network (default: the one its database names)")
     r.add_argument("--force", action="store_true", help="replace OUTPUT_DB if it exists (stop lightningd first!)")
     r.add_argument("--generation", type=int, metavar="N", help="restore generation N instead of the newest")
     r.add_argument(
@@ -105,6 +116,12 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--ssh-identity", type=_ssh_file("--ssh-identity"), metavar="FILE", help="ssh private key for the remote host")
         g.add_argument(
             "--known-hosts", type=_ssh_file("--known-hosts"), metavar="FILE", help="known_hosts file with the remote host's key"
+        )
+        g.add_argument(
+            "--rclone-config",
+            type=_checked(lambda v: check_config_file("--rclone-config", os.path.abspath(os.path.expanduser(v)))),
+            metavar="FILE",
+            help="rclone's config file for an rclone:REMOTE:path copy (default: rclone's own)",
         )
         g.add_argument(
             "--max-file-mb",
@@ -188,15 +205,33 @@ def _progress(out: Outcome, fraction: float, rate: float) -> None:
 
 
 def _restore(args: argparse.Namespace) -> int:
+    if (args.output is None) == (args.lightning_dir is None):
+        raise PibackupError("give either OUTPUT_DB or --lightning-dir DIR (to restore the whole node), not both")
+    if args.network is not None and args.lightning_dir is None:
+        raise PibackupError("--network goes with --lightning-dir")
+    if args.lightning_dir is None:
+        return _restore_to(args, args.output, None)
+    with node_restore.prepare(args.lightning_dir, args.network, args.force) as node:
+        return _restore_to(args, node.staged_db, node)
+
+
+def _restore_to(args: argparse.Namespace, output: str, node: Optional[node_restore.NodeTarget]) -> int:
     tty = sys.stderr.isatty()  # progress for a person at a terminal, nothing in scripts and logs
-    check_output(args.output, args.force)  # before fetching anything
-    copy = readable_copy(args.backup_dir, args.output, args.key, args.ssh_port, args.ssh_identity, args.known_hosts, args.max_file_mb)
+    check_output(output, args.force and node is None)  # before fetching anything
+    copy = readable_copy(args.backup_dir, output, args.key, args.ssh_port, args.ssh_identity, args.known_hosts, args.max_file_mb, args.rclone_config)
     with copy as report:
         src = report.root
         _copy_notes(report)
         _access_warnings(src)
-        what = RestoreArgs(args.force, args.generation, args.partial, _progress if tty else None)
-        out = detect(src).restore(src, args.output, what)
+        what = RestoreArgs(args.force and node is None, args.generation, args.partial, _progress if tty else None)
+        out = detect(src).restore(src, output, what)
+        if node is not None:
+            if out.checks_copy and older_than_records(report) is not None:
+                _copy_warnings(report, restoring=True)
+                raise node_restore.NodeRestoreError("this copy is older than its own records: nothing was written")
+            out.lines = [line.replace(output, "the node's database") for line in out.lines] + node.place(src)
+            out.notes += node.notes
+            out.warnings += node.warnings
     if tty:
         sys.stderr.write("\r" + " " * 78 + "\r")
     for note in out.notes:
@@ -279,7 +314,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    copy = readable_copy(args.backup_dir, None, args.key, args.ssh_port, args.ssh_identity, args.known_hosts, args.max_file_mb)
+    copy = readable_copy(args.backup_dir, None, args.key, args.ssh_port, args.ssh_identity, args.known_hosts, args.max_file_mb, args.rclone_config)
     with copy as report:
         src = report.root
         _copy_notes(report)

@@ -25,6 +25,7 @@ LAYERS: Dict[str, int] = {
     "pibackup.compaction": 4,
     "pibackup.copies": 4,
     "pibackup.fanout": 5,
+    "pibackup.node": 5,  # restoring a whole node: checks and placement around the restore app/cli runs
     "pibackup.app": 6,
     "pibackup.__main__": 6,
 }
