@@ -30,7 +30,9 @@ def make_node(tmp_path: Path, dest: Path) -> Iterator[Callable[..., driver.Node]
     nodes = []
 
     def make(**options: object) -> driver.Node:
-        opts = {"pibackup-destination": str(dest), "pibackup-segment-size": "128K"}
+        # The tests' destinations share the disk with the live database; tests/e2e/test_traps.py
+        # checks the warning that gives.
+        opts = {"pibackup-destination": str(dest), "pibackup-segment-size": "128K", "pibackup-allow-same-medium": "true"}
         opts.update({k.replace("_", "-"): v for k, v in options.items()})  # pibackup_x or "pibackup-x"
         n = driver.Node(tmp_path / f"node{len(nodes)}", opts)
         nodes.append(n)

@@ -77,6 +77,7 @@ class Config:
     compact_min_bytes: int = COMPACT_MIN_KB_DEFAULT * 1024
     keep_generations: int = KEEP_GENERATIONS_DEFAULT
     mode: str = MODE_DEFAULT
+    allow_same_medium: bool = False  # no warning for a destination on the live database's medium
 
 
 def parse_size(name: str, raw: Any) -> int:
@@ -136,7 +137,16 @@ def parse_options(options: Mapping[str, Any]) -> Config:
         compact_min_bytes=_int(options, "pibackup-compact-min-kb") * 1024,
         keep_generations=_int(options, "pibackup-keep-generations"),
         mode=_mode(options),
+        allow_same_medium=_true_false(options, "pibackup-allow-same-medium"),
     )
+
+
+def _true_false(options: Mapping[str, Any], name: str) -> bool:
+    raw = options.get(name, default(name))
+    value = str(raw).strip().lower()
+    if value not in ("true", "false"):
+        raise ConfigError(f"{name}={raw!r}: give true or false (default {default(name)})")
+    return value == "true"
 
 
 def _destinations(value: Any) -> Tuple[str, ...]:

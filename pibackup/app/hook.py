@@ -6,6 +6,7 @@ has failed answers every later db_write with a refusal so lightningd halts uncom
 
 from __future__ import annotations
 
+import sys
 import time
 import traceback
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
@@ -13,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 from pibackup.app.config import Config, parse_options
 from pibackup.app.livedb import find_live_db
 from pibackup.app.modes import MODES
+from pibackup.app.recoverfile import NodeFiles
 from pibackup.app.status import REMINDER_SECONDS, Led, Reporter, StatusError, systemd_notifier
+from pibackup.app.traps import start_warnings
 from pibackup.errors import PibackupError
 from pibackup.fanout.destinations import Destinations
 from pibackup.modes.api import Call, Log
@@ -38,6 +41,8 @@ class HookHandler:
         self.shutting_down = False
         self.reporter: Optional[Reporter] = None
         self.shipper: Optional[Shipper] = None
+        self.node_files: Optional[NodeFiles] = None  # emergency.recover and NODE in each destination
+        self.traps: List[str] = []  # set-ups found at start that only warn (app/traps.py)
         self._refusal_logged = 0.0
         self.started = time.time()
 
@@ -118,6 +123,11 @@ class HookHandler:
             return
         self.early = []
         self.backup = backup
+        self.traps = start_warnings(cfg.destinations, live_db, cfg.allow_same_medium, sys.argv[0], lightning_dir)
+        self.node_files = NodeFiles(
+            lightning_dir, live_db, lambda: [b.destination for b in backup.active], self.log, lambda: self.failure is not None
+        )
+        self.node_files.start()
         if cfg.ship is not None:
             self._start_shipper(cfg, backup)
         if self.reporter is not None:
@@ -158,6 +168,8 @@ class HookHandler:
             out["calls_before_init"] = len(self.early)
             return out
         out.update(b.status())
+        if self.node_files is not None:
+            out.update(self.node_files.status())  # node_id, network, emergency_recover
         return out
 
     def _start_shipper(self, cfg: Config, backup: Destinations) -> None:
@@ -216,7 +228,8 @@ class HookHandler:
 
     def _extra_warnings(self) -> List[str]:
         out = self.backup.warnings() if self.backup is not None else []
-        return out + (self.shipper.warnings() if self.shipper is not None else [])
+        out += self.node_files.warnings() if self.node_files is not None else []
+        return self.traps + out + (self.shipper.warnings() if self.shipper is not None else [])
 
     def _figures(self) -> Dict[str, Any]:
         b = self.backup
@@ -232,6 +245,8 @@ class HookHandler:
     def close(self) -> None:
         if self.shipper is not None:
             self.shipper.stop()
+        if self.node_files is not None:
+            self.node_files.stop()  # a last look: lightningd may have rewritten emergency.recover at its stop
         if self.reporter is not None:
             self.reporter.stop()
         if self.backup is not None:

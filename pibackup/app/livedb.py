@@ -67,7 +67,7 @@ def _wallet_in_config(paths: Iterable[str]) -> Optional[str]:
     return found
 
 
-def _parent_args() -> List[str]:
+def lightningd_args() -> List[str]:
     try:
         with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
             raw = f.read()
@@ -81,7 +81,7 @@ def find_live_db(option: Optional[str], lightning_dir: str, parent_args: Optiona
     if option:
         path = parse_wallet(option, lightning_dir)
     else:
-        args = _parent_args() if parent_args is None else parent_args
+        args = lightningd_args() if parent_args is None else parent_args
         wallet, conf = _wallet_in_args(args)
         if wallet is None:
             top = os.path.dirname(os.path.normpath(lightning_dir))

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
+from pibackup.app import recoverfile
 from pibackup.app.config import Config
 from pibackup.compaction.wiring import make_journal_writer
 from pibackup.modes.api import Log, Writer
@@ -106,12 +107,15 @@ def _journal_restore(src: str, output: str, a: RestoreArgs) -> Restored:
 
 def _journal_verify(src: str) -> Verified:
     rep = journal_restore.verify(src)
-    return Verified(list(rep.lines), rep.damaged)
+    lines, damaged, _ = recoverfile.describe(src)  # node id, network, emergency.recover
+    return Verified(lines + list(rep.lines), rep.damaged or damaged)
 
 
 def _journal_status(src: str) -> Report:
     st = journal_restore.offline_status(src)
-    lines = [f"backup directory {st['path']}: {st['state']}"]
+    node_lines, _, node = recoverfile.describe(src)
+    st.update(node)
+    lines = [f"backup directory {st['path']}: {st['state']}"] + node_lines
     for g in st["generations"]:
         base = f"snapshot at data_version {g['base_version']}" if g["snapshot"] else "empty database"
         lines.append(f"  {g['name']}: {base}, {g['segments']} segment(s), {g['bytes'] // 1024} KiB")
@@ -142,13 +146,16 @@ def _replica_restore(src: str, output: str, a: RestoreArgs) -> Restored:
 
 def _replica_verify(src: str) -> Verified:
     lines, damaged = verify_replica(src)
-    return Verified(lines, damaged, checks_copy=False)
+    node_lines, node_damaged, _ = recoverfile.describe(src)
+    return Verified(node_lines + lines, damaged or node_damaged, checks_copy=False)
 
 
 def _replica_status(src: str) -> Report:
     lines, damaged = verify_replica(src)
+    node_lines, node_damaged, _ = recoverfile.describe(src)
+    damaged = damaged or node_damaged
     out = [f"backup directory {os.path.abspath(src)} (replica mode): {'DAMAGED' if damaged else 'ok'}"]
-    out += ["  " + line for line in lines]
+    out += ["  " + line for line in node_lines + lines]
     out.append("a running pibackup is writing it" if writer_running(src) else "no pibackup is writing it now")
     return Report(out, None, failed=damaged)
 

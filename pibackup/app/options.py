@@ -194,6 +194,14 @@ OPTIONS: Tuple[Option, ...] = (
         " or ".join(MODES),
         "replica.md",
     ),
+    Option(
+        "pibackup-allow-same-medium",
+        "false",
+        "true: no warning when a pibackup-destination is on the same medium (SD card, disk) as lightningd's database. "
+        "Such a backup dies with that medium; set it only for a copy kept there on purpose beside others.",
+        "false or true",
+        "status.md",
+    ),
 )
 
 BY_NAME: Dict[str, Option] = {o.name: o for o in OPTIONS}

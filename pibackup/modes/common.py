@@ -17,17 +17,19 @@ from pibackup.rules.sequence import Action, classify, is_pragma_only, reconcile
 from pibackup.store import directory as dst
 from pibackup.store.access import DestinationError, validate
 from pibackup.store.fsio import io_error_message
+from pibackup.store.identity import refuse_other_node
 from pibackup.store.snapshot import live_data_version
 
 _Id = Tuple[int, int]  # (st_dev, st_ino)
 
 
-def open_directory(dest: dst.Destination, other_mode: Callable[[str], bool], refusal: str) -> None:
+def open_directory(dest: dst.Destination, other_mode: Callable[[str], bool], refusal: str, live_db: str) -> None:
     """Check the destination, refuse one that holds the other mode's backup (`refusal` says
-    so), then mark and lock it as ours."""
+    so) or another node's, then mark and lock it as ours."""
     validate(dest.path)
     if other_mode(dest.path):
         raise DestinationError(refusal)
+    refuse_other_node(dest.path, live_db)
     try:
         dest.prepare()
     except OSError as e:

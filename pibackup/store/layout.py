@@ -18,6 +18,12 @@ MARKER_TMP = MARKER + TMP_SUFFIX  # left by a first start that crashed midway
 # let any of them hold it and halt the node. The directory itself, not a file in it: one
 # inode, and nothing in it for copies and checks to meet.
 LOCK_DIR = "PIBACKUP.lock"
+# Whose backup this is (text: node id and network, store/identity.py); written once the
+# node id is known, before that a brand-new node's backup has none.
+NODE_FILE = "NODE"
+# lightningd's static channel backup (its network directory's file), copied whole whenever
+# lightningd rewrites it (EMERGENCY_RECOVER.tmp, synced, renamed).
+EMERGENCY_RECOVER = "emergency.recover"
 # What file systems put at the root of a stick; harmless next to a backup.
 FS_ARTIFACTS: FrozenSet[str] = frozenset({"lost+found", "System Volume Information", ".Trashes", ".fseventsd", ".Spotlight-V100"})
 

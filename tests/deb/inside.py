@@ -53,7 +53,7 @@ def main() -> int:
     dest, trace = Path(sys.argv[1]), sys.argv[2]
     records = driver.load_trace(trace)
     work = Path.home() / "test-deb"
-    node = driver.Node(work / "node", {"pibackup-destination": str(dest)})
+    node = driver.Node(work / "node", {"pibackup-destination": str(dest), "pibackup-allow-same-medium": "true"})
     node.plugin_path = PLUGIN
     node.plugin_python = None  # exec the file: its #! line is the installed one
     # systemd's notify socket, as lightningd.service with the drop-in gives it: the STATUS

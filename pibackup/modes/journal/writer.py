@@ -23,6 +23,7 @@ from pibackup.store import directory as dst
 from pibackup.store.access import DestinationError, validate
 from pibackup.store.appender import SegmentSettings, create_segment, first_header, next_header
 from pibackup.store.fsio import io_error_message
+from pibackup.store.identity import refuse_other_node
 from pibackup.store.layout import REPLICA_PREFIX, segment_filename
 from pibackup.store.segment import KIND_INFO, KIND_PRAGMA, KIND_TX, SegmentHeader
 from pibackup.store.snapshot import take_snapshot
@@ -98,6 +99,7 @@ class JournalWriter(Startup, JournalPort, Report):
                 f"{self.destination} holds a replica-mode backup (replica-NNNNNN directories); pibackup-mode=journal "
                 "needs a directory of its own: give an empty pibackup-destination, or set pibackup-mode=replica"
             )
+        refuse_other_node(self.destination, self.live_db)  # before the marker, lock or anything is written
         try:
             self.dest.prepare()
             self._place.remember(self.destination)

@@ -82,6 +82,7 @@ class ReplicaWriter:  # size: one lock guards the connection, its pending transa
             holds_journal,
             f"{self.destination} holds a journal-mode backup (gen-NNNNNN directories); pibackup-mode=replica needs "
             "a directory of its own: give an empty pibackup-destination, or set pibackup-mode=journal",
+            self.live_db,
         )
         try:
             for name in os.listdir(self.destination):
