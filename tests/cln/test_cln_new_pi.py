@@ -5,16 +5,21 @@ that already holds a database are refused, and nothing is written."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, Iterator, Tuple
 
 import pytest
 from harness import PLUGIN, ROOT, Cluster, Node, open_channel, pay, wait_for
 from test_cln_crash import balances_agree
+
+from dbcompare import differences
+from sshd import Sshd
 
 pytestmark = pytest.mark.xdist_group("cln-new-pi")
 
@@ -23,18 +28,24 @@ pytestmark = pytest.mark.xdist_group("cln-new-pi")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, object]]:
     base = tmp_path_factory.mktemp("cln-new-pi")
     cluster = Cluster(base)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(cluster.close)
         dest = base / "usb" / "pibackup"
         dest.mkdir(parents=True)
-        a = cluster.node("A", {"important-plugin": str(PLUGIN), "pibackup-destination": str(dest)})
+        sshd = stack.enter_context(contextlib.closing(Sshd(base / "sshd")))
+        key = base / "ship.key"
+        made = subprocess.run([sys.executable, "-m", "pibackup", "keygen", str(key)], cwd=ROOT, capture_output=True, text=True)
+        assert made.returncode == 0, made.stderr
+        remote = base / "remote" / "A"
+        remote.parent.mkdir()
+        ship = sshd.options(remote, pibackup_ship_encrypt_key=str(key))
+        a = cluster.node("A", {"important-plugin": str(PLUGIN), "pibackup-destination": str(dest), **ship})
         b = cluster.node("B")
         a.fund(3_000_000)
         open_channel(a, b, 2_000_000)
         assert pay(a, b, 50_000_000, "before")["status"] == "complete"
         wait_for("A and B to agree", lambda: balances_agree(a, b))
-        yield {"cluster": cluster, "a": a, "b": b, "dest": dest, "base": base}
-    finally:
-        cluster.close()
+        yield {"cluster": cluster, "a": a, "b": b, "dest": dest, "base": base, "sshd": sshd, "remote": remote, "key": key}
 
 
 def restore(*args: str) -> subprocess.CompletedProcess[str]:
@@ -107,6 +118,26 @@ def test_without_hsm_secret_it_restores_and_says_which_one_lightningd_needs(pair
     assert (d / "regtest" / "lightningd.sqlite3").exists()
     again = restore(str(dest), "--lightning-dir", str(d))
     assert again.returncode == 1 and "--force" in again.stderr
+
+
+def test_from_a_shipped_copy_on_a_new_pi_as_from_the_stick(pair: Dict[str, object]) -> None:
+    a, _, dest, base = nodes(pair)
+    sshd, remote, key = pair["sshd"], pair["remote"], pair["key"]
+    assert isinstance(sshd, Sshd) and isinstance(remote, Path) and isinstance(key, Path)
+    since = time.time()
+
+    def shipped_since() -> bool:
+        return bool((a.rpc.call("pibackup-status")["shipping"]["last_success"] or 0) >= since)
+
+    wait_for("a shipping round after the last payment", shipped_since)
+    secret = (a.net / "hsm_secret").read_bytes()
+    shipped, stick = fresh_dir(base, "from-shipped", secret), fresh_dir(base, "from-stick", secret)
+    out = restore(sshd.target(remote), "--lightning-dir", str(shipped), "--key", str(key), *sshd.cli_args())
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"node {a.id()} on regtest" in out.stdout and "it is this node's" in out.stderr
+    assert restore(str(dest), "--lightning-dir", str(stick)).returncode == 0
+    assert differences(stick / "regtest" / "lightningd.sqlite3", shipped / "regtest" / "lightningd.sqlite3") == []
+    assert sorted(os.listdir(shipped)) == ["regtest"]  # the fetched and decrypted copies are gone
 
 
 def test_new_pi_with_only_the_hsm_secret_runs_on_and_pays(pair: Dict[str, object]) -> None:
