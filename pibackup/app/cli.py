@@ -168,6 +168,11 @@ def _terminate(signum: int, frame: Optional[FrameType]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # the receiver of pibackup-remote, on the other host
+        from pibackup.remote.serve import main as serve
+
+        return serve(argv[1:])
     args = _parser().parse_args(argv)
     # Decrypted copies must not outlive an interrupted run: SIGTERM (systemd, kill) and SIGHUP
     # (a closed terminal) unwind like Ctrl-C, through every `finally`.

@@ -78,6 +78,7 @@ class Config:
     keep_generations: int = KEEP_GENERATIONS_DEFAULT
     mode: str = MODE_DEFAULT
     allow_same_medium: bool = False  # no warning for a destination on the live database's medium
+    remotes: Tuple[Any, ...] = ()  # remote/config.py RemoteConfig, one per pibackup-remote
 
 
 def parse_size(name: str, raw: Any) -> int:
@@ -138,6 +139,28 @@ def parse_options(options: Mapping[str, Any]) -> Config:
         keep_generations=_int(options, "pibackup-keep-generations"),
         mode=_mode(options),
         allow_same_medium=_true_false(options, "pibackup-allow-same-medium"),
+        remotes=parse_remote_options(options),
+    )
+
+
+def parse_remote_options(options: Mapping[str, Any]) -> Tuple[Any, ...]:
+    """pibackup-remote (given once or more) and its companions; () when off."""
+    specs = options.get("pibackup-remote")
+    if specs is None or specs == [] or _given(options, "pibackup-remote") == "[]":
+        return ()
+    from pibackup.remote.config import parse_remotes  # only when configured: its modules cost RSS
+
+    if str(options.get("pibackup-mode", MODE_DEFAULT)).strip().lower() != "journal":
+        raise ConfigError("pibackup-remote needs pibackup-mode=journal (the remote keeps a copy of the journal)")
+    return parse_remotes(
+        specs,
+        _int(options, "pibackup-remote-port"),
+        _given(options, "pibackup-remote-identity"),
+        _given(options, "pibackup-remote-known-hosts"),
+        str(options.get("pibackup-remote-command") or default("pibackup-remote-command")),
+        _int(options, "pibackup-remote-timeout"),
+        str(options.get("pibackup-remote-on-failure") or default("pibackup-remote-on-failure")),
+        _given(options, "pibackup-remote-encrypt-key"),
     )
 
 

@@ -25,6 +25,7 @@ from pibackup.rules.sequence import is_pragma_only
 
 if TYPE_CHECKING:
     from pibackup.copies.schedule import Shipper
+    from pibackup.remote.group import RemoteCopies
 
 CONTINUE: Dict[str, Any] = {"result": "continue"}
 # Anything but "continue" makes lightningd stop without committing the transaction.
@@ -41,6 +42,7 @@ class HookHandler:
         self.shutting_down = False
         self.reporter: Optional[Reporter] = None
         self.shipper: Optional[Shipper] = None
+        self.remotes: Optional[RemoteCopies] = None
         self.node_files: Optional[NodeFiles] = None  # emergency.recover and NODE in each destination
         self.traps: List[str] = []  # set-ups found at start that only warn (app/traps.py)
         self._refusal_logged = 0.0
@@ -67,6 +69,8 @@ class HookHandler:
             return CONTINUE
         try:
             self.backup.write(data_version, writes)
+            if self.remotes is not None:
+                self.remotes.after_write()
         except PibackupError as e:
             return self._fail(str(e))
         except Exception as e:  # a bug must halt the node, never let a write through unbacked
@@ -130,6 +134,8 @@ class HookHandler:
         self.node_files.start()
         if cfg.ship is not None:
             self._start_shipper(cfg, backup)
+        if cfg.remotes:
+            self._start_remotes(cfg, backup)
         if self.reporter is not None:
             self.reporter.check()
         self.log(
@@ -160,6 +166,7 @@ class HookHandler:
             "uptime_seconds": int(time.time() - self.started),
             "warnings": list(r.health.warnings) if r is not None else [],
             "shipping": self.shipper.status() if self.shipper is not None else "not configured",
+            "remote": self.remotes.status() if self.remotes is not None else "not configured",
             "compaction": "none",
         }
         if self.failure or (r is not None and r.health.failure):
@@ -187,6 +194,18 @@ class HookHandler:
         self.shipper = shipper
         what = "encrypted " if cfg.ship.key is not None else ""
         self.log(f"shipping an {what}copy to {cfg.ship.target} every {cfg.ship.interval} s".replace("an copy", "a copy"), "info")
+
+    def _start_remotes(self, cfg: Config, backup: Destinations) -> None:
+        """The synchronous copies follow the first destination, as shipping does."""
+        from pibackup.remote.group import RemoteCopies  # only when configured
+
+        path = cfg.destination
+        first = backup.first
+        self.remotes = RemoteCopies(
+            cfg.remotes, path, lambda: backup.open_segment_of(path), lambda: first.counters, self.log  # type: ignore[attr-defined]
+        )
+        self.remotes.start()
+        self.log(f"keeping a synchronous copy on {', '.join(str(r.target) for r in cfg.remotes)}", "info")
 
     def compact(self) -> Dict[str, Any]:
         """`lightning-cli pibackup-compact`: start a compaction in the background."""
@@ -228,6 +247,7 @@ class HookHandler:
 
     def _extra_warnings(self) -> List[str]:
         out = self.backup.warnings() if self.backup is not None else []
+        out += self.remotes.warnings() if self.remotes is not None else []
         out += self.node_files.warnings() if self.node_files is not None else []
         return self.traps + out + (self.shipper.warnings() if self.shipper is not None else [])
 
@@ -243,6 +263,8 @@ class HookHandler:
         }
 
     def close(self) -> None:
+        if self.remotes is not None:
+            self.remotes.stop()  # before the backup closes: its open segment stays open remotely too
         if self.shipper is not None:
             self.shipper.stop()
         if self.node_files is not None:

@@ -167,6 +167,64 @@ OPTIONS: Tuple[Option, ...] = (
         shown_default="off",
     ),
     Option(
+        "pibackup-remote",
+        None,
+        "Keep a synchronous copy on another host running pibackup serve, over one ssh session: [user@]host:/path. "
+        "A critical transaction is acknowledged to lightningd only once that host has synced it. Give it more than "
+        "once for several hosts. Off when not set.",
+        "[user@]host:/path, given once or more",
+        "remote.md",
+        multi=True,
+        shown_default="off",
+    ),
+    _int("pibackup-remote-port", 22, 1, 65535, "(a TCP port)", "The ssh port of the pibackup-remote hosts.", "remote.md"),
+    Option(
+        "pibackup-remote-identity",
+        None,
+        "The ssh private key to log in to the pibackup-remote hosts with (absolute path). Default: ssh's own.",
+        "an absolute path to a readable file",
+        "remote.md",
+        shown_default="ssh's own",
+    ),
+    Option(
+        "pibackup-remote-known-hosts",
+        None,
+        "The known_hosts file holding the pibackup-remote hosts' keys (ssh never accepts an unknown key). "
+        "Default: ~/.ssh/known_hosts of lightningd's user.",
+        "an absolute path to a readable file",
+        "remote.md",
+        shown_default="~/.ssh/known_hosts",
+    ),
+    Option(
+        "pibackup-remote-command",
+        "pibackup serve",
+        "The command that starts the receiver on the remote host; its directory is added as the last word.",
+        "plain words (letters, digits and . _ / + , = @ % ~ : -)",
+        "remote.md",
+    ),
+    _int(
+        "pibackup-remote-timeout", 10, 1, 3600, "seconds",  # remote.md, "Why 10 s": TCP's retries on a flaky uplink, no long stall
+        "Seconds a critical transaction may wait for a remote's acknowledgement before the remote counts as failed.",
+        "remote.md",
+    ),
+    Option(
+        "pibackup-remote-on-failure",
+        "continue-degraded",  # remote.md, "Why continue-degraded": a halted node cannot defend its channels
+        "When a remote cannot acknowledge: continue-degraded (go on with the local backup, warn, catch the remote up "
+        "when it is back) or halt (refuse the transaction: lightningd stops).",
+        "continue-degraded or halt",
+        "remote.md",
+    ),
+    Option(
+        "pibackup-remote-encrypt-key",
+        None,
+        "Encrypt everything sent to the pibackup-remote hosts with this key file (pibackup keygen FILE): they "
+        "store and acknowledge ciphertext only.",
+        "an absolute path to a key file of mode 600",
+        "remote.md",
+        shown_default="off",
+    ),
+    Option(
         "pibackup-compact-ratio",
         "0.4",  # docs/design/compaction.md, "Why 0.4"
         "Compact the backup automatically when its journal grows past this multiple of its snapshot's size: "

@@ -96,6 +96,7 @@ class Head:
     newest_write: Optional[float]  # the local segment's mtime when it was staged
     written: float
     generations: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # name -> id, segments, snapshot
+    sender: Optional[str] = None  # a synchronous copy's (pibackup-remote): the sender's state when it wrote this
 
     def same_content(self, other: Optional[Head]) -> bool:
         return other is not None and {**self.to_json(), "written": 0} == {**other.to_json(), "written": 0}
@@ -112,7 +113,7 @@ class Head:
             "newest_write": None if self.newest_write is None else int(self.newest_write),
             "written": int(self.written),
             "generations": self.generations,
-        }
+        } | ({} if self.sender is None else {"sender": self.sender})
 
     def encode(self) -> bytes:
         return (json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")) + "\n").encode()
@@ -167,6 +168,7 @@ def decode_head(data: bytes) -> Head:
         newest_write=_count(obj.get("newest_write"), "newest write time", nullable=True),
         written=_count(obj.get("written"), "time written"),
         generations=gens,
+        sender=obj["sender"] if isinstance(obj.get("sender"), str) else None,
     )
 
 
@@ -260,6 +262,7 @@ class HeadMaker:
         self._walk: Optional[Walk] = None
         self.last_sent: Optional[Head] = None
         self.newest_mtime: Optional[float] = None  # set by the shipper's listing, before the open segment's length
+        self.sender: Optional[str] = None  # a synchronous copy's sender state, recorded in its head records
 
     def binding(self, gen: Optional[dst.Generation]) -> Binding:
         return Binding(self.copy_id, self.node_id(gen))
@@ -300,6 +303,7 @@ class HeadMaker:
                 g.name: {"id": generation_ids.get(g.name, ""), "segments": len(g.segments), "snapshot": g.snapshot is not None}
                 for g in gens
             },
+            sender=self.sender,
         )
         if any(not v["id"] for v in head.generations.values()):
             return None  # a generation whose first header could not be read: verify's business

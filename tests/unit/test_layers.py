@@ -25,6 +25,7 @@ LAYERS: Dict[str, int] = {
     "pibackup.compaction": 4,
     "pibackup.copies": 4,
     "pibackup.fanout": 5,
+    "pibackup.remote": 5,  # the synchronous copy: copies' formats and ssh, beside the fan-out
     "pibackup.node": 5,  # restoring a whole node: checks and placement around the restore app/cli runs
     "pibackup.app": 6,
     "pibackup.__main__": 6,
@@ -87,7 +88,7 @@ def wrong(src: str, dst: str) -> bool:
         return True
     if a == "pibackup.copies" and b == "pibackup.modes":
         return True
-    if a == "pibackup.fanout" and b == "pibackup.modes":
+    if a in ("pibackup.fanout", "pibackup.remote") and b == "pibackup.modes":
         return dst != "pibackup.modes.api"
     return False
 

@@ -1,0 +1,1 @@
+"""The synchronous copy on another host: the protocol, the receiver (`pibackup serve`) and the sender."""

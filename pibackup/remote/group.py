@@ -1,0 +1,51 @@
+"""Every pibackup-remote of a node, side by side: a write's bytes go to all of them first, then
+its acknowledgements are awaited together, so the slowest round trip counts, not their sum.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from pibackup.modes.api import Counters, Log
+from pibackup.remote.config import RemoteConfig
+from pibackup.remote.mirror import OpenSegment
+from pibackup.remote.sender import RemoteCopy
+
+
+def critical_flushes(c: Counters) -> int:
+    """Flushes the hook waited for locally: not the batch timer's, not a generation's start."""
+    return c.syncs - c.bulk_syncs - c.other_syncs
+
+
+class RemoteCopies:
+    def __init__(
+        self, cfgs: Sequence[RemoteConfig], source: str, open_segment: OpenSegment, counters: Callable[[], Counters], log: Log
+    ):
+        self.copies = [RemoteCopy(cfg, source, open_segment, log) for cfg in cfgs]
+        self.counters = counters
+        self._flushes = critical_flushes(counters())
+
+    def start(self) -> None:
+        for r in self.copies:
+            r.start()
+
+    def after_write(self) -> None:
+        """After the local destinations took a write: send it on, and if it was made durable
+        locally as critical, return only once every remote in step acknowledged it after its
+        own fsync. RemoteError (under halt) refuses the transaction."""
+        flushes = critical_flushes(self.counters())
+        critical, self._flushes = flushes != self._flushes, flushes
+        pending: List[Tuple[RemoteCopy, Optional[int]]] = [(r, r.push(critical)) for r in self.copies]
+        for r, seq in pending:
+            if seq is not None:
+                r.wait(seq)
+
+    def stop(self) -> None:
+        for r in self.copies:
+            r.stop()
+
+    def warnings(self) -> List[str]:
+        return [w for r in self.copies for w in r.warnings()]
+
+    def status(self) -> List[Dict[str, Any]]:
+        return [r.status() for r in self.copies]

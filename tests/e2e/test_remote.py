@@ -1,0 +1,177 @@
+"""The synchronous copy (pibackup-remote) through a real sshd on 127.0.0.1 to the real
+`pibackup serve`, driven with the recordings, restored from the remote and compared with
+the live database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+
+import dbcompare
+import driver
+from driver import REPO
+from helpers import cli, restore_to
+from sshd import Sshd
+
+SERVE = f"env PYTHONPATH={REPO} {sys.executable} -m pibackup serve"
+
+
+def remote_options(sshd: Sshd, *remotes: Path, **extra: object) -> Dict[str, object]:
+    opts: Dict[str, object] = {
+        "pibackup-remote": [sshd.target(r) for r in remotes],
+        "pibackup-remote-port": sshd.port,
+        "pibackup-remote-identity": sshd.identity,
+        "pibackup-remote-known-hosts": sshd.known_hosts,
+        "pibackup-remote-command": SERVE,
+    }
+    opts.update({k.replace("_", "-"): v for k, v in extra.items()})
+    return opts
+
+
+def remote_status(node: driver.Node) -> List[Dict[str, Any]]:
+    return node.rpc("pibackup-status")["remote"]
+
+
+def wait_in_step(node: driver.Node, timeout: float = 120.0) -> List[Dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    st: List[Dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        st = remote_status(node)
+        if all(r["state"] == "in step" for r in st):
+            return st
+        time.sleep(0.1)
+    raise AssertionError(f"the remote never got in step: {st}\n{node.log_text()}")
+
+
+def receiver_pids(remote: Path) -> List[int]:
+    """The `pibackup serve` processes of this test's remote directory (its path is unique)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in argv and str(remote).encode() in argv:
+            out.append(int(d.name))
+    return out
+
+
+def kill_receivers(remote: Path, sig: int = signal.SIGKILL) -> List[int]:
+    pids = receiver_pids(remote)
+    for pid in pids:
+        os.kill(pid, sig)
+    return pids
+
+
+def restore_remote(sshd: Sshd, remote: Path, out: Path, *extra: str):
+    return cli("restore", sshd.target(remote), str(out), *sshd.cli_args(), *extra)
+
+
+@pytest.mark.parametrize("on_failure", ["halt", "continue-degraded"])
+def test_the_remote_copy_restores_to_the_live_db_from_anywhere_and_on_the_host(on_failure, sshd, traces, make_node, dest, tmp_path):
+    remote = tmp_path / "remote" / "node1"
+    node = make_node(pibackup_compact_ratio="0", **remote_options(sshd, remote, pibackup_remote_on_failure=on_failure))
+    recs = driver.first_run(traces["A"])
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    wait_in_step(node)
+    node.calls(recs[len(early) :])
+    st = wait_in_step(node)
+    assert st[0]["problem"] is None and st[0]["last_ack"] is not None
+    assert node.stop() == 0
+    assert "error" not in [lvl for lvl, _ in node.all_logs], node.log_text()
+    assert len(list(remote.glob("gen-*/seg-*.pbj"))) > 1, "the test must cover a roll-over"
+
+    out = tmp_path / "from-anywhere.sqlite3"
+    r = restore_remote(sshd, remote, out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "the sending node was in step until it stopped when last heard from" in r.stdout, r.stdout + r.stderr
+    assert dbcompare.backup_differences(node.live.path, out, ("utxoset",)) == []
+    on_host = tmp_path / "on-the-host.sqlite3"
+    r = restore_to(remote, on_host)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert dbcompare.backup_differences(node.live.path, on_host, ("utxoset",)) == []
+
+
+def assert_remote_holds_every_acknowledged(remote: Path, node: driver.Node, tmp_path: Path, name: str, *key: str) -> None:
+    """The remote copy, restored on its host, is the live database, or the live database
+    plus the one transaction in flight when it was cut off (lightningd sends that again)."""
+    out = tmp_path / f"{name}.sqlite3"
+    r = restore_to(remote, out, *key)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert dbcompare.backup_differences(node.live.path, out, ("utxoset",)) == [], r.stdout + r.stderr
+
+
+CRYPT_MAGIC = b"PBKCRYPT"
+
+
+def test_an_encrypted_remote_copy_holds_only_ciphertext_and_restores_with_the_key(sshd, keyfile, traces, make_node, tmp_path):
+    remote = tmp_path / "remote" / "node1"
+    node = make_node(pibackup_compact_ratio="0", **remote_options(sshd, remote, pibackup_remote_encrypt_key=str(keyfile)))
+    recs = driver.first_run(traces["A"])[:900]
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    node.calls(recs[len(early) :])
+    wait_in_step(node)
+    assert node.stop() == 0
+    files = [p for p in remote.rglob("*") if p.is_file() and p.name not in ("PIBACKUP", ".pibackup-serve")]
+    assert any(p.name.startswith("snapshot-") for p in files) or len(list(remote.glob("gen-*/seg-*.pbj"))) > 1
+    for p in files:
+        data = p.read_bytes()
+        assert data.startswith(CRYPT_MAGIC), p
+        for plain in (b"PIBKJRNL", b"SQLite format 3", b"CREATE TABLE", b"INSERT INTO", b"pibackup="):
+            assert plain not in data[8:], f"{p} shows {plain!r}: nothing readable may leave the Pi"
+    r = restore_remote(sshd, remote, tmp_path / "nokey.sqlite3")
+    assert r.returncode == 1 and "give the key file with --key" in r.stderr, r.stderr
+    out = tmp_path / "with-key.sqlite3"
+    r = restore_remote(sshd, remote, out, "--key", str(keyfile))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert dbcompare.backup_differences(node.live.path, out, ("utxoset",)) == []
+
+
+def test_halt_refuses_the_first_critical_transaction_when_the_remote_is_down_at_start(sshd, traces, make_node, tmp_path):
+    remote = tmp_path / "remote" / "node1"
+    sshd.stop()
+    node = make_node(**remote_options(sshd, remote, pibackup_remote_on_failure="halt", pibackup_remote_timeout=2))
+    recs = driver.first_run(traces["A"])
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    with pytest.raises(driver.Halted):
+        node.calls(recs[len(early) :])
+    log = node.log_text()
+    assert f"remote copy {sshd.target(remote)} cannot take this critical transaction" in log, log
+    assert "refuses connections: is sshd running there" in log, log
+
+
+def test_continue_degraded_goes_on_through_an_outage_and_catches_the_remote_up(sshd, traces, make_node, tmp_path):
+    remote = tmp_path / "remote" / "node1"
+    node = make_node(pibackup_compact_ratio="0", **remote_options(sshd, remote, pibackup_remote_timeout=3))
+    recs = driver.first_run(traces["A"])
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    third = len(recs) // 3
+    node.calls(recs[len(early) : third])
+    wait_in_step(node)
+    sshd.stop()  # no new sessions; the open one is ended by ending its receiver
+    assert kill_receivers(remote), "the receiver must have been running"
+    node.calls(recs[third : 2 * third])  # every call answered: the node goes on
+    st = remote_status(node)[0]
+    assert st["state"] != "in step" and st["problem"], st
+    warnings = node.rpc("pibackup-status")["warnings"]
+    assert any(f"remote copy {sshd.target(remote)} is not in step" in w for w in warnings), warnings
+    sshd.start()
+    wait_in_step(node)
+    assert_remote_holds_every_acknowledged(remote, node, tmp_path, "after-outage")
+    node.calls(recs[2 * third :])
+    wait_in_step(node)
+    assert node.stop() == 0
+    assert_remote_holds_every_acknowledged(remote, node, tmp_path, "at-the-end")
+    assert "caught up and in step again" in node.log_text()
