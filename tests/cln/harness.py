@@ -279,6 +279,15 @@ def open_channel(a: Node, b: Node, sats: int, push_msat: int = 0) -> None:
     b.wait_normal(a)
 
 
+def forget_learned_capacities(node: Node) -> None:
+    """Drop what the payer's router (askrene's `xpay` layer) learned from payments that failed
+    while a hop was down: time would age it out; a test does not wait for that."""
+    try:
+        node.rpc.call("askrene-age", {"layer": "xpay", "cutoff": int(time.time()) + 1})
+    except RpcError:
+        pass  # no such layer yet: nothing learned
+
+
 def pay(payer: Node, payee: Node, msat: int, label: str) -> Dict[str, Any]:
     inv = payee.rpc.invoice(msat, label, "test payment")["bolt11"]
     return dict(payer.rpc.pay(inv))
