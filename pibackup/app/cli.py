@@ -20,8 +20,8 @@ from pibackup.app.config import SHIP_PORT_DEFAULT, ConfigError, _int
 from pibackup.app.modes import RestoreArgs, detect
 from pibackup.copies.crypt import key_id, write_key_file
 from pibackup.copies.fetch import MAX_FILE_DEFAULT
-from pibackup.copies.readable import CopyReport, Terminated, older_than_records, readable_copy
 from pibackup.copies.rclone_target import check_config_file
+from pibackup.copies.readable import CopyReport, Terminated, older_than_records, readable_copy
 from pibackup.copies.target import ShipError, check_local_file
 from pibackup.errors import PibackupError
 from pibackup.node import restore as node_restore
@@ -223,7 +223,9 @@ def _restore(args: argparse.Namespace) -> int:
 def _restore_to(args: argparse.Namespace, output: str, node: Optional[node_restore.NodeTarget]) -> int:
     tty = sys.stderr.isatty()  # progress for a person at a terminal, nothing in scripts and logs
     check_output(output, args.force and node is None)  # before fetching anything
-    copy = readable_copy(args.backup_dir, output, args.key, args.ssh_port, args.ssh_identity, args.known_hosts, args.max_file_mb, args.rclone_config)
+    copy = readable_copy(
+        args.backup_dir, output, args.key, args.ssh_port, args.ssh_identity, args.known_hosts, args.max_file_mb, args.rclone_config
+    )
     with copy as report:
         src = report.root
         _copy_notes(report)
@@ -319,7 +321,9 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    copy = readable_copy(args.backup_dir, None, args.key, args.ssh_port, args.ssh_identity, args.known_hosts, args.max_file_mb, args.rclone_config)
+    copy = readable_copy(
+        args.backup_dir, None, args.key, args.ssh_port, args.ssh_identity, args.known_hosts, args.max_file_mb, args.rclone_config
+    )
     with copy as report:
         src = report.root
         _copy_notes(report)

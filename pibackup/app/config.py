@@ -242,6 +242,18 @@ def parse_ship(options: Mapping[str, Any]) -> Optional[ShipConfig]:
     from pibackup.copies.crypt import load_key
     from pibackup.copies.target import ShipConfig, check_local_file, parse_target
 
+    given = {n: _given(options, n) for n in SHIP_OPTIONS if str(options.get(n)) != str(_SHIP_DEFAULTS.get(n))}
+    if spec.startswith("rclone:"):  # clouds and object stores: copies/rclone_target.py
+        from pibackup.copies.rclone_target import rclone_ship_config
+
+        key_file = given.get("pibackup-ship-encrypt-key")
+        if key_file is not None and not key_file.startswith("/"):
+            raise ConfigError(f"pibackup-ship-encrypt-key={key_file} is a relative path; give an absolute path")
+        interval, warn_after = _int(options, "pibackup-ship-interval"), _int(options, "pibackup-ship-warn-after")
+        return rclone_ship_config(spec, given, interval, warn_after, load_key(key_file) if key_file else None)
+    for name in ("pibackup-ship-rclone-config", "pibackup-ship-allow-plaintext"):
+        if given.get(name) is not None:
+            raise ConfigError(f"{name} is for rclone:REMOTE:path targets; pibackup-ship={spec} goes over ssh: remove {name}")
     target = parse_target(spec)
     for tool, package in (("rsync", "rsync"), ("ssh", "openssh-client")):
         if shutil.which(tool) is None:

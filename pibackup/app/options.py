@@ -123,9 +123,10 @@ OPTIONS: Tuple[Option, ...] = (
     Option(
         "pibackup-ship",
         None,
-        "Also keep a copy on another host, sent with rsync over ssh in the background: [user@]host:/path "
-        "(a directory of its own). Off when not set.",
-        "[user@]host:/path, or none",
+        "Also keep a copy elsewhere, sent in the background: [user@]host:/path with rsync over ssh, or "
+        "rclone:REMOTE:path with rclone to a remote of its config (a cloud or object store). A directory of its "
+        "own. Off when not set.",
+        "[user@]host:/path, rclone:REMOTE:path, or none",
         "shipping.md",
         shown_default="off",
     ),
@@ -223,6 +224,22 @@ OPTIONS: Tuple[Option, ...] = (
         "an absolute path to a key file of mode 600",
         "remote.md",
         shown_default="off",
+    ),
+    Option(
+        "pibackup-ship-rclone-config",
+        None,
+        "The rclone config file that defines the REMOTE of pibackup-ship=rclone:REMOTE:path (made with rclone config).",
+        "an absolute path to a readable file",
+        "clouds.md",
+        shown_default="rclone's own",
+    ),
+    Option(
+        "pibackup-ship-allow-plaintext",
+        "false",
+        "true: ship to an rclone target without pibackup-ship-encrypt-key, so that its store holds the node's "
+        "database in plain text. Without it such a target is refused.",
+        "true or false",
+        "clouds.md",
     ),
     Option(
         "pibackup-compact-ratio",

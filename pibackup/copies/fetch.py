@@ -30,11 +30,23 @@ def _mib(n: int) -> str:
 
 
 def fetch(
-    spec: str, into: str, port: int, identity: Optional[str], known_hosts: Optional[str], max_file: int = MAX_FILE_DEFAULT
+    spec: str,
+    into: str,
+    port: int,
+    identity: Optional[str],
+    known_hosts: Optional[str],
+    max_file: int = MAX_FILE_DEFAULT,
+    rclone_config: Optional[str] = None,
 ) -> None:
     """Copy the backup files of a remote copy into `into`: only the layout's names, no file
     over `max_file` bytes, and never more than the free space there (checked on the
     listing first, and watched while the files arrive)."""
+    if spec.startswith("rclone:"):
+        from pibackup.copies.rclone import RcloneTransport
+        from pibackup.copies.rclone_target import parse_rclone_target
+
+        fetch_from(RcloneTransport(parse_rclone_target(spec, option="the remote copy"), rclone_config), into, max_file)
+        return
     target = parse_target(spec, option="the remote copy")
     fetch_from(RsyncTransport(target, port, identity, known_hosts), into, max_file)
 

@@ -187,8 +187,9 @@ def readable_copy(
     identity: Optional[str] = None,
     known_hosts: Optional[str] = None,
     max_file: int = MAX_FILE_DEFAULT,
+    rclone_config: Optional[str] = None,
 ) -> Iterator[CopyReport]:
-    """A plain backup directory for `source` (a local directory or [user@]host:/path),
+    """A plain backup directory for `source` (a local directory, [user@]host:/path or rclone:REMOTE:path),
     fetched and decrypted into temporary directories (mode 700, next to `work_near`, else
     private_workdir_base()) that are removed afterwards, on any exit the process sees."""
     key = None
@@ -210,7 +211,7 @@ def readable_copy(
         copied = False
         if is_remote(source):
             root = workdir("fetch")
-            fetch(source, root, port, identity, known_hosts, max_file)
+            fetch(source, root, port, identity, known_hosts, max_file, rclone_config)
             copied = True
         if key is not None:
             plain = workdir("plain")
@@ -242,8 +243,6 @@ def _compare_with_head(report: CopyReport, copied: bool) -> None:
             f"newest transaction of this copy written at {describe_time(head.newest_write)}{dv}, by its head record "
             f"of {describe_time(head.written)} ({Binding(head.copy_id, head.node_id).describe()})"
         )
-        if head.sender is not None:  # a synchronous copy (pibackup-remote) says how its sender was
-            report.newest += f"; the sending node was {head.sender} when last heard from, at {describe_time(head.written)}"
         return
     gens = dst.Destination(report.root).generations() if os.path.isdir(report.root) else []
     if copied or not gens or not gens[-1].segments:

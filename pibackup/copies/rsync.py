@@ -172,7 +172,7 @@ class RsyncTransport:
                 out.append(RemoteEntry(m.group(2), int(m.group(1)), True))
         return out
 
-    def send(self, root: str, rels: Sequence[str], append: bool) -> None:
+    def send(self, root: str, rels: Sequence[str], append: bool, growing: bool = False) -> None:
         cmd = self._base() + ["--recursive", "--chmod=D0700,F0600", "--perms", "--files-from=-", "--from0"]
         # --append-verify: send only what the remote copy lacks, then check the whole file.
         # Otherwise the remote has nothing of this copy: always send it (--ignore-times).

@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional
 from pibackup.copies.rsync import RsyncTransport
 from pibackup.copies.shipper import Log, OpenSegment, ShipRound
 from pibackup.copies.staging import Staging
-from pibackup.copies.target import ShipConfig
+from pibackup.copies.target import RcloneTarget, ShipConfig
+from pibackup.copies.transport import Transport
 from pibackup.errors import PibackupError
 from pibackup.store.layout import STAGING_DIR
 
@@ -52,9 +53,15 @@ class Shipper:
         self._thread: Optional[threading.Thread] = None
         self._logged_error: Optional[str] = None
         # Another way to reach a host is another Transport here; the round does not change.
-        self.transport = RsyncTransport(
-            cfg.target, cfg.port, cfg.identity, cfg.known_hosts, scratch=self.staging, stopping=self._stop
-        )
+        self.transport: Transport
+        if isinstance(cfg.target, RcloneTarget):
+            from pibackup.copies.rclone import RcloneTransport
+
+            self.transport = RcloneTransport(cfg.target, cfg.rclone_config, scratch=self.staging, stopping=self._stop)
+        else:
+            self.transport = RsyncTransport(
+                cfg.target, cfg.port, cfg.identity, cfg.known_hosts, scratch=self.staging, stopping=self._stop
+            )
         self.copy = ShipRound(cfg, destination, open_segment, log, self.transport, Staging(destination, cfg.key))
 
     # --- lifecycle ------------------------------------------------------------------

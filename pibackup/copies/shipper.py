@@ -98,7 +98,7 @@ class ShipRound:
         # (an older segment's last bytes) before new ones, and new ones by generation.
         for key in sorted(batches, key=lambda k: (not k[0], not k[2], k[3], k[1] != self.destination)):
             rels = batches[key]
-            self.transport.send(key[1], rels, append=key[2])
+            self.transport.send(key[1], rels, append=key[2], growing=not key[0])
             for rel in rels:
                 st = self.files[rel]
                 st.sent, st.unsent = True, False

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from pibackup.copies.crypt import Key
 from pibackup.errors import PibackupError
@@ -34,6 +34,22 @@ class Target:
 
     def __str__(self) -> str:
         return f"{self.login}:{self.path}"
+
+
+@dataclass(frozen=True)
+class RcloneTarget:
+    """rclone:REMOTE:path, a remote of the user's rclone config (rclone_target.py checks it)."""
+
+    remote: str
+    path: str
+
+    @property
+    def root(self) -> str:
+        """The copy's directory as rclone names it."""
+        return f"{self.remote}:{self.path}"
+
+    def __str__(self) -> str:
+        return f"rclone:{self.root}"
 
 
 def parse_target(spec: str, option: str = "pibackup-ship") -> Target:
@@ -83,10 +99,11 @@ def check_local_file(option: str, path: str) -> str:
 
 @dataclass(frozen=True)
 class ShipConfig:
-    target: Target
+    target: Union[Target, RcloneTarget]
     port: int
     identity: Optional[str]
     known_hosts: Optional[str]
     interval: float
     warn_after: float
     key: Optional[Key]
+    rclone_config: Optional[str] = None  # rclone targets: its config file; None: rclone's own

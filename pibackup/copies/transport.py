@@ -1,5 +1,5 @@
 """What a copy's host must do for the shipper and for a reader of the copy: the one
-interface every way of reaching a host (rsync over ssh today) implements in one file.
+interface every way of reaching a host (rsync over ssh, rclone) implements in one file.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ class Transport(Protocol):
         every file of the backup's layout and nothing else, with sizes (what a reader may
         fetch); a missing directory is an error then."""
 
-    def send(self, root: str, rels: Sequence[str], append: bool) -> None:
+    def send(self, root: str, rels: Sequence[str], append: bool, growing: bool = False) -> None:
         """Send root/rel for each rel to the same rel remotely, in name order. append: the
         remote holds a prefix of each; send the rest and check the whole file. Otherwise
-        each is sent whole and replaces the remote one at once."""
+        each is sent whole and replaces the remote one at once. growing: these files will
+        grow further (the open segment's staging copy), so later sends append to them."""
 
     def fetch(self, rel: str, into: str, max_bytes: int) -> bool:
         """Copy one remote file into the directory `into`; False when the host could not

@@ -454,7 +454,7 @@ class RecordingTransport:
         self.calls.append(("list", ()))
         return None  # a new directory: everything is sent
 
-    def send(self, root: str, rels: Sequence[str], append: bool) -> None:
+    def send(self, root: str, rels: Sequence[str], append: bool, growing: bool = False) -> None:
         self.calls.append(("send", tuple(rels)))
 
     def fetch(self, rel: str, into: str, max_bytes: int) -> bool:
