@@ -20,7 +20,7 @@ from pibackup.copies.head import Head, HeadError, describe_time, read_head, shor
 from pibackup.copies.target import ShipError
 from pibackup.errors import PibackupError
 from pibackup.store import directory as dst
-from pibackup.store.layout import HEAD, MARKER, is_generation_name, is_layout_path, segment_filename
+from pibackup.store.layout import HEAD, MARKER, TOP_FILES, is_generation_name, is_layout_path, segment_filename
 from pibackup.store.segment import HEADER_SIZE, decode_header
 
 _WORKDIR = re.compile(r"^pibackup-(?:fetch|plain)-(\d+)-")
@@ -31,13 +31,15 @@ class Terminated(BaseException):
 
 
 def _files(root: str) -> List[Tuple[str, str]]:
-    """(relative path, path) of the marker and every generation's files, in order."""
+    """(relative path, path) of the marker, NODE and emergency.recover, and every generation's
+    files, in order."""
     out: List[Tuple[str, str]] = []
     if not os.path.isdir(root):
         return out  # restore and verify say what is wrong with it
     marker = os.path.join(root, MARKER)
     if os.path.exists(marker):
         out.append((MARKER, marker))
+    out += [(name, os.path.join(root, name)) for name in TOP_FILES if os.path.isfile(os.path.join(root, name))]
     for g in sorted(n for n in os.listdir(root) if is_generation_name(n)):
         for f in sorted(os.listdir(os.path.join(root, g))):
             if is_layout_path(f"{g}/{f}"):
@@ -121,7 +123,8 @@ def decrypt_tree(src: str, out: str, key: Key, report: Optional[CopyReport] = No
     os.makedirs(out, exist_ok=True)
     if total > _free(out) - FREE_RESERVE:
         raise ShipError(f"decrypting this copy needs about {_mib(total)}; {out} has {_mib(_free(out))} free")
-    for n, (rel, path) in enumerate(files):
+    first_in_generation = next((rel for rel, _ in files if "/" in rel), None)
+    for rel, path in files:
         target = os.path.join(out, rel)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if rel == MARKER:
@@ -134,7 +137,7 @@ def decrypt_tree(src: str, out: str, key: Key, report: Optional[CopyReport] = No
                 f"{rel} is cut short (it ends before its final chunk): a shipping round was interrupted, or the copy "
                 "was truncated or altered. If the plugin still runs, its next round completes it"
             )
-        if n == 1 and os.environ.get("PIBACKUP_TEST_STOP_IN_DECRYPT"):
+        if rel == first_in_generation and os.environ.get("PIBACKUP_TEST_STOP_IN_DECRYPT"):
             os.kill(os.getpid(), signal.SIGSTOP)  # tests only: a decryption caught halfway
     return report
 

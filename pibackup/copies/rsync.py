@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from pibackup.copies.target import ShipError, Target
 from pibackup.copies.transport import RemoteEntry
-from pibackup.store.layout import HEAD, MARKER
+from pibackup.store.layout import HEAD, MARKER, TOP_FILES
 
 RSYNC_IO_TIMEOUT = 120  # seconds without progress before rsync gives up
 # What a fetch takes from the remote directory: the backup's layout, nothing else (a host
@@ -21,6 +21,7 @@ _D6 = "[0-9]" * 6
 FETCH_FILTERS = [
     f"--include=/{MARKER}",
     f"--include=/{HEAD}",
+    *[f"--include=/{name}" for name in TOP_FILES],
     f"--include=/gen-{_D6}/",
     f"--include=/gen-{_D6}/seg-{_D6}.pbj",
     f"--include=/gen-{_D6}/snapshot-v[0-9]*.sqlite3",

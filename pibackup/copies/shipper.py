@@ -23,7 +23,7 @@ from pibackup.copies.target import ShipConfig, ShipError
 from pibackup.copies.transport import Transport
 from pibackup.errors import PibackupError
 from pibackup.store import directory as dst
-from pibackup.store.layout import GENERATION_PREFIX, HEAD, MARKER, STATE_FILE, is_generation_name
+from pibackup.store.layout import EMERGENCY_RECOVER, GENERATION_PREFIX, HEAD, MARKER, STATE_FILE, TOP_FILES, is_generation_name
 from pibackup.store.segment import HEADER_SIZE, decode_header
 
 Log = Callable[[str, str], None]
@@ -58,6 +58,7 @@ class ShipRound:
         self.remote_checked = False
         self.head: Optional[HeadMaker] = None  # made at open(): it needs the staging directory
         self.files_sent = 0
+        self.top_seen: Dict[str, Tuple[int, int, int]] = {}  # NODE, emergency.recover -> (inode, size, mtime) as listed
 
     def open(self) -> None:
         self.head = self.staging.open()
@@ -119,6 +120,7 @@ class ShipRound:
         out: Inventory = []
         marker = os.path.join(self.destination, MARKER)
         out.append((MARKER, marker, os.path.getsize(marker), True))
+        out += self._top_files()
         gens = self.staging.gens = d.generations()
         self._check_generation_ids(gens)
         if self.head is not None and gens and gens[-1].segments:
@@ -141,6 +143,27 @@ class ShipRound:
                 except FileNotFoundError:  # removed by retention meanwhile
                     continue
                 out.append((rel, path, size, True))
+        return out
+
+    def _top_files(self) -> Inventory:
+        """NODE and emergency.recover: closed files, but emergency.recover is replaced whole
+        whenever lightningd rewrites it. A new version (and, after a restart, the one there:
+        it may have changed after the last round) is sent anew, whole, through a temporary
+        file the remote renames into place. A file replaced while it was sent is sent again
+        at the next round."""
+        out: Inventory = []
+        for name in TOP_FILES:
+            path = os.path.join(self.destination, name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+            before, self.top_seen[name] = self.top_seen.get(name), seen
+            if before != seen and name in self.files and (before is not None or name == EMERGENCY_RECOVER):
+                self.staging.drop(name)
+                self.files[name] = FileState()
+            out.append((name, path, st.st_size, True))
         return out
 
     def _check_generation_ids(self, gens: List[dst.Generation]) -> None:
@@ -172,7 +195,7 @@ class ShipRound:
             self.remote_checked = True  # rsync creates it with the first files
             return
         names = {e.name for e in listed}
-        known = {MARKER, HEAD} | {n.split("/")[0] for n in self.files}
+        known = {MARKER, HEAD, *TOP_FILES} | {n.split("/")[0] for n in self.files}
         foreign = sorted(n for n in names if n not in known)
         if foreign and HEAD in names and all(is_generation_name(n) for n in foreign) and self._remote_is_ours():
             foreign = []

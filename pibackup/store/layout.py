@@ -24,6 +24,7 @@ NODE_FILE = "NODE"
 # lightningd's static channel backup (its network directory's file), copied whole whenever
 # lightningd rewrites it (EMERGENCY_RECOVER.tmp, synced, renamed).
 EMERGENCY_RECOVER = "emergency.recover"
+TOP_FILES = (NODE_FILE, EMERGENCY_RECOVER)  # the node's files beside the marker, shipped with it
 # What file systems put at the root of a stick; harmless next to a backup.
 FS_ARTIFACTS: FrozenSet[str] = frozenset({"lost+found", "System Volume Information", ".Trashes", ".fseventsd", ".Spotlight-V100"})
 
@@ -92,10 +93,11 @@ def is_snapshot_name(name: str) -> bool:
 
 
 def is_layout_path(rel: str) -> bool:
-    """PIBACKUP, or gen-NNNNNN/seg-NNNNNN.pbj, or gen-NNNNNN/snapshot-vN.sqlite3: the files
-    of a backup a copy holds, and nothing that could name a file outside a generation ("..",
-    "*", a slash too many). HEAD, a copy's head record, is not one: it is checked apart."""
-    if rel == MARKER:
+    """PIBACKUP, NODE, emergency.recover, or gen-NNNNNN/seg-NNNNNN.pbj, or
+    gen-NNNNNN/snapshot-vN.sqlite3: the files of a backup a copy holds, and nothing that could
+    name a file outside a generation ("..", "*", a slash too many). HEAD, a copy's head
+    record, is not one: it is checked apart."""
+    if rel == MARKER or rel in TOP_FILES:
         return True
     parts = rel.split("/")
     return len(parts) == 2 and is_generation_name(parts[0]) and (is_segment_name(parts[1]) or is_snapshot_name(parts[1]))

@@ -123,3 +123,43 @@ def test_a_copy_that_cannot_be_written_warns_and_the_node_goes_on(make_node, tra
     wait_for(lambda: (dest / "emergency.recover").read_bytes() == newer, "the copy at the next pass")
     assert again.rpc("pibackup-status")["warnings"] == []
     again.stop()
+
+
+def wait_shipped_after(node, since: float) -> None:
+    wait_for(lambda: (node.rpc("pibackup-status")["shipping"].get("last_success") or 0) >= since, "a shipping round", 90)
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_shipped_copies_carry_the_newest_emergency_recover_and_node(encrypted, sshd, keyfile, make_node, traces, dest, tmp_path):
+    remote = tmp_path / "remote" / "node1"
+    remote.parent.mkdir()
+    extra = {"pibackup-ship-encrypt-key": str(keyfile)} if encrypted else {}
+    key_args = ("--key", str(keyfile)) if encrypted else ()
+    node = make_node(pibackup_batch_seconds=0, pibackup_compact_ratio="0", **sshd.options(remote, **extra))
+    first = scb(1)
+    write_like_lightningd(node.netdir, first)
+    recs = traces["A"]
+    node.start(recs[:9])
+    node.calls(recs[9:40])
+    wait_shipped_after(node, time.time())
+    assert (remote / "emergency.recover").exists() and (remote / "NODE").exists()
+    if encrypted:
+        assert (remote / "emergency.recover").read_bytes()[:8] == b"PBKCRYPT" and first not in (remote / "emergency.recover").read_bytes()
+        assert b"node_id" not in (remote / "NODE").read_bytes()
+    else:
+        assert (remote / "emergency.recover").read_bytes() == first
+    second = scb(2)  # lightningd rewrote it: the copy follows
+    write_like_lightningd(node.netdir, second)
+    wait_for(lambda: (dest / "emergency.recover").read_bytes() == second, "the local copy")
+    wait_shipped_after(node, time.time())
+    node.stop()
+    v = cli("verify", sshd.target(remote), *sshd.cli_args(), *key_args)
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert f"emergency.recover: {len(second)} bytes, sha256 {hashlib.sha256(second).hexdigest()}" in v.stdout, v.stdout
+    assert "node id: 036c3e4d" in v.stdout and "network: regtest" in v.stdout
+    # After a restart the file is sent once more (it may have changed since the last round).
+    node.start([])
+    wait_shipped_after(node, time.time())
+    node.stop()
+    v = cli("verify", sshd.target(remote), *sshd.cli_args(), *key_args)
+    assert v.returncode == 0 and hashlib.sha256(second).hexdigest() in v.stdout, v.stdout + v.stderr
