@@ -15,7 +15,7 @@ import os
 import tempfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from pibackup.copies.crypt import CryptError
+from pibackup.copies.crypt import NO_NODE_ID, CryptError
 from pibackup.copies.head import HeadError, HeadMaker, read_head
 from pibackup.copies.staging import Staging
 from pibackup.copies.state import BadState, FileState, load_state, save_state
@@ -58,6 +58,7 @@ class ShipRound:
         self.remote_checked = False
         self.head: Optional[HeadMaker] = None  # made at open(): it needs the staging directory
         self.files_sent = 0
+        self.remote_node: Optional[bytes] = None  # the node id the remote head record named, when one was read
         self.top_seen: Dict[str, Tuple[int, int, int]] = {}  # NODE, emergency.recover -> (inode, size, mtime) as listed
 
     def open(self) -> None:
@@ -202,7 +203,7 @@ class ShipRound:
         if foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise ShipError(
-                f"the remote directory {self.cfg.target} holds files this pibackup did not ship ({shown}); "
+                f"the remote directory {self.cfg.target} holds files this pibackup did not ship ({shown}){self._whose_copy()}; "
                 "point pibackup-ship at an empty or new directory. If it is an earlier copy of this node (its shipping "
                 "state in DEST/.ship was lost), rename it there and let a new copy complete before you delete it"
             )
@@ -218,12 +219,22 @@ class ShipRound:
                 theirs = read_head(os.path.join(tmp, HEAD), self.cfg.key) if fetched else None
             except (OSError, HeadError, CryptError):
                 theirs = None
+        self.remote_node = theirs.node_id if theirs is not None else None
         if theirs is None or theirs.copy_id != self.head.copy_id:
             return False
         for name, g in theirs.generations.items():
             self.generation_ids.setdefault(name, g["id"])
         self.log(f"pibackup-ship: {self.cfg.target} holds this backup's copy (its head record says so); sending it again", "info")
         return True
+
+    def _whose_copy(self) -> str:
+        """For the refusal: the node the remote copy's head record names, when it is not ours."""
+        assert self.head is not None
+        ours = self.head.node_id(dst.Destination(self.destination).newest())
+        theirs = self.remote_node
+        if theirs is None or theirs == NO_NODE_ID or ours == NO_NODE_ID or theirs == ours:
+            return ""
+        return f": it is the copy of node {theirs.hex()}, and this backup is of node {ours.hex()}; nothing there was changed"
 
     def _ship_head(self) -> None:
         assert self.head is not None

@@ -189,3 +189,31 @@ def test_node_file_that_names_another_node_refuses_and_verify_says_it_disagrees(
     with pytest.raises(Halted):
         again.call(traces["A"][9])
     assert "(from NODE)" in again.log_text()
+
+
+def test_a_shipped_copy_of_another_node_is_refused_naming_both_and_left_unchanged(sshd, make_node, traces, tmp_path):
+    remote = tmp_path / "remote" / "copy"
+    remote.parent.mkdir()
+    a = make_node(pibackup_batch_seconds=0, pibackup_compact_ratio="0", **sshd.options(remote))
+    a.start(traces["A"][:9])
+    a.calls(traces["A"][9:40])
+    since = time.time()
+    deadline = time.monotonic() + 90
+    while (a.rpc("pibackup-status")["shipping"].get("last_success") or 0) < since and time.monotonic() < deadline:
+        time.sleep(0.2)
+    a.stop()
+    assert (remote / "HEAD").exists()
+    before = tree(remote)
+    b_dest = tmp_path / "b-usb" / "pibackup"
+    b_dest.mkdir(parents=True)
+    b = make_node(pibackup_destination=str(b_dest), pibackup_batch_seconds=0, **sshd.options(remote))
+    recs = driver.first_run(traces["filler-A"])
+    b.start([r for r in recs if r.pre_init])
+    b.calls(recs[9:30])  # B's own backup goes on
+    deadline = time.monotonic() + 90
+    while b.rpc("pibackup-status")["shipping"]["state"] != "failing" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    err = b.rpc("pibackup-status")["shipping"]["last_error"]
+    assert f"it is the copy of node {A_ID}, and this backup is of node {FILLER_ID}" in err, err
+    b.stop()
+    assert tree(remote) == before
