@@ -11,7 +11,18 @@ from typing import Any, BinaryIO, Dict, List, Optional
 from pibackup.copies.rsync import explain_rsync_failure, ssh_command
 from pibackup.errors import PibackupError
 from pibackup.remote.config import RemoteConfig
-from pibackup.remote.protocol import ACK, ERROR, HELLO, WELCOME, Message, PeerClosed, ProtocolError, encode, read_message
+from pibackup.remote.protocol import (
+    ACK,
+    ERROR,
+    HELLO,
+    PROTOCOL_VERSION,
+    WELCOME,
+    Message,
+    PeerClosed,
+    ProtocolError,
+    encode,
+    read_message,
+)
 
 
 class RemoteError(PibackupError):
@@ -71,6 +82,11 @@ class Link:
             raise RemoteError(f"{self._where()} refused: {m.meta.get('error')}")
         if m.type != WELCOME or m.seq != seq:
             raise RemoteError(f"{self._where()}: answered HELLO with {m.name}")
+        if m.meta.get("protocol") != PROTOCOL_VERSION:
+            raise RemoteError(
+                f"{self._where()}: protocol version mismatch: the receiver (pibackup {m.meta.get('version')}) speaks "
+                f"{m.meta.get('protocol')}, this pibackup {PROTOCOL_VERSION}; install the same pibackup release on both hosts"
+            )
         self._answered = seq
         self.welcome = m.meta
         self._reader = threading.Thread(target=self._read_answers, name="pibackup-remote-acks", daemon=True)
@@ -159,9 +175,11 @@ class Link:
                 total += len(line)
 
     def close(self, wait: float = 5.0) -> None:
+        if self.failure is not None and self.proc.poll() is None:
+            self.proc.kill()  # a broken session: nothing more to say, and a full pipe must not block the close
         try:
             self._in.close()
-        except OSError:
+        except (OSError, ValueError):
             pass
         try:
             self.proc.wait(timeout=wait)

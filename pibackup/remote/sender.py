@@ -113,7 +113,7 @@ class RemoteCopy:
         with self._back:
             self.in_step = self.connected = False
             first = self.problem is None
-            self.problem = why
+            self.problem = why = self._short(why)
             if self.degraded_since is None:
                 self.degraded_since = time.time()
             if self.link is not None:
@@ -130,7 +130,12 @@ class RemoteCopy:
         return None
 
     def _halt_message(self, why: str) -> str:
-        return f"remote copy {self.cfg.target} cannot take this critical transaction: {why}"
+        return f"remote copy {self.cfg.target} cannot take this critical transaction: {self._short(why)}"
+
+    def _short(self, why: str) -> str:
+        """The session's messages name the remote; said again after our own prefix, drop it."""
+        prefix = f"remote {self.cfg.target}"
+        return why[len(prefix) :].lstrip(": ") if why.startswith(prefix) else why
 
     def _wait_in_step(self, timeout: float) -> bool:
         with self._back:
@@ -147,7 +152,7 @@ class RemoteCopy:
                 else:
                     self._round()
             except (RemoteError, OSError, PibackupError) as e:
-                why = str(e) if not isinstance(e, OSError) else f"reading the local backup: {e}"
+                why = self._short(str(e)) if not isinstance(e, OSError) else f"reading the local backup: {e}"
                 self._drop_link()
                 if self.problem != why:
                     self.log(f"pibackup: remote copy {self.cfg.target}: {why}; retrying in {backoff:.0f} s", "warn")
@@ -235,7 +240,7 @@ class RemoteCopy:
     # --- stop and status -------------------------------------------------------------------------
     def stop(self) -> None:
         """At the end: what is left goes out, the head says the sender stopped, then BYE."""
-        with self._lock:
+        if self._lock.acquire(timeout=self.cfg.timeout):
             link = self.link
             if link is not None and link.failure is None and self.in_step:
                 try:
@@ -247,6 +252,7 @@ class RemoteCopy:
                     link.wait(link.sent, self.cfg.timeout)
                 except (RemoteError, OSError):
                     pass
+            self._lock.release()
         self._stop.set()
         self._wake.set()
         with self._back:

@@ -5,6 +5,7 @@ by the operations of docs/REMOTE-PROTOCOL.md and only in the ways the receiver a
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from pibackup.store.layout import (
 )
 
 IDENTITY = ".pibackup-serve"  # the copy and node this directory holds, written at the first HELLO
+LOCK = ".pibackup-serve.lock"  # flock'ed by the receiver for as long as it runs
 
 
 class Refused(PibackupError):
@@ -79,6 +81,7 @@ class Tree:
         self.keep = keep
         self.encrypted = False
         self._open: Dict[str, int] = {}  # rel -> fd of a file being appended to
+        self._lock_fd: Optional[int] = None
 
     # --- paths ------------------------------------------------------------------------
     def path(self, rel: Any, tmp: bool = False) -> str:
@@ -91,6 +94,7 @@ class Tree:
         """Check that DIR is this copy's (or empty), tidy what a crash left, list what it holds."""
         if not os.path.isdir(self.root):
             raise Refused(f"{self.root} does not exist on the remote host: create it there (mkdir -p {self.root})")
+        self._lock()
         copy, node = str(meta.get("copy_id", "")), str(meta.get("node_id", ""))
         self.encrypted = bool(meta.get("encrypted"))
         ident = self._identity()
@@ -118,6 +122,20 @@ class Tree:
             ident["node_id"] = node  # a new node learns its id after its first calls
             self._save_identity(ident)
         return {"files": {rel: info.to_json() for rel, info in self._listing().items()}, "append_only": self.append_only}
+
+    def _lock(self) -> None:
+        """One receiver at a time per directory: a session that hangs (a stopped process, a
+        half-open connection) keeps it until it ends, and its messages still in the pipe are
+        applied or refused before a new session lists the files."""
+        fd = os.open(os.path.join(self.root, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            raise Refused(
+                f"another pibackup serve is writing {self.root} (an earlier session that has not ended yet); retrying later"
+            ) from e
+        self._lock_fd = fd
 
     def _identity(self) -> Optional[Dict[str, Any]]:
         try:
@@ -272,6 +290,9 @@ class Tree:
             self._sync_open()
         except OSError:
             pass
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the lock goes with it
+            self._lock_fd = None
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
