@@ -46,7 +46,7 @@ test: lint
 # The large runs: >= 500 SIGKILLs of the plugin per recording; every crash state of trace A
 # (tests/crashstates.py), with its figures.
 test-long:
-	PIBACKUP_KILL_POINTS=500 $(PY) -m pytest -q -s -k sigkill tests/e2e/test_traces.py tests/e2e/test_compact.py tests/e2e/test_replica.py
+	PIBACKUP_KILL_POINTS=500 $(PY) -m pytest -q -s -k sigkill tests/e2e/test_traces.py tests/e2e/test_compact.py tests/e2e/test_replica.py tests/e2e/test_remote_kills.py
 	PIBACKUP_CORRUPTIONS=3000 $(PY) -m pytest -q -s tests/crash/test_corruption.py
 	$(PY) -m pytest -q -s -m long tests/crash/test_crashstates.py
 
