@@ -4,8 +4,10 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # xfsprogs, btrfs-progs, exfatprogs, exfat-fuse: tests/e2e/test_filesystems.py's sticks (mkfs, and exFAT through FUSE)
+# rclone: shipping to clouds and object stores (pibackup-ship=rclone:...), tested against its
+# local backend and `rclone serve sftp`/`webdav` on 127.0.0.1 (tests/e2e/test_rclone*.py, bench/rclone_ship.py)
 APT_PACKAGES = python3 python3-venv python3-pip sqlite3 make strace xz-utils e2fsprogs util-linux rsync openssh-client openssh-server \
-	xfsprogs btrfs-progs exfatprogs exfat-fuse \
+	rclone xfsprogs btrfs-progs exfatprogs exfat-fuse \
 	libsqlite3-0 libsodium23 libgmp10 zlib1g libpq5
 # tests/cln/: a real Core Lightning, unpacked from ../shared/cln/ into .cln/ (ignored by git);
 # its runtime libraries are the last line of APT_PACKAGES. Without the tarball the tests skip (CI fails them).
@@ -68,6 +70,7 @@ bench:
 	$(PY) bench/replay_speed.py
 	$(PY) bench/compaction.py
 	$(PY) bench/long_run.py 1000000
+	$(PY) bench/rclone_ship.py
 
 # The Debian package (docs/dev/packaging.md). `make deb` fetches the pinned pyln-client wheel
 # from PyPI, builds dist/pibackup_<version>_all.deb and runs lintian on it. `make test-deb`

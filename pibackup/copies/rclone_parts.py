@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import BinaryIO, Dict, Iterable, List, Optional, Tuple
 
-from pibackup.store.layout import is_layout_path
+from pibackup.store.layout import HEAD, is_layout_path
 
 TAG_BYTES = 128
 _PART = re.compile(r"^(?P<base>.+)\.part-(?P<tag>[0-9a-f]{8})-(?P<offset>[0-9]{12})$")
@@ -82,8 +82,8 @@ class Stored:
 
 
 def group(objects: Iterable[Tuple[str, int]]) -> Dict[str, Stored]:
-    """The layout's files among a store's objects (name, size), with their parts. Objects
-    that are neither a layout file nor a part of one are left out: a reader never takes them."""
+    """The layout's files and the head record among a store's objects (name, size), with
+    their parts. Any other object is left out: a reader never takes it."""
     out: Dict[str, Stored] = {}
     for name, size in objects:
         part = parse_part(name)
@@ -91,7 +91,7 @@ def group(objects: Iterable[Tuple[str, int]]) -> Dict[str, Stored]:
             rel, tag, offset = part
             if is_layout_path(rel):
                 out.setdefault(rel, Stored(rel)).parts.setdefault(tag, {})[offset] = size
-        elif is_layout_path(name):
+        elif is_layout_path(name) or name == HEAD:
             out.setdefault(name, Stored(name)).base = size
     return out
 

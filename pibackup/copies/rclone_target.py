@@ -162,13 +162,14 @@ def explain_rclone_failure(code: int, stderr: str, target: RcloneTarget, config:
             "environment (e.g. its systemd unit), or keep this remote in an unencrypted config of mode 600"
         )
     if "connection refused" in low:
-        return f"{target} refuses connections: is its server running, and the address in remote {remote!r} right? Will retry"
+        return f"{target} refuses connections: is its server running, and the address in remote {remote!r} right?"
     if "no such host" in low or "server misbehaving" in low or "temporary failure in name resolution" in low:
-        return f"cannot resolve the server of remote {remote!r}: check its address, or the Pi's DNS; will retry"
+        return f"cannot resolve the server of remote {remote!r}: check its address, or the Pi's DNS"
     if "i/o timeout" in low or "deadline exceeded" in low or "no route to host" in low or "network is unreachable" in low:
-        return f"the server of {target} does not answer (network down or host off); will retry"
-    if any(s in low for s in ("no space left", "insufficient storage", "quota", "storage full", "507 ", "not enough space")):
-        return f"the store of {target} is full (or over its quota): free space or raise the quota there (the local backup goes on)"
+        return f"the server of {target} does not answer (network down or host off)"
+    if any(s in low for s in ("no space left", "insufficient storage", "quota", "storage full", "507 ", "not enough space",
+                                "remaining disk space")):
+        return f"the store of {target} is full (or over its quota): free space or raise the quota there"
     if any(s in low for s in ("nosuchbucket", "bucket does not exist", "bucket not found")):
         return f"the bucket of {target} does not exist: create it (e.g. rclone mkdir {remote}:{target.path.split('/')[0]})"
     if any(s in low for s in ("401", "403", "unauthorized", "forbidden", "access denied", "accessdenied", "permission denied",

@@ -141,9 +141,10 @@ def assert_copy_equals_live(stores: Stores, spec: str, node: driver.Node, tmp_pa
     out = tmp_path / f"from-store-{time.monotonic_ns()}.sqlite3"
     r = cli("restore", spec, str(out), *cli_args(stores, keyfile))
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "newest transaction of this copy written at" in r.stdout and "WARNING" not in r.stderr, r.stdout + r.stderr
     assert dbcompare.backup_differences(node.live.path, out, ("utxoset",)) == []
     v = cli("verify", spec, *cli_args(stores, keyfile))
-    assert v.returncode == 0, v.stdout + v.stderr
+    assert v.returncode == 0 and "WARNING" not in v.stderr, v.stdout + v.stderr
 
 
 def assert_no_plaintext(store: Path) -> None:
