@@ -12,18 +12,17 @@ import socket
 import sqlite3
 import tempfile
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from pibackup.errors import PibackupError
 from pibackup.node.hsmsecret import read_hsm_secret
 from pibackup.node.networks import GENESIS, canonical, network_of
 from pibackup.store.fsio import fsync_dir, fsync_file
+from pibackup.store.layout import EMERGENCY_RECOVER
+from pibackup.store.recover import MAX_SIZE, emergency_recover_path, shape_problem
 
 DATABASE = "lightningd.sqlite3"
 HSM_SECRET = "hsm_secret"
-# The static channel backup: lightningd's name for it, in its network directory and at the
-# top of a backup directory.
-EMERGENCY_RECOVER = "emergency.recover"
 _STAGING_PREFIX = ".pibackup-restore-"
 
 
@@ -64,24 +63,34 @@ class NodeTarget:
         netdir = self.netdir(network)
         _refuse_existing(netdir, self.force)
         self._check_node(netdir, node_id)
-        recover = os.path.join(backup_root, EMERGENCY_RECOVER)
-        has_recover = os.path.isfile(recover)
+        recover, missing = self._recover_file(backup_root)
         os.makedirs(netdir, mode=0o700, exist_ok=True)
         owner = _owner_of(self.lightning_dir)
-        if has_recover:
+        if recover is not None:
             _install(recover, os.path.join(netdir, EMERGENCY_RECOVER), 0o400, owner, copy=True)
         _install(self.staged_db, os.path.join(netdir, DATABASE), 0o600, owner, copy=False)
         lines = [f"node {node_id.hex()} on {network}: {os.path.join(netdir, DATABASE)} restored"]
-        if has_recover:
+        if recover is not None:
             lines.append(f"{os.path.join(netdir, EMERGENCY_RECOVER)} restored (the static channel backup)")
         else:
             self.warnings.append(
-                f"this backup holds no {EMERGENCY_RECOVER}: lightningd writes a new one at its next start, "
-                "but keep any older copy you have: it is the last resort if this database is ever lost too"
+                f"{missing}: lightningd writes a new one from the restored channels at its next start, but keep any "
+                "older copy you have"
             )
         return lines
 
-    def _check_network(self) -> tuple[str, bytes]:
+    def _recover_file(self, backup_root: str) -> Tuple[Optional[str], str]:
+        """The backup's copy of emergency.recover, or None and why not (none, or not lightningd's)."""
+        path = emergency_recover_path(backup_root)
+        if path is None:
+            return None, f"this backup holds no {EMERGENCY_RECOVER}"
+        with open(path, "rb") as f:
+            problem = shape_problem(f.read(MAX_SIZE + 1))
+        if problem is not None:
+            return None, f"the backup's {EMERGENCY_RECOVER} is damaged ({problem}), so it was not restored"
+        return path, ""
+
+    def _check_network(self) -> Tuple[str, bytes]:
         conn = sqlite3.connect(f"file:{self.staged_db}?mode=ro", uri=True)
         try:
             rows = dict(conn.execute("SELECT name, blobval FROM vars WHERE name IN ('genesis_hash', 'node_id')").fetchall())

@@ -1,10 +1,14 @@
-"""The plugin as a real lightningd's important-plugin: node A paying node B is SIGKILLed at
-random moments, its database thrown away and restored from the backup, and A runs on: A and
-B agree on the channel's balance, every payment A saw complete is there, and A pays again."""
+"""The plugin as a real lightningd's important-plugin on node A, paying node B: A SIGKILLed
+at random moments, its database thrown away and restored, and A runs on (A and B agree,
+every payment A saw complete is there, A pays again); emergency.recover in the backup byte
+for byte lightningd's after an open and a close; another node started on A's backup refused,
+the backup unchanged; and, with no database left, the backup's emergency.recover used with
+`emergencyrecover` to get a channel's funds back."""
 
 from __future__ import annotations
 
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -98,3 +102,90 @@ def test_sigkill_at_random_moments_then_restore_agrees_and_pays(pair: Dict[str, 
         assert pay(a, b, 500_000, f"after-run{run}")["status"] == "complete"
         wait_for("A and B to agree after paying again", lambda: balances_agree(a, b))
     assert len(completed) >= 2 * RUNS
+
+
+def copy_in_step(dest: Path, a: Node) -> bytes:
+    """Wait until the backup's emergency.recover is byte for byte lightningd's; its bytes."""
+
+    def same() -> bytes:
+        live = (a.net / "emergency.recover").read_bytes()
+        return live if (dest / "emergency.recover").read_bytes() == live else b""
+
+    return bytes(wait_for("the backup's emergency.recover to equal lightningd's", same))
+
+
+def test_emergency_recover_in_the_backup_is_lightningds_after_an_open_and_a_close(pair: Dict[str, object]) -> None:
+    cluster, a, b, dest = pair["cluster"], pair["a"], pair["b"], pair["dest"]
+    assert isinstance(cluster, Cluster) and isinstance(a, Node) and isinstance(b, Node) and isinstance(dest, Path)
+    first = copy_in_step(dest, a)
+    open_channel(a, b, 300_000)  # a second channel: lightningd rewrites the file
+    opened = copy_in_step(dest, a)
+    assert opened != first
+    second = a.channel(b)
+    a.rpc.close(second["channel_id"])
+    wait_for("the mutual close in the mempool", lambda: cluster.chain.mempool() > 0)
+    cluster.mine(1)
+    wait_for("the second channel closed", lambda: a.channel(b)["state"] in ("ONCHAIN", "CLOSINGD_COMPLETE", "CLOSED"))
+    cluster.mine(100)  # lightningd forgets a closed channel after 100 blocks, and rewrites the file then
+
+    def rewritten() -> bool:
+        return (a.net / "emergency.recover").read_bytes() != opened
+
+    wait_for("lightningd to rewrite emergency.recover after the close", rewritten)
+    assert copy_in_step(dest, a) != opened
+
+
+def test_another_node_started_on_this_backup_is_refused_and_it_stays_byte_for_byte(pair: Dict[str, object]) -> None:
+    cluster, a, b, dest = pair["cluster"], pair["a"], pair["b"], pair["dest"]
+    assert isinstance(cluster, Cluster) and isinstance(a, Node) and isinstance(b, Node) and isinstance(dest, Path)
+    a_id = a.id()
+    a.kill()  # (a clean stop would do as well, but takes lightningd's 30 s wait for its plugins)
+    before = files(dest)
+    other = cluster.node("other", {"important-plugin": str(PLUGIN), "pibackup-destination": str(dest)}, start=False)
+    other.start(wait=False)
+    assert other.exit_code() != 0, "lightningd ran on with its backup plugin refusing another node's backup"
+    log = other.tail(200)
+    assert a_id in log and "another node" in log, log
+    assert files(dest) == before
+    a.start()
+    wait_for("A and B to reconnect", lambda: a.channel(b)["peer_connected"] and b.channel(a)["peer_connected"])
+
+
+def files(root: Path) -> Dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_with_no_database_emergency_recover_from_the_backup_gets_the_channel_funds_back(pair: Dict[str, object]) -> None:
+    """The last resort (docs/guide/recovery.md): a fresh lightning-dir with the node's hsm_secret
+    and the backup's emergency.recover, pibackup on a new empty directory, `emergencyrecover`:
+    a stub for every channel, the peer closes, and A's funds come back on chain.
+
+    The peer here is a channel that never carried a payment: a Core Lightning v26.06.6 peer
+    answers the recovering node's reestablish with a close only then (on the used channel to B
+    it stays in CHANNELD_NORMAL; the guide says to ask the peer's operator)."""
+    cluster, a, b, dest = pair["cluster"], pair["a"], pair["b"], pair["dest"]
+    assert isinstance(cluster, Cluster) and isinstance(a, Node) and isinstance(b, Node) and isinstance(dest, Path)
+    c = cluster.node("C")
+    open_channel(a, c, 400_000)
+    in_channel = a.channel(c)["to_us_msat"] // 1000
+    copy_in_step(dest, a)  # the backup's copy holds both channels now
+    wallet = a.confirmed_sats()
+    secret = (a.net / "hsm_secret").read_bytes()
+    a.kill()
+    shutil.rmtree(a.dir)  # the database is gone and no backup of it can be used
+    a.net.mkdir(parents=True)
+    (a.net / "hsm_secret").write_bytes(secret)
+    shutil.copyfile(dest / "emergency.recover", a.net / "emergency.recover")
+    fresh = dest.parent / "pibackup-new"
+    fresh.mkdir()
+    a.options["pibackup-destination"] = str(fresh)  # the old backup cannot take this new database
+    a.start()
+    stubs = a.rpc.call("emergencyrecover")["stubs"]
+    assert len(stubs) == 2, stubs
+    wait_for("C to close the channel A lost", lambda: cluster.chain.mempool() > 0)
+    cluster.mine(1)
+    for _ in range(20):  # a block at a time until A's output from C's close is in its wallet
+        if a.confirmed_sats() >= wallet + in_channel - 20_000:
+            break
+        cluster.mine(1)
+    wait_for("A's funds from C's close in its wallet", lambda: a.confirmed_sats() >= wallet + in_channel - 20_000)

@@ -135,7 +135,10 @@ def test_from_a_shipped_copy_on_a_new_pi_as_from_the_stick(pair: Dict[str, objec
     out = restore(sshd.target(remote), "--lightning-dir", str(shipped), "--key", str(key), *sshd.cli_args())
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"node {a.id()} on regtest" in out.stdout and "it is this node's" in out.stderr
+    assert "emergency.recover restored" in out.stdout
     assert restore(str(dest), "--lightning-dir", str(stick)).returncode == 0
+    recovered = [(d / "regtest" / "emergency.recover").read_bytes() for d in (shipped, stick)]
+    assert recovered == [(a.net / "emergency.recover").read_bytes()] * 2
     assert differences(stick / "regtest" / "lightningd.sqlite3", shipped / "regtest" / "lightningd.sqlite3") == []
     assert sorted(os.listdir(shipped)) == ["regtest"]  # the fetched and decrypted copies are gone
 
@@ -152,6 +155,8 @@ def test_new_pi_with_only_the_hsm_secret_runs_on_and_pays(pair: Dict[str, object
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"node {a_id} on regtest" in out.stdout and "it is this node's" in out.stderr
     assert oct(os.stat(a.db).st_mode & 0o777) == "0o600"
+    assert "emergency.recover restored" in out.stdout
+    assert (a.net / "emergency.recover").read_bytes() == (dest / "emergency.recover").read_bytes()
     a.start()
     assert a.id() == a_id
     wait_for("A and B to reconnect", lambda: a.channel(b)["peer_connected"] and b.channel(a)["peer_connected"])
