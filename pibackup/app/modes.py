@@ -107,8 +107,7 @@ def _journal_restore(src: str, output: str, a: RestoreArgs) -> Restored:
 
 def _journal_verify(src: str) -> Verified:
     rep = journal_restore.verify(src)
-    lines, damaged, _ = recoverfile.describe(src)  # node id, network, emergency.recover
-    return Verified(lines + list(rep.lines), rep.damaged or damaged)
+    return Verified(list(rep.lines), rep.damaged)
 
 
 def _journal_status(src: str) -> Report:
@@ -146,16 +145,13 @@ def _replica_restore(src: str, output: str, a: RestoreArgs) -> Restored:
 
 def _replica_verify(src: str) -> Verified:
     lines, damaged = verify_replica(src)
-    node_lines, node_damaged, _ = recoverfile.describe(src)
-    return Verified(node_lines + lines, damaged or node_damaged, checks_copy=False)
+    return Verified(lines, damaged, checks_copy=False)
 
 
 def _replica_status(src: str) -> Report:
-    lines, damaged = verify_replica(src)
-    node_lines, node_damaged, _ = recoverfile.describe(src)
-    damaged = damaged or node_damaged
+    lines, damaged = verify_replica(src)  # its node id, network and emergency.recover first
     out = [f"backup directory {os.path.abspath(src)} (replica mode): {'DAMAGED' if damaged else 'ok'}"]
-    out += ["  " + line for line in node_lines + lines]
+    out += ["  " + line for line in lines]
     out.append("a running pibackup is writing it" if writer_running(src) else "no pibackup is writing it now")
     return Report(out, None, failed=damaged)
 

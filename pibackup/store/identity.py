@@ -212,7 +212,12 @@ def backup_identity(path: str) -> Tuple[Identity, str]:
     recorded = read_node_file(path)
     if recorded is not None:
         return recorded, NODE_FILE
-    return identity_of_data(path), "its newest data"
+    try:
+        return identity_of_data(path), "its newest data"
+    except IdentityError:
+        # A damaged newest snapshot or replica says nothing: the writer's own start deals
+        # with the damage (a new generation from the live database), as before NODE existed.
+        return UNKNOWN, "its newest data (unreadable)"
 
 
 def refuse_other_node(path: str, live_db: str) -> Identity:
@@ -244,21 +249,18 @@ def identity_lines(path: str) -> Tuple[List[str], bool]:
         return [f"DAMAGED: {e}"], True
     try:
         data = identity_of_data(path)
-    except IdentityError as e:
-        data = UNKNOWN
-        note = [f"note: {e}"]
-    else:
-        note = []
+    except IdentityError:
+        data = UNKNOWN  # a damaged newest snapshot or replica: the generations' own checks report it
     shown = recorded or data
     lines = [
         f"node id: {shown.node_id.hex() if shown.node_id else 'not known yet'}",
         f"network: {shown.network or 'not known yet'}",
-    ] + note
+    ]
     if recorded is not None:
         what = recorded.conflict(data)
         if what is not None:
             lines.append(f"DAMAGED: {NODE_FILE} names {recorded.describe()}, but the newest data is {data.describe()} ({what} differ)")
             return lines, True
     elif data.known:
-        lines.append(f"note: no {NODE_FILE} file (a backup written before pibackup recorded it): read from the data")
+        lines.append(f"{NODE_FILE}: none (a backup written before pibackup recorded it): read from the newest data")
     return lines, False

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from pibackup.store.fsio import fsync_dir
+from pibackup.store.identity import identity_lines
 from pibackup.store.layout import EMERGENCY_RECOVER, TMP_SUFFIX
 
 SECRETSTREAM_HEADER = 24
@@ -72,7 +73,7 @@ def check_copy(backup_dir: str) -> Tuple[Optional[RecoverCopy], List[str], bool]
     if os.path.islink(path):
         return None, [f"DAMAGED: {path} is a symbolic link; pibackup never writes one"], True
     if not os.path.exists(path):
-        return None, [f"note: no {EMERGENCY_RECOVER} in this backup (lightningd had written none, or the backup predates it)"], False
+        return None, [f"{EMERGENCY_RECOVER}: none in this backup (lightningd had written none, or the backup predates it)"], False
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_SIZE + 1)
@@ -84,3 +85,11 @@ def check_copy(backup_dir: str) -> Tuple[Optional[RecoverCopy], List[str], bool]
     if problem is not None:
         return copy, [f"DAMAGED: {path} is not lightningd's emergency.recover: {problem}"], True
     return copy, [f"{EMERGENCY_RECOVER}: {copy.size} bytes, sha256 {copy.sha256} (encrypted with the node's hsm_secret)"], False
+
+
+def check_node_files(backup_dir: str) -> Tuple[List[str], bool]:
+    """verify's lines about the node's files: whose backup it is (NODE against the newest
+    data) and its emergency.recover. (lines, damaged)."""
+    lines, damaged = identity_lines(backup_dir)
+    _, more, bad = check_copy(backup_dir)
+    return lines + more, damaged or bad

@@ -93,7 +93,7 @@ def test_verify_says_when_the_copy_is_missing_or_not_lightningds(make_node, trac
     node.start(traces["A"][:9])
     node.stop()
     r = cli("verify", str(dest))
-    assert r.returncode == 0 and "no emergency.recover in this backup" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "emergency.recover: none in this backup" in r.stdout, r.stdout + r.stderr
     (dest / "emergency.recover").write_bytes(b"\0" * 10)
     r = cli("verify", str(dest))
     assert r.returncode != 0, r.stdout

@@ -21,6 +21,7 @@ from pibackup.store.fsio import private_file
 from pibackup.store.generation import generation_info
 from pibackup.store.layout import MARKER, PARTIAL_SUFFIX
 from pibackup.store.output import building, check_database, check_replace, copy_snapshot
+from pibackup.store.recover import check_node_files
 from pibackup.store.replay import REPLAY_BATCH, Outcome, Replayer, RestoreError
 from pibackup.store.segment import Frame
 from pibackup.store.snapshot import SnapshotError, read_data_version, sha256_file
@@ -145,6 +146,7 @@ def verify(backup_dir: str) -> VerifyReport:
     """Read every generation and every frame; report ranges and damage."""
     rep = VerifyReport()
     pick_generation(backup_dir)  # the same checks restore makes; raises when unusable
+    rep.lines, rep.damaged = check_node_files(backup_dir)  # whose backup, its emergency.recover
     d = dst.Destination(backup_dir)
     for name in sorted(os.listdir(backup_dir)):
         if name.endswith(PARTIAL_SUFFIX):

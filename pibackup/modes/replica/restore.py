@@ -16,6 +16,7 @@ from pibackup.store.access import refuse_foreign
 from pibackup.store.fsio import private_file
 from pibackup.store.layout import REPLICA_FILE, replica_dirs
 from pibackup.store.output import building, check_database, check_replace
+from pibackup.store.recover import check_node_files
 from pibackup.store.replay import RestoreError
 from pibackup.store.snapshot import read_data_version
 
@@ -91,8 +92,7 @@ def restore_replica(backup_dir: str, output: str, force: bool = False) -> Replic
 
 def verify_replica(backup_dir: str) -> Tuple[List[str], bool]:
     refuse_foreign(backup_dir)
-    lines: List[str] = []
-    damaged = False
+    lines, damaged = check_node_files(backup_dir)  # whose backup, its emergency.recover
     for _, path in replica_dirs(backup_dir):
         f = os.path.join(path, REPLICA_FILE)
         try:
