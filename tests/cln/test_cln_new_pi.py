@@ -16,7 +16,7 @@ from typing import Dict, Iterator, Tuple
 
 import pytest
 from harness import PLUGIN, ROOT, Cluster, Node, open_channel, pay, wait_for
-from test_cln_crash import balances_agree
+from test_cln_crash import balances_agree, copy_in_step
 
 from dbcompare import differences
 from sshd import Sshd
@@ -124,6 +124,7 @@ def test_from_a_shipped_copy_on_a_new_pi_as_from_the_stick(pair: Dict[str, objec
     a, _, dest, base = nodes(pair)
     sshd, remote, key = pair["sshd"], pair["remote"], pair["key"]
     assert isinstance(sshd, Sshd) and isinstance(remote, Path) and isinstance(key, Path)
+    copy_in_step(dest, a)  # the stick's copy of emergency.recover is made first, then shipped
     since = time.time()
 
     def shipped_since() -> bool:
