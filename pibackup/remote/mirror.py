@@ -14,7 +14,7 @@ from pibackup.remote.link import Link, RemoteError
 from pibackup.remote.protocol import APPEND, CHUNK_BYTES, FINISH, PUT
 from pibackup.store import directory as dst
 from pibackup.store.chain import Walk, walk_segment
-from pibackup.store.layout import MARKER, generation_number
+from pibackup.store.layout import MARKER, TOP_FILES, generation_number
 
 OpenSegment = Callable[[], Optional[Tuple[str, int]]]
 BindingOf = Callable[[str], Binding]  # generation name -> the binding of its new files
@@ -50,6 +50,7 @@ class Mirror:
         self.files: Dict[str, Held] = {}
         self.bytes_sent = 0
         self._walks: Dict[str, Walk] = {}
+        self.top_sent: Dict[str, Tuple[int, int]] = {}  # top file -> (mtime_ns, size) sent in this process
 
     def load(self, listing: Dict[str, Dict[str, object]]) -> None:
         """What the receiver's WELCOME lists."""
@@ -87,6 +88,15 @@ class Mirror:
         held = [generation_number(rel.split("/")[0]) or 0 for rel in self.files if "/" in rel]
         since = max(held) if held else (gens[-1].number if gens else 0)
         out = [LocalFile(MARKER, os.path.join(self.source, MARKER), -1, True, True)]
+        for name in TOP_FILES:  # NODE, emergency.recover: rewritten whole, sent whole when changed
+            path = os.path.join(self.source, name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if self.top_sent.get(name) != (st.st_mtime_ns, st.st_size):
+                self.files.pop(name, None)
+            out.append(LocalFile(name, path, -1, True, True))
         open_path = os.path.normpath(seg[0]) if seg is not None else None
         for g in gens:
             if g.number < since:
@@ -110,6 +120,8 @@ class Mirror:
             if f.whole:
                 if h is not None and h.final:
                     continue
+                if not whole_files and f.rel in TOP_FILES:
+                    continue  # not the journal: the background round sends it, the hook never waits for it
                 if not whole_files:
                     return f.rel
                 self._put(link, f)
@@ -180,7 +192,8 @@ class Mirror:
             enc = Encryptor(self.key, f.rel, binding=self.binding_of(f.rel.split("/")[0]))
         sent = 0
         with open(f.path, "rb") as src:
-            size = os.fstat(src.fileno()).st_size
+            st = os.fstat(src.fileno())
+            size = st.st_size
             pos = 0
             first = True
             while first or pos < size:
@@ -192,4 +205,6 @@ class Mirror:
                 first = False
         link.send(FINISH, {"path": f.rel, "size": sent})
         self.files[f.rel] = Held(plain=size, size=sent, final=True)
+        if f.rel in TOP_FILES:
+            self.top_sent[f.rel] = (st.st_mtime_ns, size)
         self.bytes_sent += sent

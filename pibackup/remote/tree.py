@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -21,6 +22,7 @@ from pibackup.store.layout import (
     HEAD,
     MARKER,
     TMP_SUFFIX,
+    TOP_FILES,
     generation_number,
     is_generation_name,
     is_layout_path,
@@ -155,7 +157,7 @@ class Tree:
     def _listing(self) -> Dict[str, FileInfo]:
         """Every file of the copy; a file being put (.tmp) is dropped: never acknowledged."""
         out: Dict[str, FileInfo] = {}
-        rels: List[str] = [MARKER] if os.path.exists(os.path.join(self.root, MARKER)) else []
+        rels: List[str] = [n for n in (MARKER, *TOP_FILES) if os.path.exists(os.path.join(self.root, n))]
         for n in os.listdir(self.root):
             if n.endswith(DELETED_SUFFIX) and is_generation_name(n[: -len(DELETED_SUFFIX)]):
                 shutil.rmtree(os.path.join(self.root, n), ignore_errors=True)  # retention cut short
@@ -228,7 +230,7 @@ class Tree:
     def put(self, rel: Any, offset: Any, data: bytes) -> None:
         """A piece of a whole file (a snapshot, the marker), into its .tmp until FINISH."""
         path = self.path(rel)
-        if os.path.exists(path) and self.append_only:
+        if os.path.exists(path) and self.append_only and rel not in TOP_FILES and rel != MARKER:
             raise Refused(f"{rel} exists and this receiver is --append-only: it is never rewritten")
         tmp = self.path(rel, tmp=True)
         os.makedirs(os.path.dirname(tmp), mode=0o700, exist_ok=True)
@@ -246,8 +248,15 @@ class Tree:
         path, tmp = self.path(rel), self.path(rel, tmp=True)
         if not os.path.exists(tmp) or os.path.getsize(tmp) != size:
             raise Refused(f"{rel}: {size} bytes were announced but not received; send it again")
+        if os.path.exists(path) and _same(path, tmp):
+            os.unlink(tmp)  # sent again at a new session, unchanged
+            return
         if os.path.exists(path) and self.append_only:
-            raise Refused(f"{rel} exists and this receiver is --append-only: it is never rewritten")
+            if rel not in TOP_FILES:
+                raise Refused(f"{rel} exists and this receiver is --append-only: it is never rewritten")
+            # NODE and emergency.recover are rewritten whole by lightningd: the one they
+            # replace is kept beside them (a name no reader takes), never lost.
+            os.link(path, f"{path}.replaced-{time.time_ns()}")
         self._sync_open()
         fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -293,6 +302,16 @@ class Tree:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # the lock goes with it
             self._lock_fd = None
+
+
+def _same(a: str, b: str) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 16), fb.read(1 << 16)
+            if x != y:
+                return False
+            if not x:
+                return True
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

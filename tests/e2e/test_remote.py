@@ -89,6 +89,10 @@ def test_the_remote_copy_restores_to_the_live_db_from_anywhere_and_on_the_host(o
     assert node.stop() == 0
     assert "error" not in [lvl for lvl, _ in node.all_logs], node.log_text()
     assert len(list(remote.glob("gen-*/seg-*.pbj"))) > 1, "the test must cover a roll-over"
+    for name in ("NODE", "emergency.recover"):  # the node's files beside the journal, as in a shipped copy
+        if (dest / name).exists():
+            assert (remote / name).read_bytes() == (dest / name).read_bytes(), name
+    assert (dest / "NODE").exists(), "the test must cover the node's files"
 
     out = tmp_path / "from-anywhere.sqlite3"
     r = restore_remote(sshd, remote, out)

@@ -157,3 +157,17 @@ def test_checksum_covers_the_header_fields_too():
     with pytest.raises(ProtocolError, match="checksum"):
         read_message(io.BytesIO(bytes(data)))
     assert zlib.crc32(b"") == 0 and os.sep == "/"
+
+
+def test_append_only_keeps_the_emergency_recover_a_rewrite_replaces_and_skips_an_unchanged_one(tmp_path):
+    name = "emergency.recover"
+
+    def put(body: bytes, seq: int) -> List[Message]:
+        return [Message(PUT, seq, {"path": name, "offset": 0}, body), Message(FINISH, seq + 1, {"path": name, "size": len(body)})]
+
+    assert [m.type for m in session(tmp_path, [hello(), *put(b"first", 2)], append_only=True)] == [WELCOME, ACK, ACK]
+    assert [m.type for m in session(tmp_path, [hello(), *put(b"first", 2)], append_only=True)] == [WELCOME, ACK, ACK]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(name)) == [name]
+    assert [m.type for m in session(tmp_path, [hello(), *put(b"second", 2)], append_only=True)] == [WELCOME, ACK, ACK]
+    kept = sorted(p for p in tmp_path.iterdir() if p.name.startswith(name + ".replaced-"))
+    assert (tmp_path / name).read_bytes() == b"second" and [p.read_bytes() for p in kept] == [b"first"]
