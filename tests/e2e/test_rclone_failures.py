@@ -39,10 +39,14 @@ def local_equals_live(dest: Path, node: driver.Node, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("remote", ["sftp", "dav"])
-def test_a_store_stopped_and_started_again_loses_nothing_and_never_holds_a_hook(remote, stores, keyfile, traces, make_node, tmp_path):
+def test_a_store_stopped_and_started_again_loses_nothing_and_never_holds_a_hook(
+    remote, stores, keyfile, traces, make_node, tmp_path, leds
+):
     server = stores.servers[remote]
     spec, _ = stores.spec(remote, f"restart-{tmp_path.name}")
-    node = make_node(**ship_options(stores, spec, keyfile))
+    node = make_node(
+        **ship_options(stores, spec, keyfile, pibackup_ship_warn_after=2, pibackup_led="ACT", pibackup_led_dir=str(leds))
+    )
     recs = driver.first_run(traces["A"])[:320]
     early = [r for r in recs if r.pre_init]
     node.start(early)
@@ -56,9 +60,18 @@ def test_a_store_stopped_and_started_again_loses_nothing_and_never_holds_a_hook(
         wait_failing(node, "refuses connections")
         node.calls(rest[b:])
         assert node.live.version() == rest[-1].data_version
+        deadline = time.monotonic() + 30  # the lag warning, as for rsync: status, LED
+        st = node.rpc("pibackup-status")
+        while not st["warnings"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+            st = node.rpc("pibackup-status")
+        assert st["state"] == "warning" and st["warnings"][0].startswith(f"shipping to {spec} is behind"), st
+        assert (leds / "ACT" / "trigger").read_text() == "timer"
     finally:
         server.start()
     wait_in_step(node, time.time())
+    st = node.rpc("pibackup-status")
+    assert st["state"] == "ok" and st["warnings"] == [] and (leds / "ACT" / "trigger").read_text() == "heartbeat", st
     assert_copy_equals_live(stores, spec, node, tmp_path, keyfile)
     assert node.plugin is not None
     warnings = [m for lvl, m in node.plugin.logs if lvl == "warn" and "pibackup-ship" in m]
