@@ -144,6 +144,21 @@ class Mirror:
         self._walks.pop(f.rel)
         return w.offset
 
+    def continues(self, path: str, open_rel: Optional[str]) -> bool:
+        """Is `path` the open segment the receiver already holds a part of?"""
+        return open_rel is not None and open_rel in self.files and os.path.relpath(path, self.source) == open_rel
+
+    def append_open(self, link: Link, path: str, length: int, sync: bool) -> Optional[int]:
+        """The open segment's new bytes in one APPEND, synced by the receiver when `sync`;
+        the sequence number to wait for (None when not `sync`)."""
+        rel = os.path.relpath(path, self.source)
+        h = self.files[rel]
+        if h.plain < length:
+            self._append(link, LocalFile(rel, path, length, False, False), length, sync=sync)
+        elif sync:
+            link.send(APPEND, {"path": rel, "offset": h.size, "sync": True})
+        return link.sent if sync else None
+
     def sync_last(self, link: Link, files: List[LocalFile]) -> None:
         """An empty synced append to the newest segment: the receiver syncs it before its ack."""
         segs = [f for f in files if not f.whole]

@@ -78,6 +78,10 @@ class RemoteCopy:
                 if critical and self.cfg.on_failure == HALT and not self.connected:
                     raise RemoteError(self._halt_message(self.problem or "the session ended"))
                 return None
+            seg = self.open_segment()
+            if seg is not None and self.mirror.continues(seg[0], self._open_rel):
+                # The common case: the same open segment, grown. No listing on the hook's path.
+                return self.mirror.append_open(link, seg[0], seg[1], critical)
             files = self.mirror.inventory(self.open_segment)
             segs = [f for f in files if not f.whole]
             if segs and segs[-1].rel != self._open_rel:
