@@ -147,3 +147,30 @@ def test_not_named_anywhere_warns(make_node, traces, tmp_path):
     node.start(traces["A"][:9])
     assert any("do not load pibackup with important-plugin=" in w for w in node.rpc("pibackup-status")["warnings"])
     node.stop()
+
+
+def test_a_destination_on_another_btrfs_subvolume_of_the_databases_disk_warns(traces, tmp_path):
+    """Each subvolume has an st_dev of its own; the disk under both is one."""
+    import subprocess
+
+    from helpers import LoopStick
+
+    stick = LoopStick(tmp_path / "btrfs", "btrfs")
+    node = None
+    try:
+        card, backup = stick.mnt / "card", stick.mnt / "backup"
+        for sub in (card, backup):
+            subprocess.run(["btrfs", "subvolume", "create", str(sub)], check=True, capture_output=True)
+        assert os.stat(card).st_dev != os.stat(backup).st_dev
+        node = driver.Node(card / "node", {"pibackup-destination": str(backup), "pibackup-segment-size": "128K"})
+        node.start(traces["A"][:9])
+        [w] = same_medium(node.rpc("pibackup-status"))
+        assert "on the same disk (" in w and str(backup) in w, w
+        node.stop()
+    finally:
+        if node is not None:
+            if node.plugin is not None:
+                node.plugin.proc.kill()
+                node.plugin.proc.wait()
+            node.live.close()
+        stick.close()
