@@ -173,7 +173,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         from pibackup.remote.serve import main as serve
 
         return serve(argv[1:])
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "restore" and (args.output is None) == (args.lightning_dir is None):
+        parser.error("restore: give OUTPUT_DB, or --lightning-dir DIR to restore the whole node (not both)")
+    if args.command == "restore" and args.network is not None and args.lightning_dir is None:
+        parser.error("restore: --network goes with --lightning-dir")
     # Decrypted copies must not outlive an interrupted run: SIGTERM (systemd, kill) and SIGHUP
     # (a closed terminal) unwind like Ctrl-C, through every `finally`.
     for s in (signal.SIGTERM, signal.SIGHUP):
@@ -210,10 +215,6 @@ def _progress(out: Outcome, fraction: float, rate: float) -> None:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    if (args.output is None) == (args.lightning_dir is None):
-        raise PibackupError("give either OUTPUT_DB or --lightning-dir DIR (to restore the whole node), not both")
-    if args.network is not None and args.lightning_dir is None:
-        raise PibackupError("--network goes with --lightning-dir")
     if args.lightning_dir is None:
         return _restore_to(args, args.output, None)
     with node_restore.prepare(args.lightning_dir, args.network, args.force) as node:
