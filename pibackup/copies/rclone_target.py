@@ -46,6 +46,11 @@ SMALL_FLAGS = [
 ]
 
 
+# Retention deletes for good: B2 would otherwise only hide the files and Drive move them to its
+# trash, both still stored (and paid for) after the generation left the local backup.
+DELETE_FLAGS = ["--b2-hard-delete", "--drive-use-trash=false"]
+
+
 def is_rclone_spec(spec: str) -> bool:
     return spec.startswith(RCLONE_PREFIX)
 
@@ -126,7 +131,7 @@ def rclone_ship_config(
 
 
 def rclone_base(config: Optional[str]) -> List[str]:
-    return ["rclone", *([f"--config={config}"] if config else []), *SMALL_FLAGS]
+    return ["rclone", *([f"--config={config}"] if config else []), *SMALL_FLAGS, *DELETE_FLAGS]
 
 
 def config_name(config: Optional[str]) -> str:
