@@ -23,7 +23,7 @@ from test_remote import (
 
 import driver
 from driver import REPO
-from helpers import tmpfs
+from helpers import assert_nothing_acknowledged_lost, tmpfs
 
 # A stand-in for the link between the Pi and the host: relays the session to the real
 # receiver, delaying each piece (a slow link), or cutting the first session after a number
@@ -96,11 +96,17 @@ def start(node: driver.Node, recs):
 
 
 def halted_with(node: driver.Node, recs, *needles: str) -> str:
+    """The node halted on a critical transaction with these words in the log; the local
+    backup holds everything acknowledged (and at most the refused transaction besides)."""
     with pytest.raises(driver.Halted):
         node.calls(recs)
     log = node.log_text()
     for n in needles:
         assert n in log, f"{n!r} not in the log:\n{log}"
+    version = node.live.version()
+    refused = next(r for r in recs if version is None or r.data_version > version)
+    dest = Path(node.options["pibackup-destination"])
+    assert_nothing_acknowledged_lost(dest, node, dest.parent.parent, f"local-{refused.data_version}", refused)
     return log
 
 
