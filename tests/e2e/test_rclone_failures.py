@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -77,6 +78,37 @@ def test_a_store_stopped_and_started_again_loses_nothing_and_never_holds_a_hook(
     warnings = [m for lvl, m in node.plugin.logs if lvl == "warn" and "pibackup-ship" in m]
     assert len(warnings) == 1 and "refuses connections" in warnings[0], warnings  # once, not once per retry
     assert any("reachable again" in m for _, m in node.plugin.logs)
+    node.stop()
+
+
+def test_a_hung_store_never_holds_a_hook_nor_the_plugin_s_stop(stores, keyfile, traces, make_node, tmp_path):
+    server = stores.servers["sftp"]
+    spec, _ = stores.spec("sftp", f"hung-{tmp_path.name}")
+    node = make_node(**ship_options(stores, spec, keyfile))
+    recs = driver.first_run(traces["A"])[:300]
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    rest = recs[len(early) :]
+    half = len(rest) // 2
+    node.calls(rest[:half])
+    wait_in_step(node, time.time())
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)  # connections are accepted, nothing answers
+    try:
+        paused_at = time.time()
+        node.call(rest[half])
+        for _ in range(600):  # until a round began against the hung server
+            if (node.rpc("pibackup-status")["shipping"]["last_attempt"] or 0) > paused_at:
+                break
+            time.sleep(0.05)
+        node.calls(rest[half + 1 :])  # every call answered while rclone waits on the server
+        assert node.live.version() == rest[-1].data_version
+        assert node.stop() == 0, node.log_text()  # the round's rclone is ended; the plugin exits
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    node.start([])
+    wait_in_step(node, time.time())
+    assert_copy_equals_live(stores, spec, node, tmp_path, keyfile)
     node.stop()
 
 
