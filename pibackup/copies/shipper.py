@@ -40,6 +40,38 @@ def _group(rel: str, sent: bool) -> str:
     return f"{gen}/{0 if name.startswith('snapshot-') else 1}"
 
 
+def top_files(destination: str, files: Dict[str, FileState], staging: Staging, seen: Dict[str, Tuple[int, int, int]]) -> Inventory:
+    """NODE and emergency.recover: closed files, but emergency.recover is replaced whole
+    whenever lightningd rewrites it. A new version (and, after a restart, the one there: it
+    may have changed after the last round) is sent anew, whole, through a temporary file the
+    remote renames into place. A file replaced while it was sent is sent again at the next
+    round. `seen`: (inode, size, mtime) of each as last listed, kept between rounds."""
+    out: Inventory = []
+    for name in TOP_FILES:
+        path = os.path.join(destination, name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        now = (st.st_ino, st.st_size, st.st_mtime_ns)
+        before, seen[name] = seen.get(name), now
+        if before != now and name in files and (before is not None or name == EMERGENCY_RECOVER):
+            staging.drop(name)
+            files[name] = FileState()
+        out.append((name, path, st.st_size, True))
+    return out
+
+
+def whose_copy(head: Optional[HeadMaker], destination: str, theirs: Optional[bytes]) -> str:
+    """For the refusal of a remote directory: the node its head record names, when not ours."""
+    if head is None:
+        return ""
+    ours = head.node_id(dst.Destination(destination).newest())
+    if theirs is None or theirs == NO_NODE_ID or ours == NO_NODE_ID or theirs == ours:
+        return ""
+    return f": it is the copy of node {theirs.hex()}, and this backup is of node {ours.hex()}; nothing there was changed"
+
+
 class ShipRound:
     """What a round needs between rounds: each file's shipping state, the generation ids
     shipped, whether the remote directory was found to be ours."""
@@ -121,7 +153,7 @@ class ShipRound:
         out: Inventory = []
         marker = os.path.join(self.destination, MARKER)
         out.append((MARKER, marker, os.path.getsize(marker), True))
-        out += self._top_files()
+        out += top_files(self.destination, self.files, self.staging, self.top_seen)
         gens = self.staging.gens = d.generations()
         self._check_generation_ids(gens)
         if self.head is not None and gens and gens[-1].segments:
@@ -144,27 +176,6 @@ class ShipRound:
                 except FileNotFoundError:  # removed by retention meanwhile
                     continue
                 out.append((rel, path, size, True))
-        return out
-
-    def _top_files(self) -> Inventory:
-        """NODE and emergency.recover: closed files, but emergency.recover is replaced whole
-        whenever lightningd rewrites it. A new version (and, after a restart, the one there:
-        it may have changed after the last round) is sent anew, whole, through a temporary
-        file the remote renames into place. A file replaced while it was sent is sent again
-        at the next round."""
-        out: Inventory = []
-        for name in TOP_FILES:
-            path = os.path.join(self.destination, name)
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                continue
-            seen = (st.st_ino, st.st_size, st.st_mtime_ns)
-            before, self.top_seen[name] = self.top_seen.get(name), seen
-            if before != seen and name in self.files and (before is not None or name == EMERGENCY_RECOVER):
-                self.staging.drop(name)
-                self.files[name] = FileState()
-            out.append((name, path, st.st_size, True))
         return out
 
     def _check_generation_ids(self, gens: List[dst.Generation]) -> None:
@@ -203,7 +214,8 @@ class ShipRound:
         if foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise ShipError(
-                f"the remote directory {self.cfg.target} holds files this pibackup did not ship ({shown}){self._whose_copy()}; "
+                f"the remote directory {self.cfg.target} holds files this pibackup did not ship ({shown})"
+                f"{whose_copy(self.head, self.destination, self.remote_node)}; "
                 "point pibackup-ship at an empty or new directory. If it is an earlier copy of this node (its shipping "
                 "state in DEST/.ship was lost), rename it there and let a new copy complete before you delete it"
             )
@@ -226,15 +238,6 @@ class ShipRound:
             self.generation_ids.setdefault(name, g["id"])
         self.log(f"pibackup-ship: {self.cfg.target} holds this backup's copy (its head record says so); sending it again", "info")
         return True
-
-    def _whose_copy(self) -> str:
-        """For the refusal: the node the remote copy's head record names, when it is not ours."""
-        assert self.head is not None
-        ours = self.head.node_id(dst.Destination(self.destination).newest())
-        theirs = self.remote_node
-        if theirs is None or theirs == NO_NODE_ID or ours == NO_NODE_ID or theirs == ours:
-            return ""
-        return f": it is the copy of node {theirs.hex()}, and this backup is of node {ours.hex()}; nothing there was changed"
 
     def _ship_head(self) -> None:
         assert self.head is not None
