@@ -29,7 +29,8 @@ def on_db_write(plugin: Plugin, data_version: int, writes: List[str], **kwargs: 
 @plugin.method("pibackup-status")
 def pibackup_status(plugin: Plugin, **kwargs: Any) -> Any:
     """Show pibackup's state: health, warnings, destinations and free space, generation,
-    last data_version, the writer's counters, uptime."""
+    last data_version, the writer's counters, uptime, the node id and network the backup
+    belongs to, and whether it holds lightningd's emergency.recover."""
     return handler.status()
 
 
