@@ -39,11 +39,10 @@ lint:
 # and on the plugin's process, so the suite takes about half as long. The tests' files go
 # under the checkout, on a real disk: /tmp may be a tmpfs (Debian 13 mounts it so), where
 # nothing waits on a sync and the compaction process, at nice 10, can fall behind the
-# workers until the compaction tests' replays are over. `--dist loadgroup`: the tests against a
-# real lightningd (tests/cln) share their nodes per module, so each module runs on one worker.
+# workers until the compaction tests' replays are over.
 TEST_TMP = $(CURDIR)/.test-tmp
 test: lint
-	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadgroup --basetemp=$(TEST_TMP)
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --basetemp=$(TEST_TMP)
 
 # The large runs: >= 500 SIGKILLs of the plugin per recording; every crash state of trace A
 # (tests/crashstates.py), with its figures.

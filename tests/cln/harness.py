@@ -5,7 +5,9 @@ Where the pieces are: lightningd unpacked by `make setup` into `.cln/` of the ch
 PIBACKUP_CLN_BIN, the directory holding lightningd), fakechain.py in ../shared/cln/ (or
 PIBACKUP_CLN_SHARED). Missing pieces skip the tests, except in CI (CI=true), where they fail.
 Every node is started in its own process group and the whole group is SIGKILLed when the
-test's cluster ends, whatever happened.
+test's cluster ends, whatever happened. A module's tests share one cluster (a module-scoped
+fixture) and expect to run in the file's order; pytest-xdist may still give a module's tests
+to two workers, each then building its own cluster: slower, never wrong.
 """
 
 from __future__ import annotations

@@ -19,8 +19,6 @@ import pytest
 from harness import PLUGIN, ROOT, Cluster, Node, open_channel, pay, wait_for
 from pyln.client import RpcError
 
-pytestmark = pytest.mark.xdist_group("cln-crash")
-
 RUNS = 4  # kills of A, each followed by a restore of its database
 CAPACITY_SATS = 2_000_000
 

@@ -15,8 +15,6 @@ from harness import BIN, Cluster, require_cln
 
 from pibackup.node.hsmsecret import read_hsm_secret
 
-pytestmark = pytest.mark.xdist_group("cln-hsm-secret")
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:

@@ -21,8 +21,6 @@ from test_cln_crash import balances_agree, copy_in_step
 from dbcompare import differences
 from sshd import Sshd
 
-pytestmark = pytest.mark.xdist_group("cln-new-pi")
-
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, object]]:

@@ -14,8 +14,6 @@ from harness import PLUGIN, Cluster, Node, forget_learned_capacities, open_chann
 from pyln.client import RpcError
 from test_cln_crash import balances_agree, restore_db
 
-pytestmark = pytest.mark.xdist_group("cln-routing")
-
 RUNS = 2
 
 
