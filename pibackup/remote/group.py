@@ -10,6 +10,7 @@ from pibackup.modes.api import Counters, Log
 from pibackup.remote.config import RemoteConfig
 from pibackup.remote.mirror import OpenSegment
 from pibackup.remote.sender import RemoteCopy
+from pibackup.store.writer import SegmentWriter
 
 
 def critical_flushes(c: Counters) -> int:
@@ -28,6 +29,12 @@ class RemoteCopies:
     def start(self) -> None:
         for r in self.copies:
             r.start()
+        if any(r.cfg.key is None for r in self.copies):
+            SegmentWriter.observer = self._written  # plain copies take a flush's bytes before its sync
+
+    def _written(self, writer: SegmentWriter, offset: int, data: bytes) -> None:
+        for r in self.copies:
+            r.early(writer.path, offset, data)
 
     def after_write(self) -> None:
         """After the local destinations took a write: send it on, and if it was made durable
@@ -41,6 +48,8 @@ class RemoteCopies:
                 r.wait(seq)
 
     def stop(self) -> None:
+        if SegmentWriter.observer == self._written:
+            SegmentWriter.observer = None
         for r in self.copies:
             r.stop()
 

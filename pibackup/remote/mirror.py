@@ -28,6 +28,8 @@ class Held:
     size: int = 0  # bytes of the remote file (more than `plain` when encrypted)
     final: bool = False  # whole (put and finished), or encrypted and ended with its final chunk
     enc: Optional[Encryptor] = None  # encrypted: goes on with the same file id and chunk index
+    chain: Optional[int] = None  # a plain segment as listed: its checksum chain's end, checked once against ours
+    restart: bool = False  # it differs from ours: the receiver sets it aside and it is sent again from 0
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Mirror:
         self.binding_of = binding_of
         self.files: Dict[str, Held] = {}
         self.bytes_sent = 0
+        self.restarted = 0  # segments found to differ and sent again
         self._walks: Dict[str, Walk] = {}
         self.top_sent: Dict[str, Tuple[int, int]] = {}  # top file -> (mtime_ns, size) sent in this process
 
@@ -62,6 +65,8 @@ class Mirror:
                 h.enc = self._continue(rel, header, int(info["chunks"]))  # type: ignore[call-overload]
             elif self.key is not None and rel != MARKER and h.plain:
                 raise RemoteError(f"{rel} is not encrypted in the remote copy, but a key is set: give the remote a new directory")
+            elif rel.endswith(".pbj") and h.plain:
+                h.chain = int(info.get("chain") or 0)  # type: ignore[call-overload]
             self.files[rel] = h
 
     def _continue(self, rel: str, header: bytes, chunks: int) -> Encryptor:
@@ -148,6 +153,20 @@ class Mirror:
         """Is `path` the open segment the receiver already holds a part of?"""
         return open_rel is not None and open_rel in self.files and os.path.relpath(path, self.source) == open_rel
 
+    def holds(self, path: str, length: int) -> bool:
+        h = self.files.get(os.path.relpath(path, self.source))
+        return h is not None and h.plain == length
+
+    def early(self, link: Link, path: str, offset: int, data: bytes, open_rel: Optional[str]) -> bool:
+        """Send a flush's bytes before the local sync, when they continue exactly what the
+        receiver holds of the open segment; True when sent."""
+        rel = os.path.relpath(path, self.source)
+        h = self.files.get(rel)
+        if rel != open_rel or h is None or h.enc is not None or h.chain is not None or h.plain != offset or h.final:
+            return False
+        self._send_piece(link, rel, h, data, final=False, sync=True)
+        return True
+
     def append_open(self, link: Link, path: str, length: int, sync: bool) -> Optional[int]:
         """The open segment's new bytes in one APPEND, synced by the receiver when `sync`;
         the sequence number to wait for (None when not `sync`)."""
@@ -175,11 +194,8 @@ class Mirror:
                 h.enc = Encryptor(self.key, f.rel, binding=self.binding_of(f.rel.split("/")[0]))
         if h.final:
             return
-        if h.plain > length:
-            raise RemoteError(
-                f"the remote copy holds {h.plain} bytes of {f.rel}, more than the local backup's {length}: the two differ; "
-                "give the remote a new directory"
-            )
+        if h.chain is not None or h.plain > length:
+            h = self._checked(f, h, length)
         with open(f.path, "rb") as src:
             while h.plain < length or (f.closed and h.enc is not None and not h.final):
                 src.seek(h.plain)
@@ -191,11 +207,32 @@ class Mirror:
         if f.closed and h.enc is None:
             h.final = True
 
+    def _checked(self, f: LocalFile, h: Held, length: int) -> Held:
+        """A segment the receiver held before this session must be a prefix of ours: frames
+        sent while the local sync ran (Mirror's early sends) may be lost here by a crash, and
+        the journal then goes on differently. A copy that differs, or is longer, is set aside
+        by the receiver (kept, never read) and sent again."""
+        same = h.plain <= length
+        if same and h.chain is not None and h.enc is None:
+            w = walk_segment(Walk(f.path), h.plain)
+            same = w.offset == h.plain and w.checksum == h.chain
+        if same:
+            h.chain = None
+            return h
+        fresh = self.files[f.rel] = Held(restart=True)
+        if self.key is not None:
+            fresh.enc = Encryptor(self.key, f.rel, binding=self.binding_of(f.rel.split("/")[0]))
+        self.restarted += 1
+        return fresh
+
     def _send_piece(self, link: Link, rel: str, h: Held, piece: bytes, final: bool, sync: bool) -> None:
         data = piece
         if h.enc is not None:
             data = (h.enc.header if h.size == 0 else b"") + h.enc.chunks(piece, final=final)
-        link.send(APPEND, {"path": rel, "offset": h.size, "sync": sync}, data)
+        meta = {"path": rel, "offset": h.size, "sync": sync}
+        if h.restart:
+            meta["restart"], h.restart = True, False
+        link.send(APPEND, meta, data)
         h.size += len(data)
         h.plain += len(piece)
         h.final = final

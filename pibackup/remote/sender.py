@@ -55,6 +55,7 @@ class RemoteCopy:
         self._back = threading.Condition()
         self._stop = threading.Event()
         self._head_sent = 0.0
+        self._early = threading.local()  # .seq: the APPEND sent by early() in this thread's flush
         self._thread = threading.Thread(target=self._run, name="pibackup-remote", daemon=True)
 
     def start(self) -> None:
@@ -78,9 +79,12 @@ class RemoteCopy:
                 if critical and self.cfg.on_failure == HALT and not self.connected:
                     raise RemoteError(self._halt_message(self.problem or "the session ended"))
                 return None
+            early, self._early.seq = getattr(self._early, "seq", None), None
             seg = self.open_segment()
             if seg is not None and self.mirror.continues(seg[0], self._open_rel):
                 # The common case: the same open segment, grown. No listing on the hook's path.
+                if early is not None and self.mirror.holds(seg[0], seg[1]):
+                    return early if critical else None  # sent while the local sync ran
                 return self.mirror.append_open(link, seg[0], seg[1], critical)
             files = self.mirror.inventory(self.open_segment)
             segs = [f for f in files if not f.whole]
@@ -99,6 +103,24 @@ class RemoteCopy:
             return self._broken(str(e), critical)
         except OSError as e:
             return self._broken(f"reading the local backup: {e}", critical)
+        finally:
+            self._lock.release()
+
+    def early(self, path: str, offset: int, data: bytes) -> None:
+        """A flush's bytes, written locally and not yet synced (store/writer.py's observer):
+        sent now, with a sync, so that the receiver's round trip runs beside the local sync;
+        push() then waits for it. Only plain copies, in step, for the open segment the
+        receiver holds up to `offset`; anything else goes the ordinary way after the write.
+        (If the Pi dies before its own sync, the receiver may hold a frame the stick lost:
+        the next session finds the segment differs and sends it again, see Mirror._checked.)"""
+        if not self.in_step or self.cfg.key is not None or not self._lock.acquire(blocking=False):
+            return
+        try:
+            link = self.link
+            if link is not None and self.in_step and self.mirror.early(link, path, offset, data, self._open_rel):
+                self._early.seq = link.sent
+        except (RemoteError, OSError) as e:
+            self._broken(str(e), False)
         finally:
             self._lock.release()
 

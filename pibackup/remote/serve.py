@@ -87,7 +87,7 @@ class Server:
             raise Refused("the first message must be HELLO")
         t = self.tree
         if m.type == APPEND:
-            t.append(m.meta.get("path"), m.meta.get("offset"), m.data, bool(m.meta.get("sync")))
+            t.append(m.meta.get("path"), m.meta.get("offset"), m.data, bool(m.meta.get("sync")), bool(m.meta.get("restart")))
         elif m.type == PUT:
             t.put(m.meta.get("path"), m.meta.get("offset"), m.data)
         elif m.type == FINISH:

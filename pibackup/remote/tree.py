@@ -44,9 +44,17 @@ class FileInfo:
     chunks: int = 0  # encrypted: whole chunks
     final: bool = False  # encrypted: ends with its final chunk; plain: a finished whole file
     header: str = ""  # encrypted: its header, hex (the sender goes on with the same file id)
+    chain: int = 0  # a plain segment: the checksum chain's value at its end (the sender compares its own)
 
     def to_json(self) -> Dict[str, Any]:
-        return {"size": self.size, "plain": self.plain, "chunks": self.chunks, "final": self.final, "header": self.header}
+        return {
+            "size": self.size,
+            "plain": self.plain,
+            "chunks": self.chunks,
+            "final": self.final,
+            "header": self.header,
+            "chain": self.chain,
+        }
 
 
 def crypt_walk(path: str) -> Optional[FileInfo]:
@@ -180,9 +188,9 @@ class Tree:
             self._cut(rel, enc.size, size)
             return enc
         if is_segment_name(rel.rsplit("/", 1)[-1]):
-            valid = walk_segment(Walk(path), size).offset if size else 0
-            self._cut(rel, valid, size)
-            return FileInfo(valid, valid)
+            w = walk_segment(Walk(path), size) if size else Walk(path, 0)
+            self._cut(rel, w.offset, size)
+            return FileInfo(w.offset, w.offset, chain=w.checksum)
         return FileInfo(size, size, final=True)
 
     def _cut(self, rel: str, valid: int, size: int) -> None:
@@ -192,11 +200,17 @@ class Tree:
             os.truncate(os.path.join(self.root, rel), valid)
 
     # --- operations -----------------------------------------------------------------------
-    def append(self, rel: Any, offset: Any, data: bytes, sync: bool) -> int:
-        """Append at exactly `offset` (the file's size: never over anything held)."""
+    def append(self, rel: Any, offset: Any, data: bytes, sync: bool, restart: bool = False) -> int:
+        """Append at exactly `offset` (the file's size: never over anything held). With
+        `restart` (offset 0), a segment the sender found to differ from its own is set aside
+        under a name no reader takes, kept, and the segment starts again."""
         path = self.path(rel)
         if rel == MARKER or not is_segment_name(rel.rsplit("/", 1)[-1]):
             raise Refused(f"{rel}: only journal segments are appended to")
+        if restart and offset == 0 and os.path.exists(path):
+            self._sync_open()
+            os.rename(path, f"{path}.diverged-{time.time_ns()}")
+            fsync_dir(os.path.dirname(path))
         fd = self._open.get(rel)
         created = False
         if fd is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import zlib
-from typing import List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from pibackup.store.fsio import IO_CHUNK, fsync_dir
 from pibackup.store.layout import TMP_SUFFIX
@@ -26,6 +26,11 @@ class SegmentWriter:
     everything added since the last flush with one write() and one fdatasync(). A frame
     is durable only once a flush that covers it has returned.
     """
+
+    # Told (writer, offset, bytes) after each flush's write and before its sync, so that a copy
+    # elsewhere (remote/: pibackup-remote) takes the bytes while the local sync runs. It must
+    # not raise and not block; None (the default) costs one attribute read per flush.
+    observer: Optional[Callable[[SegmentWriter, int, bytes], None]] = None
 
     def __init__(self, path: str, fd: int, header: SegmentHeader, size: int, checksum: int, preallocate: int = 0):
         self.path = path
@@ -109,6 +114,9 @@ class SegmentWriter:
             self._extend(end)
         _pwrite_all(self.fd, data, self.size)
         self.write_calls += 1
+        observer = SegmentWriter.observer  # through the class: a function stays unbound
+        if observer is not None:
+            observer(self, self.size, data)
         os.fdatasync(self.fd)
         self.syncs += 1
         if os.fstat(self.fd).st_nlink == 0:

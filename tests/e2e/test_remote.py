@@ -179,3 +179,33 @@ def test_continue_degraded_goes_on_through_an_outage_and_catches_the_remote_up(s
     assert node.stop() == 0
     assert_remote_holds_every_acknowledged(remote, node, tmp_path, "at-the-end")
     assert "caught up and in step again" in node.log_text()
+
+
+def test_a_remote_segment_that_differs_from_the_local_one_is_set_aside_and_sent_again(sshd, traces, make_node, tmp_path):
+    # Frames go to the receiver while the local sync runs: a Pi dying in between can leave the
+    # remote holding what the stick lost, and the journal then goes on differently. Stood in
+    # for by another backup's segment of the same name in the remote copy.
+    recs = driver.first_run(traces["A"])
+    early = [r for r in recs if r.pre_init]
+    other_dest = tmp_path / "other"
+    other_dest.mkdir()
+    other = make_node(**{"pibackup-destination": str(other_dest), "pibackup-segment-size": "1M"})
+    other.start(early)
+    other.calls(recs[len(early) : 300])
+    assert other.stop() == 0
+    remote = tmp_path / "remote" / "node1"
+    node = make_node(pibackup_segment_size="1M", pibackup_compact_ratio="0", **remote_options(sshd, remote))
+    node.start(early)
+    wait_in_step(node)
+    node.calls(recs[len(early) : 400])
+    wait_in_step(node)
+    assert node.stop() == 0
+    seg = remote / "gen-000001" / "seg-000001.pbj"
+    seg.write_bytes((other_dest / "gen-000001" / "seg-000001.pbj").read_bytes())
+    node.start([])
+    node.calls(recs[400:500])
+    wait_in_step(node)
+    assert node.stop() == 0
+    kept = list(seg.parent.glob("seg-000001.pbj.diverged-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == (other_dest / "gen-000001" / "seg-000001.pbj").read_bytes()
+    assert_remote_holds_every_acknowledged(remote, node, tmp_path, "after-divergence")
