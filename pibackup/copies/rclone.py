@@ -4,8 +4,10 @@ Dropbox, WebDAV, SFTP, ...): every rclone command line is built here, as an argu
 rclone runs only during a round, with flags that keep it small (rclone_target.py). A
 growing file reaches a store that cannot append as a base object and part objects
 (rclone_parts.py); a closed one is sent whole, once, and its parts are removed after.
-A round costs one `rclone rcat` per growing file, one `rclone copy` per batch of closed
-files, and one more `rclone copy` for the head record.
+Whole files are uploaded beside the copy and renamed into place, never overwritten where
+they are. A round costs one `rclone rcat` per growing file, one `rclone copy` per batch of
+closed files and one `rclone moveto` per file of it, and a copy and a moveto for the head
+record.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from pibackup.store.layout import is_generation_name
 
 MAX_PARTS = 1000  # a growing file with this many parts is sent whole again: restore joins fewer objects
 OBJECTS_DIR = ".pibackup-objects"  # inside a fetch's directory: the objects as fetched, before joining
+# In the store: whole files arrive here first and are then renamed into place (server-side),
+# so that an upload cut short (the Pi died) never leaves a shortened copy of a complete
+# object. Not a name of the backup's layout: readers never take anything from it.
+INCOMING = ".pibackup-incoming"
 _NOT_FOUND = 3  # rclone's exit code for a directory that does not exist
 
 
@@ -127,6 +133,7 @@ class RcloneTransport:
         listed = self._lsjson("", recursive=False)
         if listed is None:
             return None
+        listed = [e for e in listed if e["Path"] != INCOMING]  # this transport's own, not the copy's
         out = {e["Path"]: RemoteEntry(e["Path"], max(0, int(e.get("Size") or 0)), not e.get("IsDir")) for e in listed}
         return [out[n] for n in sorted(out)]
 
@@ -159,10 +166,15 @@ class RcloneTransport:
         else:
             unknown = []
         # In name order, one at a time: a call cut short leaves no newer file after a missing older one.
-        args = ["copy", "--files-from-raw=-", "--no-check-dest", "--no-traverse", "--order-by=name,ascending", "--check-first"]
-        code, _, err = self._run(args + [root, self._where()], stdin="".join(f"{r}\n" for r in rels).encode())
+        flags = ["--files-from-raw=-", "--no-check-dest", "--no-traverse", "--order-by=name,ascending", "--check-first"]
+        names = "".join(f"{r}\n" for r in rels).encode()
+        code, _, err = self._run(["copy", *flags, root, self._where(INCOMING)], stdin=names)
         if code != 0:
             raise self._failure(code, err)
+        for rel in sorted(rels):  # one at a time: rclone moves nothing into a directory it moves from
+            code, _, err = self._run(["moveto", self._where(f"{INCOMING}/{rel}"), self._where(rel)])
+            if code != 0:
+                raise self._failure(code, err)
         self._delete_objects(stale + self._leftover_parts(unknown))
 
     def _leftover_parts(self, rels: List[str]) -> List[str]:

@@ -131,3 +131,23 @@ def test_a_fetch_takes_only_the_layout_and_the_head_record(tmp_path):
     assert transport.fetch_copy(str(into), 1 << 30, lambda: True)
     got = sorted(str(p.relative_to(into)) for p in into.rglob("*") if p.is_file())
     assert got == ["HEAD", REL], got
+
+
+def test_whole_files_are_renamed_into_place_and_an_upload_cut_short_is_never_read(tmp_path):
+    transport, local, store = setup(tmp_path)
+    data = grow(local, 300)
+    transport.send(str(local), [REL], append=False)
+    incoming = store / rclone_transport.INCOMING
+    assert (store / REL).read_bytes() == data
+    assert not [p for p in incoming.rglob("*") if p.is_file()], "nothing is left beside the copy"
+    # The Pi died while the next whole upload was under way: a short file beside the copy.
+    (incoming / "gen-000001").mkdir(parents=True, exist_ok=True)
+    (incoming / REL).write_bytes(data[:100])
+    (incoming / "HEAD").write_bytes(b"he")
+    assert fetched(transport, tmp_path) == data
+    listed = transport.list()
+    assert listed is not None and [e.name for e in listed] == ["gen-000001"], listed
+    data = grow(local, 10)
+    transport.send(str(local), [REL], append=False)  # the next round replaces the leftover
+    assert (store / REL).read_bytes() == data and not (incoming / REL).exists()
+
