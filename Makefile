@@ -69,6 +69,7 @@ bench:
 	$(PY) bench/replay_speed.py
 	$(PY) bench/compaction.py
 	$(PY) bench/long_run.py 1000000
+	$(PY) bench/remote.py
 	$(PY) bench/rclone_ship.py
 
 # The Debian package (docs/dev/packaging.md). `make deb` fetches the pinned pyln-client wheel

@@ -4,6 +4,7 @@ its acknowledgements are awaited together, so the slowest round trip counts, not
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from pibackup.modes.api import Counters, Log
@@ -54,7 +55,30 @@ class RemoteCopies:
             r.stop()
 
     def warnings(self) -> List[str]:
-        return [w for r in self.copies for w in r.warnings()]
+        return [w for r in self.copies for w in warnings(r)]
 
     def status(self) -> List[Dict[str, Any]]:
-        return [r.status() for r in self.copies]
+        return [status(r) for r in self.copies]
+
+
+def warnings(r: RemoteCopy) -> List[str]:
+    """For the log, the systemd status line, the RPC and the LED."""
+    if r.problem is not None:
+        since = f" since {time.strftime('%H:%M:%S', time.localtime(r.degraded_since))}" if r.degraded_since else ""
+        return [f"remote copy {r.cfg.target} is not in step{since}: {r.problem}"]
+    if not r.in_step:
+        return [f"remote copy {r.cfg.target} does not hold a complete generation yet (catching up)"]
+    return []
+
+
+def status(r: RemoteCopy) -> Dict[str, Any]:
+    return {
+        "target": str(r.cfg.target),
+        "state": "in step" if r.in_step else ("failing" if r.problem else "catching up"),
+        "problem": r.problem,
+        "degraded_since": r.degraded_since,
+        "last_ack": r.last_ack,
+        "bytes_sent": r.mirror.bytes_sent,
+        "segments_sent_again": r.mirror.restarted,
+        "on_failure": r.cfg.on_failure,
+    }

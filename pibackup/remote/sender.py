@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Optional
 
 from pibackup import __version__
 from pibackup.copies.head import HeadMaker
@@ -41,7 +41,7 @@ class RemoteCopy:
         state = os.path.join(source, STATE_DIR)
         os.makedirs(state, mode=0o700, exist_ok=True)
         self.head = HeadMaker(source, state, cfg.key)
-        self.mirror = Mirror(source, cfg.key, lambda gen: self.head.binding(self._generation(gen)))
+        self.mirror = Mirror(source, cfg.key, lambda gen: self.head.binding(generation(source, gen)))
         self.link: Optional[Link] = None
         self.connected = False  # the receiver answered HELLO on the current session
         self.in_step = False  # the receiver holds every file up to the open segment: the hook may append
@@ -107,12 +107,9 @@ class RemoteCopy:
             self._lock.release()
 
     def early(self, path: str, offset: int, data: bytes) -> None:
-        """A flush's bytes, written locally and not yet synced (store/writer.py's observer):
-        sent now, with a sync, so that the receiver's round trip runs beside the local sync;
-        push() then waits for it. Only plain copies, in step, for the open segment the
-        receiver holds up to `offset`; anything else goes the ordinary way after the write.
-        (If the Pi dies before its own sync, the receiver may hold a frame the stick lost:
-        the next session finds the segment differs and sends it again, see Mirror._checked.)"""
+        """A flush's bytes, written locally, not yet synced (store/writer.py's observer): sent
+        now with a sync, so the round trip runs beside the local sync; push() waits for it.
+        Plain copies in step only (a crash in between: Mirror._checked)."""
         if not self.in_step or self.cfg.key is not None or not self._lock.acquire(blocking=False):
             return
         try:
@@ -158,8 +155,7 @@ class RemoteCopy:
     def _halt_message(self, why: str) -> str:
         return f"remote copy {self.cfg.target} cannot take this critical transaction: {self._short(why)}"
 
-    def _short(self, why: str) -> str:
-        """The session's messages name the remote; said again after our own prefix, drop it."""
+    def _short(self, why: str) -> str:  # the session's messages name the remote already
         prefix = f"remote {self.cfg.target}"
         return why[len(prefix) :].lstrip(": ") if why.startswith(prefix) else why
 
@@ -253,9 +249,6 @@ class RemoteCopy:
         self._head_sent = time.time()
         send_head(link, self.head, self.mirror, self.source, state)
 
-    def _generation(self, name: str) -> Optional[dst.Generation]:
-        return next((g for g in dst.Destination(self.source).generations() if g.name == name), None)
-
     def _drop_link(self) -> None:
         with self._back:
             link, self.link = self.link, None
@@ -263,7 +256,7 @@ class RemoteCopy:
         if link is not None:
             link.close(wait=0.5)
 
-    # --- stop and status -------------------------------------------------------------------------
+    # --- stop ----------------------------------------------------------------------------------
     def stop(self) -> None:
         """At the end: what is left goes out, the head says the sender stopped, then BYE."""
         if self._lock.acquire(timeout=self.cfg.timeout):
@@ -286,22 +279,6 @@ class RemoteCopy:
         self._thread.join(timeout=10)
         self._drop_link()
 
-    def warnings(self) -> List[str]:
-        if self.problem is not None:
-            since = f" since {time.strftime('%H:%M:%S', time.localtime(self.degraded_since))}" if self.degraded_since else ""
-            return [f"remote copy {self.cfg.target} is not in step{since}: {self.problem}"]
-        if not self.in_step:
-            return [f"remote copy {self.cfg.target} does not hold a complete generation yet (catching up)"]
-        return []
 
-    def status(self) -> Dict[str, Any]:
-        return {
-            "target": str(self.cfg.target),
-            "state": "in step" if self.in_step else ("failing" if self.problem else "catching up"),
-            "problem": self.problem,
-            "degraded_since": self.degraded_since,
-            "last_ack": self.last_ack,
-            "bytes_sent": self.mirror.bytes_sent,
-            "on_failure": self.cfg.on_failure,
-        }
-
+def generation(source: str, name: str) -> Optional[dst.Generation]:
+    return next((g for g in dst.Destination(source).generations() if g.name == name), None)
