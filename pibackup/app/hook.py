@@ -249,7 +249,8 @@ class HookHandler:
         out = self.backup.warnings() if self.backup is not None else []
         out += self.remotes.warnings() if self.remotes is not None else []
         out += self.node_files.warnings() if self.node_files is not None else []
-        return self.traps + out + (self.shipper.warnings() if self.shipper is not None else [])
+        # The traps last: they last as long as the set-up, and the status line shows the first warning.
+        return out + (self.shipper.warnings() if self.shipper is not None else []) + self.traps
 
     def _figures(self) -> Dict[str, Any]:
         b = self.backup
