@@ -144,7 +144,8 @@ def test_shipped_copies_carry_the_newest_emergency_recover_and_node(encrypted, s
     wait_shipped_after(node, time.time())
     assert (remote / "emergency.recover").exists() and (remote / "NODE").exists()
     if encrypted:
-        assert (remote / "emergency.recover").read_bytes()[:8] == b"PBKCRYPT" and first not in (remote / "emergency.recover").read_bytes()
+        sealed = (remote / "emergency.recover").read_bytes()
+        assert sealed[:8] == b"PBKCRYPT" and first not in sealed
         assert b"node_id" not in (remote / "NODE").read_bytes()
     else:
         assert (remote / "emergency.recover").read_bytes() == first
