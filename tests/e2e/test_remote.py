@@ -209,3 +209,28 @@ def test_a_remote_segment_that_differs_from_the_local_one_is_set_aside_and_sent_
     kept = list(seg.parent.glob("seg-000001.pbj.diverged-*"))
     assert len(kept) == 1 and kept[0].read_bytes() == (other_dest / "gen-000001" / "seg-000001.pbj").read_bytes()
     assert_remote_holds_every_acknowledged(remote, node, tmp_path, "after-divergence")
+
+
+def test_two_remotes_side_by_side_one_failing_under_continue_degraded(sshd, traces, make_node, tmp_path):
+    first, second = tmp_path / "remote" / "one", tmp_path / "remote" / "two"
+    node = make_node(pibackup_compact_ratio="0", **remote_options(sshd, first, second, pibackup_remote_timeout=2))
+    recs = driver.first_run(traces["A"])
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    wait_in_step(node)
+    half = len(recs) // 2
+    node.calls(recs[len(early) : half])
+    stopped = kill_receivers(second, signal.SIGSTOP)
+    node.calls(recs[half:])  # the second one hangs: the node goes on with the first and the stick
+    states = {r["target"]: r for r in remote_status(node)}
+    assert states[sshd.target(first)]["state"] == "in step", states
+    assert states[sshd.target(second)]["problem"], states
+    assert_remote_holds_every_acknowledged(first, node, tmp_path, "first")
+    for pid in stopped:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass  # ended with its session meanwhile
+    wait_in_step(node)
+    assert node.stop() == 0
+    assert_remote_holds_every_acknowledged(second, node, tmp_path, "second")
