@@ -4,6 +4,7 @@ the live database, and every stored object checked for plaintext."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import signal
@@ -283,3 +284,31 @@ def test_a_generation_leaves_the_store_only_after_the_newer_one_is_complete_ther
     assert sorted(p.name for p in store.glob("gen-*")) == ["gen-000002"]
     assert_copy_equals_live(stores, spec, node, tmp_path, keyfile)
     node.stop()
+
+
+def test_no_secret_reaches_a_command_line(stores, keyfile, traces, make_node, tmp_path):
+    # Every rclone the plugin starts goes through a wrapper that notes its arguments.
+    spec, _ = stores.spec("sftp", f"argv-{tmp_path.name}")
+    wrap = tmp_path / "bin"
+    wrap.mkdir()
+    calls = tmp_path / "argv.log"
+    real = shutil.which("rclone")
+    (wrap / "rclone").write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\nexec {real} "$@"\n')
+    (wrap / "rclone").chmod(0o755)
+    node = make_node(**ship_options(stores, spec, keyfile))
+    node.plugin_env = {"PATH": f"{wrap}:{os.environ['PATH']}"}
+    recs = driver.first_run(traces["A"])[:150]
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    node.calls(recs[len(early) :])
+    wait_in_step(node, time.time())
+    node.stop()
+    lines = calls.read_text().splitlines()
+    assert lines and all(line.startswith(f"--config={stores.config} ") for line in lines), lines[:3]
+    secret = stores.servers["sftp"].password
+    obscured = [line.split(" = ", 1)[1] for line in stores.config.read_text().splitlines() if line.startswith("pass = ")]
+    key_lines = [k for k in keyfile.read_text().split() if len(k) >= 32]  # the key's secret, in hex
+    assert key_lines
+    for line in lines:
+        assert secret not in line and not any(o in line for o in obscured + key_lines), line
+
