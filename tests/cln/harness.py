@@ -168,6 +168,15 @@ class Node:
             return bool(self.rpc.getinfo()["id"])
 
         wait_for(f"{self.name} to answer getinfo", up)
+        # The RPC answers before connectd listens for peers: a connect in between is refused.
+        wait_for(f"{self.name} to listen on 127.0.0.1:{self.port}", self.listening)
+
+    def listening(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2):
+                return True
+        except OSError:
+            return False
 
     @property
     def rpc(self) -> LightningRpc:
