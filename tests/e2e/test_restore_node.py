@@ -149,3 +149,19 @@ def test_output_db_and_lightning_dir_go_one_at_a_time(backup, tmp_path):
     r = cli("restore", str(dest), str(tmp_path / "x.sqlite3"), "--network", "regtest")
     assert r.returncode == 2 and "--network goes with --lightning-dir" in r.stderr
     assert not (tmp_path / "x.sqlite3").exists()
+
+
+def test_a_replica_mode_backup_restores_a_node_the_same_way(traces, tmp_path):
+    dest = tmp_path / "usb"
+    dest.mkdir()
+    node = driver.Node(tmp_path / "node", {"pibackup-destination": str(dest), "pibackup-mode": "replica"})
+    driver.run_sessions(node, traces["A"])
+    node.live.close()
+    d = lightning_dir(tmp_path, os.urandom(32))
+    refused = cli("restore", str(dest), "--lightning-dir", str(d))
+    assert refused.returncode == 1 and "another node's" in refused.stderr
+    (d / "regtest" / "hsm_secret").unlink()
+    r = cli("restore", str(dest), "--lightning-dir", str(d))
+    assert r.returncode == 0, r.stderr
+    assert "from the replica" in r.stdout
+    assert dbcompare.backup_differences(node.live.path, d / "regtest" / "lightningd.sqlite3") == []
