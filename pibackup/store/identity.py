@@ -222,16 +222,24 @@ def backup_identity(path: str) -> Tuple[Identity, str]:
 
 def refuse_other_node(path: str, live_db: str) -> Identity:
     """Before anything is written to `path` (no marker, lock, generation or deletion): raise
-    DestinationError when it holds another node's backup, or one of another network. Returns
-    the live database's identity."""
+    DestinationError when it holds another node's backup, or one of another network, by its
+    NODE or by its newest data (a generation of another node put beside this node's NODE
+    must not be continued either). Returns the live database's identity."""
     live = identity_of_db(live_db, at_rest=False)
     try:
-        held, source = backup_identity(path)
+        recorded = read_node_file(path)
     except IdentityError as e:
         raise DestinationError(str(e)) from e
-    what = held.conflict(live)
-    if what is None:
+    try:
+        data = identity_of_data(path)
+    except IdentityError:
+        data = UNKNOWN  # a damaged newest snapshot or replica: the writer's start handles the damage
+    sources = ((recorded, NODE_FILE), (data, "its newest data"))
+    conflicts = [(held, source) for held, source in sources if held is not None and held.conflict(live)]
+    if not conflicts:
         return live
+    held, source = conflicts[0]
+    what = held.conflict(live)
     raise DestinationError(
         f"{path} holds the backup of another node or network ({what} differ): it is the backup of {held.describe()} "
         f"(from {source}), and this lightningd's database {live_db} is {live.describe()}. Nothing in {path} was "

@@ -217,3 +217,30 @@ def test_a_shipped_copy_of_another_node_is_refused_naming_both_and_left_unchange
     assert f"it is the copy of node {A_ID}, and this backup is of node {FILLER_ID}" in err, err
     b.stop()
     assert tree(remote) == before
+
+
+def test_another_nodes_generation_beside_this_nodes_node_file_is_refused(make_node, traces, dest, tmp_path):
+    # Node B's backup directory, with node A's NODE put in it (files copied between sticks).
+    b = make_node()
+    recs = driver.first_run(traces["filler-A"])
+    b.start([r for r in recs if r.pre_init])
+    b.calls(recs[9:30])
+    b.stop()
+    a_dir = tmp_path / "a-usb" / "pibackup"
+    a_dir.mkdir(parents=True)
+    a = make_node(pibackup_destination=str(a_dir))
+    a.start(traces["A"][:9])
+    a.stop()
+    shutil.copy(a_dir / "NODE", dest / "NODE")
+    before = tree(dest)
+    time.sleep(0.01)
+    again = make_node(pibackup_destination=str(dest))
+    again.live.close()
+    shutil.copy(a.live.path, again.live.path)
+    again.live = driver.LiveDB(again.live.path)
+    again.start()
+    with pytest.raises(Halted):
+        again.call(traces["A"][9])
+    log = again.log_text()
+    assert "(from its newest data)" in log and FILLER_ID in log and A_ID in log, log
+    assert tree(dest) == before
