@@ -76,21 +76,33 @@ def test_the_receiver_syncs_before_it_acks_and_the_plugin_answers_only_after(ssh
     node.calls(recs[len(early) :])
     assert node.stop() == 0
 
-    # The receiver: when each data_version's frame was written, and when a sync covering it returned.
+    critical, written, synced, answered = timeline(receiver_log, plugin_log, recs[len(early) :])
+    assert len(critical) > 50, "the run must hold critical transactions"
+    assert order_violations(critical, written, synced, answered) == []
+    # Control: the same logs with the receiver's clock moved 5 s later, as if it had synced
+    # after the answers: every critical transaction must be reported.
+    later = {v: t + 5.0 for v, t in synced.items()}
+    assert len(order_violations(critical, written, later, answered)) == len(critical)
+    print(f"{len(critical)} critical transactions: each synced on the remote before lightningd got continue")
+
+
+def timeline(receiver_log: Path, plugin_log: Path, recs: List[driver.Record]):
+    """The critical data_versions answered `continue`, and for each data_version when the
+    receiver wrote its frame, when a sync of that file covering it returned, and when the
+    plugin wrote its answer."""
     written: Dict[int, float] = {}
     synced: Dict[int, float] = {}
-    unsynced: List[int] = []
+    unsynced: Dict[str, List[int]] = {}  # file descriptor -> data_versions written, not yet synced
     for name, t0, t1, args in calls(receiver_log):
+        fd = args.split(",", 1)[0]
         if name == "pwrite64":
             offset = int(args.rsplit(",", 1)[1])
             for v in frames(data(args), offset):
                 written.setdefault(v, t0)
-                unsynced.append(v)
+                unsynced.setdefault(fd, []).append(v)
         elif name == "fdatasync":
-            for v in unsynced:
+            for v in unsynced.pop(fd, []):
                 synced.setdefault(v, t1)
-            unsynced = []
-    # The plugin: when it wrote `continue` for each db_write.
     stdin = b"".join(data(a) for n, _, _, a in calls(plugin_log) if n == "read" and a.startswith("0,"))
     request = rb'"id": "(cln:db_write#\d+)", "method": "db_write", "params": \{"data_version": (\d+)'
     version_of = {m.group(1).decode(): int(m.group(2)) for m in re.finditer(request, stdin)}
@@ -101,12 +113,18 @@ def test_the_receiver_syncs_before_it_acks_and_the_plugin_answers_only_after(ssh
             for rid in re.findall(r'"id": ?"(cln:db_write#\d+)"', text):
                 if "continue" in text:
                     answered.setdefault(version_of[rid], t0)
-    critical = [r for r in recs[len(early) :] if classify(r.writes, DEFAULT_FILTER).critical and r.data_version in answered]
-    assert len(critical) > 50, "the run must hold critical transactions"
-    for r in critical:
-        v = r.data_version
-        assert v in written and v in synced, f"data_version {v} was answered but never synced by the receiver"
-        assert written[v] < synced[v] <= answered[v], (
-            f"data_version {v}: written {written[v]:.6f}, synced {synced[v]:.6f}, answered {answered[v]:.6f}"
-        )
-    print(f"{len(critical)} critical transactions: each synced on the remote before lightningd got continue")
+    critical = [r.data_version for r in recs if classify(r.writes, DEFAULT_FILTER).critical and r.data_version in answered]
+    return critical, written, synced, answered
+
+
+Times = Dict[int, float]
+
+
+def order_violations(critical: List[int], written: Times, synced: Times, answered: Times) -> List[str]:
+    out = []
+    for v in critical:
+        if v not in written or v not in synced:
+            out.append(f"data_version {v} was answered but never synced by the receiver")
+        elif not written[v] < synced[v] <= answered[v]:
+            out.append(f"data_version {v}: written {written[v]:.6f}, synced {synced[v]:.6f}, answered {answered[v]:.6f}")
+    return out
