@@ -312,3 +312,30 @@ def test_no_secret_reaches_a_command_line(stores, keyfile, traces, make_node, tm
     for line in lines:
         assert secret not in line and not any(o in line for o in obscured + key_lines), line
 
+
+def test_shipping_resumes_after_a_restart_without_sending_closed_files_again(stores, keyfile, traces, make_node, dest, tmp_path):
+    spec, store = stores.spec("disk", f"resume-{tmp_path.name}")
+    node = make_node(**ship_options(stores, spec, keyfile))
+    recs = driver.first_run(traces["A"])[:400]
+    early = [r for r in recs if r.pre_init]
+    node.start(early)
+    half = 300
+    node.calls(recs[len(early) : half])
+    wait_in_step(node, time.time())
+    node.call(recs[half])
+    wait_in_step(node, time.time())  # the open segment has a part now
+    node.stop()
+    names = objects_of(store)
+    newest = sorted(n for n in names if n.endswith(".pbj"))[-1]
+    closed = {n: (store / n).stat().st_mtime_ns for n in names if n.endswith((".pbj", ".sqlite3")) and n != newest}
+    assert closed and any(".part-" in n for n in names), names
+    node.start([])
+    node.calls(recs[half + 1 :])
+    wait_in_step(node, time.time())
+    assert {n: (store / n).stat().st_mtime_ns for n in closed} == closed, "closed files were sent again"
+    assert_copy_equals_live(stores, spec, node, tmp_path, keyfile)
+    # The open segment started again under a new encryption: the parts of the old one are gone.
+    tags = {n.split(".part-")[1].split("-")[0] for n in objects_of(store) if ".part-" in n}
+    assert len(tags) <= 1, objects_of(store)
+    node.stop()
+
