@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -23,7 +24,7 @@ from pibackup.store.recover import MAX_SIZE, emergency_recover_path, shape_probl
 
 DATABASE = "lightningd.sqlite3"
 HSM_SECRET = "hsm_secret"
-_STAGING_PREFIX = ".pibackup-restore-"
+_STAGING = re.compile(r"^\.pibackup-restore-(\d+)-")
 
 
 class NodeRestoreError(PibackupError):
@@ -50,7 +51,8 @@ class NodeTarget:
         return os.path.join(self.lightning_dir, network)
 
     def __enter__(self) -> NodeTarget:
-        self.staging = tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=self.lightning_dir)  # mode 700
+        _remove_stale_staging(self.lightning_dir)
+        self.staging = tempfile.mkdtemp(prefix=f".pibackup-restore-{os.getpid()}-", dir=self.lightning_dir)  # mode 700
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -64,8 +66,11 @@ class NodeTarget:
         _refuse_existing(netdir, self.force)
         self._check_node(netdir, node_id)
         recover, missing = self._recover_file(backup_root)
-        os.makedirs(netdir, mode=0o700, exist_ok=True)
         owner = _owner_of(self.lightning_dir)
+        if not os.path.isdir(netdir):
+            os.mkdir(netdir, 0o700)
+            if os.geteuid() == 0 and owner != (0, 0):
+                os.chown(netdir, *owner)  # lightningd, running as that user, writes in it
         if recover is not None:
             _install(recover, os.path.join(netdir, EMERGENCY_RECOVER), 0o400, owner, copy=True)
         _install(self.staged_db, os.path.join(netdir, DATABASE), 0o600, owner, copy=False)
@@ -196,12 +201,27 @@ def _refuse_existing(netdir: str, force: bool) -> None:
         )
 
 
-def _owner_of(path: str) -> tuple[int, int]:
+def _remove_stale_staging(lightning_dir: str) -> None:
+    """Staging directories of a restore that was killed (SIGKILL, power cut): their process is gone."""
+    for name in os.listdir(lightning_dir):
+        m = _STAGING.match(name)
+        path = os.path.join(lightning_dir, name)
+        if not m or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def _owner_of(path: str) -> Tuple[int, int]:
     st = os.stat(path)
     return st.st_uid, st.st_gid
 
 
-def _install(src: str, dst: str, mode: int, owner: tuple[int, int], copy: bool) -> None:
+def _install(src: str, dst: str, mode: int, owner: Tuple[int, int], copy: bool) -> None:
     """`src` into place at `dst` as a whole: a synced temporary beside it, renamed. Owned by
     the lightning-dir's owner when run as root (lightningd runs as that user)."""
     tmp = dst + ".pibackup-tmp"

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import subprocess
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -165,3 +166,31 @@ def test_a_replica_mode_backup_restores_a_node_the_same_way(traces, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "from the replica" in r.stdout
     assert dbcompare.backup_differences(node.live.path, d / "regtest" / "lightningd.sqlite3") == []
+
+
+def test_a_killed_restores_staging_directory_is_removed_by_the_next(backup, tmp_path):
+    dest, _, _ = backup
+    d = lightning_dir(tmp_path)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid is surely not running any more
+    stale = d / f".pibackup-restore-{gone.pid}-abc"
+    stale.mkdir()
+    (stale / "lightningd.sqlite3.pibackup-tmp").write_bytes(b"half a database")
+    r = cli("restore", str(dest), "--lightning-dir", str(d))
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(d)) == ["regtest"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: restores for another user, as `sudo pibackup restore` does")
+def test_run_as_root_the_files_belong_to_the_lightning_dirs_owner(backup, tmp_path):
+    dest, _, _ = backup
+    d = tmp_path / "bitcoin-home"
+    d.mkdir()
+    os.chown(d, 65534, 65534)  # nobody, standing in for the node's user
+    src = tmp_path / "with-recover"
+    shutil.copytree(dest, src)
+    (src / "emergency.recover").write_bytes(os.urandom(24 + 17 + 100))
+    r = cli("restore", str(src), "--lightning-dir", str(d))
+    assert r.returncode == 0, r.stderr
+    for p in (d / "regtest", d / "regtest" / "lightningd.sqlite3", d / "regtest" / "emergency.recover"):
+        assert (p.stat().st_uid, p.stat().st_gid) == (65534, 65534), p
