@@ -340,6 +340,25 @@ class Node:
         self._forget_plugin()
         return rc
 
+    def stop_as_lightningd(self, after_shutdown: Sequence[Record] = (), limit: float = 30.0) -> Optional[int]:
+        """`lightning-cli stop` as Core Lightning v26 does it: the shutdown notification, its
+        last writes, then up to `limit` seconds for the plugin to exit on its own (stdin stays
+        open), and a kill after that. The exit status, or None when it had to be killed."""
+        assert self.plugin is not None
+        p = self.plugin
+        p.notify("shutdown", {"shutdown": {}})
+        for r in after_shutdown:
+            self.call(r)
+        try:
+            rc: Optional[int] = p.proc.wait(limit)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            rc = None
+        p._reader.join(TIMEOUT)
+        p.drain()
+        self._forget_plugin()
+        return rc
+
     def halt(self) -> None:
         """lightningd's fatal() after a refused db_write: it exits and the plugin's stdin closes."""
         assert self.plugin is not None

@@ -50,8 +50,8 @@ def on_init(options: Any, configuration: Any, plugin: Plugin, **kwargs: Any) -> 
 
 @plugin.subscribe("shutdown")
 def on_shutdown(plugin: Plugin, **kwargs: Any) -> None:
-    # Not exiting here is deliberate: lightningd still commits transactions after
-    # this notification, and each must reach the backup. We leave when stdin closes.
+    # Not exiting here: lightningd still commits transactions after this notification, and
+    # each must reach the backup. The handler leaves once they are over (or stdin closes).
     handler.on_shutdown()
 
 

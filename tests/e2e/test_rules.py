@@ -189,6 +189,29 @@ def test_writes_after_shutdown_are_backed_up_until_stdin_closes(mode, traces, ma
     assert dbcompare.backup_differences(node.live.path, out) == []
 
 
+@MODES
+def test_the_plugin_leaves_on_its_own_after_lightningds_last_writes_at_stop(mode, traces, make_node, dest, tmp_path):
+    """lightningd does not close the plugin's stdin at a stop: it kills a plugin that has not
+    exited 30 s after the shutdown notification. pibackup leaves by itself once the last
+    writes are over, with all of them in the backup, and the next start continues it."""
+    recs = driver.first_run(traces["A"])
+    node = make_node(pibackup_mode=mode)
+    node.start(recs[:9])
+    node.calls(recs[9:100])
+    rc = node.stop_as_lightningd(after_shutdown=recs[100:103])
+    assert rc == 0, "the plugin did not exit on its own: lightningd would have killed it"
+    assert "pibackup exits" in node.log_text()
+    out = restored(dest, tmp_path, "at-stop.sqlite3")
+    c = sqlite3.connect(out)
+    assert c.execute("SELECT intval FROM vars WHERE name='data_version'").fetchone()[0] == recs[102].data_version
+    c.close()
+    node.start(recs[103:106])
+    node.calls(recs[106:150])
+    node.stop()
+    assert "cannot be continued" not in node.log_text()  # continued: no gap, no new snapshot
+    assert dbcompare.backup_differences(node.live.path, restored(dest, tmp_path)) == []
+
+
 def _tear(dest, version: int) -> None:
     """A power cut during the next append: part of a frame reached the stick."""
     seg = sorted(dest.glob("gen-*/seg-*.pbj"))[-1]
