@@ -30,8 +30,7 @@ class RemoteCopies:
     def start(self) -> None:
         for r in self.copies:
             r.start()
-        if any(r.cfg.key is None for r in self.copies):
-            SegmentWriter.observer = self._written  # plain copies take a flush's bytes before its sync
+        SegmentWriter.observer = self._written  # a flush's bytes go out before its local sync
 
     def _written(self, writer: SegmentWriter, offset: int, data: bytes) -> None:
         for r in self.copies:

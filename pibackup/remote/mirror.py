@@ -5,6 +5,7 @@ offset the receiver holds, everything sealed with the key first when there is on
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -29,6 +30,7 @@ class Held:
     final: bool = False  # whole (put and finished), or encrypted and ended with its final chunk
     enc: Optional[Encryptor] = None  # encrypted: goes on with the same file id and chunk index
     chain: Optional[int] = None  # a plain segment as listed: its checksum chain's end, checked once against ours
+    last: Optional[Tuple[str, int]] = None  # an encrypted one: its last chunk's SHA-256 and plaintext length, likewise
     restart: bool = False  # it differs from ours: the receiver sets it aside and it is sent again from 0
 
 
@@ -63,6 +65,8 @@ class Mirror:
             header = bytes.fromhex(str(info.get("header") or ""))
             if header:
                 h.enc = self._continue(rel, header, int(info["chunks"]))  # type: ignore[call-overload]
+                if rel.endswith(".pbj") and h.enc.index and not h.final:
+                    h.last = (str(info.get("last") or ""), int(info.get("last_plain") or 0))  # type: ignore[call-overload]
             elif self.key is not None and rel != MARKER and h.plain:
                 raise RemoteError(f"{rel} is not encrypted in the remote copy, but a key is set: give the remote a new directory")
             elif rel.endswith(".pbj") and h.plain:
@@ -162,7 +166,7 @@ class Mirror:
         receiver holds of the open segment; True when sent."""
         rel = os.path.relpath(path, self.source)
         h = self.files.get(rel)
-        if rel != open_rel or h is None or h.enc is not None or h.chain is not None or h.plain != offset or h.final:
+        if rel != open_rel or h is None or h.chain is not None or h.last is not None or h.plain != offset or h.final:
             return False
         self._send_piece(link, rel, h, data, final=False, sync=True)
         return True
@@ -194,7 +198,7 @@ class Mirror:
                 h.enc = Encryptor(self.key, f.rel, binding=self.binding_of(f.rel.split("/")[0]))
         if h.final:
             return
-        if h.chain is not None or h.plain > length:
+        if h.chain is not None or h.last is not None or h.plain > length:
             h = self._checked(f, h, length)
         with open(f.path, "rb") as src:
             while h.plain < length or (f.closed and h.enc is not None and not h.final):
@@ -216,14 +220,29 @@ class Mirror:
         if same and h.chain is not None and h.enc is None:
             w = walk_segment(Walk(f.path), h.plain)
             same = w.offset == h.plain and w.checksum == h.chain
+        if same and h.last is not None and h.enc is not None:
+            # Only the last chunk can hold what the stick lost: flushes are synced in turn,
+            # so every earlier one was durable here before the next was sent. Encrypting
+            # our own bytes at its place again (same file, index, flags) must give it back.
+            digest, plain_len = h.last
+            with open(f.path, "rb") as src:
+                src.seek(h.plain - plain_len)
+                ours = src.read(plain_len)
+            again = Encryptor(h.enc.key, f.rel, h.enc.file_id, h.enc.index - 1, binding=self._binding_of_header(h.enc))
+            same = len(ours) == plain_len and hashlib.sha256(again.chunk(ours)).hexdigest() == digest
         if same:
-            h.chain = None
+            h.chain = h.last = None
             return h
         fresh = self.files[f.rel] = Held(restart=True)
         if self.key is not None:
             fresh.enc = Encryptor(self.key, f.rel, binding=self.binding_of(f.rel.split("/")[0]))
         self.restarted += 1
         return fresh
+
+    @staticmethod
+    def _binding_of_header(enc: Encryptor) -> Optional[Binding]:
+        rest = enc.header[HEADER.size :]
+        return Binding(rest[:16], rest[16 : 16 + NODE_ID_SIZE]) if len(rest) >= 16 + NODE_ID_SIZE else None
 
     def _send_piece(self, link: Link, rel: str, h: Held, piece: bytes, final: bool, sync: bool) -> None:
         data = piece

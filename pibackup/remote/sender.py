@@ -109,8 +109,8 @@ class RemoteCopy:
     def early(self, path: str, offset: int, data: bytes) -> None:
         """A flush's bytes, written locally, not yet synced (store/writer.py's observer): sent
         now with a sync, so the round trip runs beside the local sync; push() waits for it.
-        Plain copies in step only (a crash in between: Mirror._checked)."""
-        if not self.in_step or self.cfg.key is not None or not self._lock.acquire(blocking=False):
+        In step only (a crash in between: Mirror._checked)."""
+        if not self.in_step or not self._lock.acquire(blocking=False):
             return
         try:
             link = self.link

@@ -6,6 +6,7 @@ by the operations of docs/REMOTE-PROTOCOL.md and only in the ways the receiver a
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -45,6 +46,8 @@ class FileInfo:
     final: bool = False  # encrypted: ends with its final chunk; plain: a finished whole file
     header: str = ""  # encrypted: its header, hex (the sender goes on with the same file id)
     chain: int = 0  # a plain segment: the checksum chain's value at its end (the sender compares its own)
+    last: str = ""  # encrypted: SHA-256 of its last chunk, which the sender can encrypt again to compare
+    last_plain: int = 0  # encrypted: bytes of plaintext in that chunk
 
     def to_json(self) -> Dict[str, Any]:
         return {
@@ -54,6 +57,8 @@ class FileInfo:
             "final": self.final,
             "header": self.header,
             "chain": self.chain,
+            "last": self.last,
+            "last_plain": self.last_plain,
         }
 
 
@@ -73,8 +78,11 @@ def crypt_walk(path: str) -> Optional[FileInfo]:
             if len(ch) < CHUNK.size:
                 break
             flags, length = CHUNK.unpack(ch)
-            if length > CHUNK_PLAIN_MAX or flags & ~FLAG_FINAL or len(f.read(length + TAG_SIZE)) < length + TAG_SIZE:
+            body = f.read(length + TAG_SIZE) if length <= CHUNK_PLAIN_MAX else b""
+            if length > CHUNK_PLAIN_MAX or flags & ~FLAG_FINAL or len(body) < length + TAG_SIZE:
                 break
+            info.last = hashlib.sha256(ch + body).hexdigest()
+            info.last_plain = length
             info.size += CHUNK.size + length + TAG_SIZE
             info.plain += length
             info.chunks += 1
