@@ -157,7 +157,9 @@ class HookHandler:
         if cfg.ship is not None:
             self._start_shipper(cfg, backup)
         if cfg.remotes:
-            self._start_remotes(cfg, backup)
+            from pibackup.remote.group import start_remotes  # only when configured
+
+            self.remotes = start_remotes(cfg.remotes, cfg.destination, backup, self.log)
         if self.reporter is not None:
             self.reporter.check()
         self.log(
@@ -234,18 +236,6 @@ class HookHandler:
         self.shipper = shipper
         what = "encrypted " if cfg.ship.key is not None else ""
         self.log(f"shipping an {what}copy to {cfg.ship.target} every {cfg.ship.interval} s".replace("an copy", "a copy"), "info")
-
-    def _start_remotes(self, cfg: Config, backup: Destinations) -> None:
-        """The synchronous copies follow the first destination, as shipping does."""
-        from pibackup.remote.group import RemoteCopies  # only when configured
-
-        path = cfg.destination
-        first = backup.first
-        self.remotes = RemoteCopies(
-            cfg.remotes, path, lambda: backup.open_segment_of(path), lambda: first.counters, self.log  # type: ignore[attr-defined]
-        )
-        self.remotes.start()
-        self.log(f"keeping a synchronous copy on {', '.join(str(r.target) for r in cfg.remotes)}", "info")
 
     def compact(self) -> Dict[str, Any]:
         """`lightning-cli pibackup-compact`: start a compaction in the background."""

@@ -81,3 +81,14 @@ def status(r: RemoteCopy) -> Dict[str, Any]:
         "segments_sent_again": r.mirror.restarted,
         "on_failure": r.cfg.on_failure,
     }
+
+
+def start_remotes(cfgs: Sequence[RemoteConfig], source: str, backup: Any, log: Log) -> RemoteCopies:
+    """The synchronous copies of the first destination `source` (as shipping follows it),
+    started; `backup` is the fan-out (fanout/destinations.py), which this layer sees only
+    through the two calls it makes."""
+    first = backup.first
+    remotes = RemoteCopies(cfgs, source, lambda: backup.open_segment_of(source), lambda: first.counters, log)
+    remotes.start()
+    log(f"keeping a synchronous copy on {', '.join(str(c.target) for c in cfgs)}", "info")
+    return remotes

@@ -65,6 +65,8 @@ class RemoteCopy:
     def push(self, critical: bool) -> Optional[int]:
         """Send what this write made durable locally; the sequence number to wait for when
         `critical` (None: nothing to wait for). Never waits for the network itself."""
+        # This call's own early send only: an earlier call's ack says nothing about these bytes.
+        early, self._early.seq = getattr(self._early, "seq", None), None
         if not self.in_step:
             self._wake.set()
             if not critical or self.cfg.on_failure != HALT or self.connected:
@@ -79,7 +81,6 @@ class RemoteCopy:
                 if critical and self.cfg.on_failure == HALT and not self.connected:
                     raise RemoteError(self._halt_message(self.problem or "the session ended"))
                 return None
-            early, self._early.seq = getattr(self._early, "seq", None), None
             seg = self.open_segment()
             if seg is not None and self.mirror.continues(seg[0], self._open_rel):
                 # The common case: the same open segment, grown. No listing on the hook's path.
