@@ -14,7 +14,7 @@ The lightningd/plugins backup plugin's socket backend is not measured beside it:
 not published on a package registry (PyPI has no release of it), and it is not taken from
 elsewhere.
 
-usage: remote.py [N]   (default 50,000)
+usage: remote.py [N] [latency]   (N default 50,000; `latency`: the first table only)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -90,24 +90,30 @@ def node_in(root: Path, options: Dict[str, object]) -> driver.Node:
     return node
 
 
-def latency(label: str, options_of, rounds: int = 3) -> Dict[str, object]:
-    """Trace A's first run, `rounds` times, each in fresh directories; the calls after init."""
+ROUNDS = 5
+
+
+def latency(configs: Dict[str, Callable[[Path], Dict[str, object]]]) -> List[Dict[str, object]]:
+    """Trace A's first run ROUNDS times per configuration, each in fresh directories, the
+    configurations taking turns (so a change in the machine's load falls on all of them
+    alike); the calls after init."""
     records = driver.first_run(driver.load_trace("A"))
     early = [r for r in records if r.pre_init]
-    lat: List[float] = []
-    for _ in range(rounds):
-        with tempfile.TemporaryDirectory() as d:
-            root = Path(d)
-            node = node_in(root, options_of(root))
-            node.start(early)
-            if "pibackup-remote" in node.options:
-                in_step(node)
-            before = len(node.latencies)
-            node.calls(records[len(early) :])
-            lat += node.latencies[before:]
-            node.stop()
-            node.live.close()
-    return {"label": label, "calls": len(lat), "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
+    lat: Dict[str, List[float]] = {label: [] for label in configs}
+    for _ in range(ROUNDS):
+        for label, options_of in configs.items():
+            with tempfile.TemporaryDirectory() as d:
+                root = Path(d)
+                node = node_in(root, options_of(root))
+                node.start(early)
+                if "pibackup-remote" in node.options:
+                    in_step(node)
+                before = len(node.latencies)
+                node.calls(records[len(early) :])
+                lat[label] += node.latencies[before:]
+                node.stop()
+                node.live.close()
+    return [{"label": k, "calls": len(v), "p50": pct(v, 0.5), "p99": pct(v, 0.99)} for k, v in lat.items()]
 
 
 def long_run(label: str, n: int, options_of, sshd: Optional[Sshd]) -> Dict[str, object]:
@@ -160,7 +166,8 @@ def outage(sshd: Sshd) -> Dict[str, object]:
 
 
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
+    n = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 50_000
+    only_latency = "latency" in sys.argv[1:]
     workloads.byte_compile()
     key = Path(tempfile.mkdtemp()) / "key"
     import subprocess
@@ -170,29 +177,38 @@ def main() -> None:
         sshd = Sshd(Path(d) / "sshd")
         sealed = {"pibackup-remote-encrypt-key": str(key)}
         try:
-            rows = [
-                latency("local only", lambda root: {}),
-                latency("local + 1 remote", lambda root: remote_options(sshd, root / "remote")),
-                latency("local + 1 remote, encrypted", lambda root: remote_options(sshd, root / "remote", **sealed)),
-            ]
+            rows = latency(
+                {
+                    "local only": lambda root: {},
+                    "local + 1 remote": lambda root: remote_options(sshd, root / "remote"),
+                    "local + 1 remote, encrypted": lambda root: remote_options(sshd, root / "remote", **sealed),
+                }
+            )
             machine = f"{time.strftime('%Y-%m-%d')}, {os.uname().machine}, {os.cpu_count()} cores"
-            print(f"\nHook round trip, trace A's first run x3 (ms), {machine}")
+            print(f"\nHook round trip, trace A's first run x{ROUNDS} (ms), {machine}")
             print("| configuration | calls | p50 ms | p99 ms |\n|---|---|---|---|")
             for r in rows:
                 print(f"| {r['label']} | {r['calls']} | {r['p50']:.2f} | {r['p99']:.2f} |")
-            without = long_run("without a remote", n, lambda root: {}, None)
-            with_remote = long_run("with a remote", n, lambda root: remote_options(sshd, root / "remote"), sshd)
-            print(f"\nPeak RSS after {n:,} synthetic calls")
-            print("| run | plugin peak RSS MB | receiver RSS MB, every tenth of the run |\n|---|---|---|")
-            for r in (without, with_remote):
-                print(f"| {r['label']} | {r['hwm_mb']:.1f} | {' '.join(f'{x:.1f}' for x in r['receiver_mb']) or '-'} |")
-            o = outage(sshd)
-            print(f"\nOne-hour outage ({o['calls']:,} calls made while the host was away in {o['made_s']:.0f} s; "
-                  f"journal {o['journal_mb']:.1f} MB): caught up {o['catch_up_s']:.1f} s after the host returned")
+            if not only_latency:
+                memory_and_outage(sshd, n)
         finally:
             sshd.close()
-        key.unlink()
-        key.parent.rmdir()
+            key.unlink()
+            key.parent.rmdir()
+
+
+def memory_and_outage(sshd: Sshd, n: int) -> None:
+    without = long_run("without a remote", n, lambda root: {}, None)
+    with_remote = long_run("with a remote", n, lambda root: remote_options(sshd, root / "remote"), sshd)
+    print(f"\nPeak RSS after {n:,} synthetic calls")
+    print("| run | plugin peak RSS MB | receiver RSS MB, every tenth of the run |\n|---|---|---|")
+    for r in (without, with_remote):
+        print(f"| {r['label']} | {r['hwm_mb']:.1f} | {' '.join(f'{x:.1f}' for x in r['receiver_mb']) or '-'} |")
+    o = outage(sshd)
+    print(
+        f"\nOne-hour outage ({o['calls']:,} calls made while the host was away in {o['made_s']:.0f} s; "
+        f"journal {o['journal_mb']:.1f} MB): caught up {o['catch_up_s']:.1f} s after the host returned"
+    )
 
 
 if __name__ == "__main__":
