@@ -116,6 +116,15 @@ def test_without_hsm_secret_it_restores_and_says_which_one_lightningd_needs(pair
     assert (d / "regtest" / "lightningd.sqlite3").exists()
     again = restore(str(dest), "--lightning-dir", str(d))
     assert again.returncode == 1 and "--force" in again.stderr
+    # What the message warns of: lightningd given another node's hsm_secret will not run on it.
+    b, cluster = pair["b"], pair["cluster"]
+    assert isinstance(b, Node) and isinstance(cluster, Cluster)
+    (d / "regtest" / "hsm_secret").write_bytes((b.net / "hsm_secret").read_bytes())
+    wrong = cluster.node("no-secret", start=False)
+    wrong.start(wait=False)
+    assert wrong.exit_code() != 0
+    log = wrong.tail(400)
+    assert "node_id does not match HSM" in log and a.id() in log and b.id() in log, log
 
 
 def test_from_a_shipped_copy_on_a_new_pi_as_from_the_stick(pair: Dict[str, object]) -> None:
