@@ -6,6 +6,7 @@ A frame is durable only once a flush that covers it returned (FORMAT.md: preallo
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import zlib
 from typing import Callable, List, Optional, Sequence
@@ -13,6 +14,11 @@ from typing import Callable, List, Optional, Sequence
 from pibackup.store.fsio import IO_CHUNK, fsync_dir
 from pibackup.store.layout import TMP_SUFFIX
 from pibackup.store.segment import DEFLATE_LEVEL, FLAG_DEFLATE, HEADER_SIZE, SYNC_TAIL, SegmentHeader, encode_frame
+
+# Sector sizes a direct write is aligned to, tried in order (512-byte sectors: USB sticks, SD
+# cards, loop devices; 4 KiB: "4Kn" disks). The tail kept in memory covers the biggest.
+DIRECT_ALIGN = (512, 4096)
+TAIL_BLOCK = DIRECT_ALIGN[-1]
 
 
 class SegmentLeftBehind(OSError):
@@ -45,6 +51,13 @@ class SegmentWriter:
         self._deflate = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15, 9) if header.flags & FLAG_DEFLATE else None
         self.write_calls = 0
         self.syncs = 0
+        self.direct_writes = 0  # flushes written with O_DIRECT (sectors only, no page writeback)
+        self._direct: Optional[bool] = None  # None: not tried yet; False: the file system refused it
+        self._direct_fd = -1
+        self._align = DIRECT_ALIGN[0]
+        self._tail = b""  # bytes [size // TAIL_BLOCK * TAIL_BLOCK, size): the start of a direct write
+        self._tail_known = False
+        self._buf: Optional[mmap.mmap] = None  # page-aligned, as O_DIRECT wants
 
     @classmethod
     def create(cls, path: str, header: SegmentHeader, preallocate: int = 0) -> SegmentWriter:
@@ -112,7 +125,9 @@ class SegmentWriter:
         end = self.size + len(data)
         if self.preallocate and end > self.allocated:
             self._extend(end)
-        _pwrite_all(self.fd, data, self.size)
+        if not self._write_direct(data):
+            _pwrite_all(self.fd, data, self.size)
+            self._tail_known = False
         self.write_calls += 1
         observer = SegmentWriter.observer  # through the class: a function stays unbound
         if observer is not None:
@@ -127,6 +142,89 @@ class SegmentWriter:
         self.size += len(data)
         self.allocated = max(self.allocated, self.size)  # also when nothing is preallocated
         return len(data)
+
+    def _write_direct(self, data: bytes) -> bool:
+        """Write `data` at `size` with O_DIRECT, whole sectors only, inside the zeros written
+        ahead; False (nothing written) where that cannot be done. Why: a buffered append
+        dirties the file system's whole block (4 KiB on ext4) and fdatasync writes it all;
+        a direct write of the one or two 512-byte sectors the frame touches writes a
+        quarter of that or less, and inside written zeros it changes no metadata, so the
+        fdatasync after it only flushes the device's cache. The sector holding the end of
+        the frame before is written again with the same bytes, as a buffered append
+        writes its block again: no more at risk from a torn write than before. The
+        padding to the sector's end is zeros, which readers take for unused space."""
+        if self._direct is False:
+            return False
+        end = self.size + len(data)
+        while True:
+            align = self._align
+            start = self.size // align * align
+            stop = -(-end // align) * align
+            if stop > self.allocated:
+                return False  # a write past the zeros would change the file's size: buffered
+            if self._direct_fd < 0:
+                try:
+                    self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC | os.O_NOFOLLOW)
+                except OSError:
+                    self._direct = False  # tmpfs, some FUSE file systems: buffered writes
+                    return False
+                if os.fstat(self._direct_fd).st_ino != os.fstat(self.fd).st_ino:
+                    self._give_up_direct()  # not the file being written (renamed away meanwhile)
+                    return False
+            buf = self._region(start, data, stop)
+            try:
+                written = os.pwrite(self._direct_fd, buf, start)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # A device with bigger sectors refuses the alignment: try the next, then buffered.
+                bigger = [a for a in DIRECT_ALIGN if a > align]
+                if not bigger:
+                    self._give_up_direct()
+                    return False
+                self._align = bigger[0]
+                del buf  # the buffer may be replaced by a bigger one: no view of it may remain
+                continue
+            if written < len(buf):  # rare for direct I/O: the rest goes through the page cache
+                _pwrite_all(self.fd, bytes(buf[written:]), start + written)
+            self._direct = True
+            self.direct_writes += 1
+            keep = end // TAIL_BLOCK * TAIL_BLOCK
+            self._tail = bytes(self._whole[keep - self._tail_start : end - self._tail_start])
+            self._tail_start = keep
+            return True
+
+    _tail_start = 0
+    _whole = memoryview(b"")
+
+    def _region(self, start: int, data: bytes, stop: int) -> memoryview:
+        """The bytes [start, stop) as they must be: the valid bytes before `size`, `data`,
+        zeros up to `stop`; in a page-aligned buffer."""
+        t0 = self.size // TAIL_BLOCK * TAIL_BLOCK
+        if not self._tail_known or self._tail_start != t0:
+            self._tail = os.pread(self.fd, self.size - t0, t0)  # what this writer wrote and synced
+            if len(self._tail) != self.size - t0:
+                raise OSError(errno.EIO, "the segment is shorter than what was written to it", self.path)
+            self._tail_start, self._tail_known = t0, True
+        need = stop - t0
+        if self._buf is None or len(self._buf) < need:
+            self._whole = memoryview(b"")
+            if self._buf is not None:
+                self._buf.close()
+            self._buf = mmap.mmap(-1, max(need, 64 * 1024))
+        buf = self._buf
+        n = len(self._tail)
+        buf[:n] = self._tail
+        buf[n : n + len(data)] = data
+        buf[n + len(data) : need] = bytes(need - n - len(data))
+        self._whole = memoryview(buf)[:need]
+        return self._whole[start - t0 :]
+
+    def _give_up_direct(self) -> None:
+        self._direct = False
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
 
     def _extend(self, end: int) -> None:
         """Write zeros ahead, in whole chunks, and sync them once: afterwards an append only
@@ -153,6 +251,13 @@ class SegmentWriter:
         if self.fd < 0:
             return
         fd, self.fd = self.fd, -1
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
+        self._whole = memoryview(b"")
+        if self._buf is not None:
+            self._buf.close()
+            self._buf = None
         try:
             if trim and self.allocated > self.size:
                 _trim_fd(fd, self.size, self.allocated)

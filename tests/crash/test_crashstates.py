@@ -53,7 +53,9 @@ def test_every_crash_state_restores_every_acknowledged_transaction(small, tmp_pa
     fig = cs.explore(small, tmp_path / "work", cuts="few", points=points, cli_every=80, restart_every=120, restart_special=1)
     print(fig.line())
     assert fig.failures == [], "\n".join(fig.failures[:5])
-    assert fig.restored >= 150, fig.line()
+    # A floor against an exploration that silently shrank (148 with appends written as whole
+    # sectors with O_DIRECT, 150 and more before).
+    assert fig.restored >= 140, fig.line()
     assert fig.torn_read_as_torn > 0 and fig.reordered_damage > 0 and fig.memo_hits > 0, fig.line()
     assert fig.cli_checked >= 2 and fig.restarts_checked >= 2, fig.line()
 
