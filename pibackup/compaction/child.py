@@ -20,15 +20,16 @@ from pibackup.errors import DamageError, PibackupError
 from pibackup.modes.journal.port import CompactionError
 from pibackup.rules.replayguard import connect as guarded_connect
 from pibackup.store import directory as dst
+from pibackup.store import snapfile
 from pibackup.store.chain import End, iter_frames
 from pibackup.store.follow import JournalFollower
-from pibackup.store.fsio import fsync_dir, fsync_file, io_error_message, private_file
+from pibackup.store.fsio import fsync_dir, io_error_message, private_file
 from pibackup.store.generation import generation_info
 from pibackup.store.layout import SNAPSHOT_TMP, snapshot_filename
 from pibackup.store.output import copy_snapshot
 from pibackup.store.replay import REPLAY_BATCH, Outcome, OutputError, Replayer
 from pibackup.store.segment import Frame
-from pibackup.store.snapshot import read_data_version, sha256_file
+from pibackup.store.snapshot import read_data_version
 from pibackup.testpoints import crash_point
 
 COMPACTION_NICE = 10  # added to the plugin's niceness, in the compaction's process
@@ -45,7 +46,7 @@ def build_snapshot(
     more: Optional[Callable[[Tuple[int, int]], Optional[Tuple[int, int]]]] = None,
 ) -> Built:
     """Replay generation `gen`'s snapshot and its first `segments` segments (the last of them
-    up to `limit` bytes, the cut) into `partial`/snapshot-vV.sqlite3, synced, named by V, its
+    up to `limit` bytes, the cut) into `partial`/snapshot-vV.pbsnap (compressed), synced, named by V, its
     last confirmed version. The newest transaction (and the PRAGMA frames after it) may still
     be rewound: it is returned in `pending`, for the new generation's journal, and is not in
     the snapshot.
@@ -100,20 +101,29 @@ def build_snapshot(
             if got != version:
                 raise CompactionError(f"replayed snapshot says data_version {got}, the journal {version}")
         pending: List[Frame] = ([replayer.pending] if replayer.pending else []) + [f for f, _ in replayer.pending_pragmas]
+        identity = snapfile.identity_rows(conn)
         conn.execute("PRAGMA journal_mode = DELETE")
     finally:
         conn.close()
     if not out.transactions:
         os.unlink(tmp)
         raise NothingToDo(f"{gen.name} has no committed transaction after its snapshot yet")
-    fsync_file(tmp)
-    sha = sha256_file(tmp)
+
+    def still_wanted(_done: int) -> None:
+        if os.getppid() != parent:
+            raise CompactionError("the plugin exited")
+
+    # The work file is compressed into the new snapshot; chunks whose bytes the journal did
+    # not change are carried from the old snapshot as they are stored (docs/design/compaction.md).
     final = os.path.join(partial, snapshot_filename(version))
-    os.rename(tmp, final)
+    written = snapfile.write_compressed(
+        tmp, final, version, identity, previous=gen.snapshot, sync_every=_SYNC_EVERY, tick=still_wanted
+    )
+    os.unlink(tmp)
     fsync_dir(partial)
     crash_point("child-snapshot")
     return Built(
-        version, sha, os.path.getsize(final), out.transactions, [(f.kind, f.data_version, f.statements) for f in pending], end
+        version, written.sha256, written.size, out.transactions, [(f.kind, f.data_version, f.statements) for f in pending], end
     )
 
 

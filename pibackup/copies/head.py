@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 from pibackup.copies.crypt import NO_NODE_ID, Binding, CryptError, Encryptor, Key, decrypt_file
 from pibackup.errors import PibackupError
 from pibackup.store import directory as dst
+from pibackup.store import snapfile
 from pibackup.store.chain import Walk, walk_segment
 from pibackup.store.fsio import write_text_durably
 from pibackup.store.layout import COPY_ID_FILE, HEAD, is_generation_name, is_segment_name, is_snapshot_name, segment_filename
@@ -54,6 +55,12 @@ def node_id_of(gen: dst.Generation) -> Optional[bytes]:
     (a file at rest: the live database is never touched), or, for a generation that starts
     from an empty database, from the journal's INSERT of it (lightningd writes it in its
     first calls). None when it is not there (yet)."""
+    if gen.snapshot is not None and snapfile.is_compressed(gen.snapshot):
+        try:
+            node = snapfile.read_header(gen.snapshot).node_id
+        except (OSError, PibackupError):
+            return None
+        return node if any(node) else None  # its header carries it; zeros: not there yet
     if gen.snapshot is not None:
         uri = "file:" + urllib.parse.quote(os.path.abspath(gen.snapshot)) + "?mode=ro&immutable=1"
         try:
@@ -246,7 +253,6 @@ def _generation_id(path: str) -> Optional[bytes]:
 
 def describe_time(t: Optional[float]) -> str:
     return "unknown" if t is None else time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t))
-
 
 
 class HeadMaker:

@@ -25,6 +25,7 @@ FETCH_FILTERS = [
     f"--include=/gen-{_D6}/",
     f"--include=/gen-{_D6}/seg-{_D6}.pbj",
     f"--include=/gen-{_D6}/snapshot-v[0-9]*.sqlite3",
+    f"--include=/gen-{_D6}/snapshot-v[0-9]*.pbsnap",
     "--exclude=*",
 ]
 _LISTED = re.compile(r"^\S+\s+(\d+)\s+\S+\s+\S+\s+(.+)$")

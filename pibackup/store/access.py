@@ -16,7 +16,10 @@ from typing import List, Optional
 from pibackup.errors import PibackupError
 from pibackup.store.layout import FS_ARTIFACTS, GENERATION_RE, LOCK_DIR, MARKER, MARKER_TMP
 
-MARKER_TEXT = "pibackup backup directory\nformat 1\n"
+# Format 2: snapshots are compressed (store/snapfile.py). A format 1 backup is read as it is,
+# and its next writer makes it format 2 before it writes anything else (directory.prepare).
+MARKER_TEXT = "pibackup backup directory\nformat 2\n"
+MARKER_FORMATS = {"format 1": "pibackup backup directory\nformat 1\n", "format 2": MARKER_TEXT}
 
 
 class DestinationError(PibackupError):
@@ -162,12 +165,12 @@ def check_marker(path: str) -> None:
     lines = text.splitlines()
     if not lines or lines[0] != "pibackup backup directory":
         raise DestinationError(f"{marker} is not a pibackup marker: {path} is not a pibackup backup")
-    if len(lines) < 2 or lines[1] != "format 1":
+    if len(lines) < 2 or lines[1] not in MARKER_FORMATS:
         raise DestinationError(
-            f"{path} was written in backup {lines[1] if len(lines) > 1 else 'an unknown format'}; "
-            "this pibackup reads format 1 only. Use the pibackup release that wrote it."
+            f"{path} was written by another release of pibackup, in backup {lines[1] if len(lines) > 1 else 'an unknown format'}; "
+            "this pibackup reads formats 1 and 2 only. Use the pibackup release that wrote it."
         )
-    if text != MARKER_TEXT:
+    if text != MARKER_FORMATS[lines[1]]:
         raise DestinationError(
             f"{marker} is damaged (it holds more than the two lines pibackup wrote): the medium may be failing; "
             "run pibackup verify on it, and if the rest is fine write the file again with exactly those two lines"

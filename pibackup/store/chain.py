@@ -7,6 +7,7 @@ copies); one frame in memory at a time.
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from pibackup.errors import DamageError
 from pibackup.store.directory import Generation
-from pibackup.store.layout import snapshot_filename
+from pibackup.store.layout import plain_snapshot_filename, snapshot_filename
 from pibackup.store.reader import SegmentReader
 from pibackup.store.segment import (
     ENCODINGS,
@@ -58,7 +59,8 @@ def check_header(gen: Generation, header: SegmentHeader, index: int, first: Opti
         has_snap = header.snapshot_sha256 != _ZERO_SHA
         if has_snap != (gen.snapshot is not None):
             raise DamageError(f"{gen.path}: snapshot file and segment header disagree (missing snapshot?)", path, 0)
-        if gen.snapshot is not None and not gen.snapshot.endswith(snapshot_filename(header.base_version)):
+        names = (snapshot_filename(header.base_version), plain_snapshot_filename(header.base_version))
+        if gen.snapshot is not None and os.path.basename(gen.snapshot) not in names:
             raise DamageError(f"{gen.snapshot}: name does not match the base data_version {header.base_version}", path, 0)
     if len(gen.snapshots) > 1:
         raise DamageError(f"{gen.path}: more than one snapshot file", gen.path, None)

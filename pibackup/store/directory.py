@@ -182,6 +182,9 @@ class Destination:
                 ) from e
             raise
         self._lock_fd = fd
+        with open(marker, encoding="utf-8", errors="replace") as f:
+            if f.read(4096) != MARKER_TEXT:  # a format 1 backup: from now on it may hold compressed snapshots
+                write_text_durably(marker, MARKER_TEXT)
         self.remove_partials()
 
     def remove_partials(self) -> None:

@@ -14,7 +14,8 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple
 
-from pibackup.errors import PibackupError
+from pibackup.errors import DamageError, PibackupError
+from pibackup.store import snapfile
 from pibackup.store.access import DestinationError
 from pibackup.store.fsio import write_text_durably
 from pibackup.store.layout import (
@@ -99,7 +100,15 @@ def _blob(value: object, size: int) -> Optional[bytes]:
 def identity_of_db(path: str, at_rest: bool, timeout: float = 2.0) -> Identity:
     """The `vars` rows of an sqlite3 database: lightningd's live one (`at_rest` False: one
     short read transaction, as for data_version) or a file of the backup (`at_rest`: immutable).
-    Unknown when the rows are not there yet; IdentityError when the file cannot be read."""
+    Unknown when the rows are not there yet; IdentityError when the file cannot be read. A
+    compressed snapshot carries the two rows in its header (store/snapfile.py)."""
+    if at_rest and snapfile.is_compressed(path):
+        try:
+            h = snapfile.read_header(path)
+        except (OSError, DamageError) as e:
+            raise IdentityError(f"cannot read the node id from {path}: {e}") from e
+        node, genesis = (v if any(v) else None for v in (h.node_id, h.genesis_hash))  # zeros: not there yet
+        return Identity(_blob(node, NODE_ID_BYTES), _blob(genesis, GENESIS_BYTES))
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + ("?mode=ro&immutable=1" if at_rest else "?mode=ro")
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
@@ -172,10 +181,7 @@ def identity_of_data(path: str) -> Identity:
 # --- DEST/NODE ----------------------------------------------------------------------------
 def node_file_text(identity: Identity) -> str:
     assert identity.node_id is not None and identity.genesis_hash is not None
-    return (
-        f"{NODE_HEADER}\nnode_id {identity.node_id.hex()}\ngenesis_hash {identity.genesis_hash.hex()}\n"
-        f"network {identity.network}\n"
-    )
+    return f"{NODE_HEADER}\nnode_id {identity.node_id.hex()}\ngenesis_hash {identity.genesis_hash.hex()}\nnetwork {identity.network}\n"
 
 
 def read_node_file(path: str) -> Optional[Identity]:

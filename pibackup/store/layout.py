@@ -36,7 +36,8 @@ GENERATION_RE = re.compile(r"^gen-(\d{6})$")
 PARTIAL_GENERATION_RE = re.compile(r"^gen-(\d{6})\.partial$")
 DELETED_GENERATION_RE = re.compile(r"^gen-(\d{6})\.deleted$")
 SEGMENT_RE = re.compile(r"^seg-(\d{6})\.pbj$")
-SNAPSHOT_RE = re.compile(r"^snapshot-v(\d+)\.sqlite3$")
+# A compressed snapshot (store/snapfile.py) since format 2; format 1 wrote plain SQLite files.
+SNAPSHOT_RE = re.compile(r"^snapshot-v(\d+)\.(?:pbsnap|sqlite3)$")
 SNAPSHOT_TMP = "snapshot.tmp"  # a snapshot being taken, inside a `.partial` generation
 DAMAGE_MARK = "DAMAGED"  # in a generation directory: a writer found it damaged
 
@@ -67,7 +68,19 @@ def segment_filename(number: int) -> str:
 
 
 def snapshot_filename(version: int) -> str:
+    """The name a writer gives a snapshot: compressed (format 2)."""
+    return f"snapshot-v{version}.pbsnap"
+
+
+def plain_snapshot_filename(version: int) -> str:
+    """A format 1 snapshot's name: a plain SQLite file, still read."""
     return f"snapshot-v{version}.sqlite3"
+
+
+def snapshot_version(name: str) -> Optional[int]:
+    """The base data_version a snapshot's file name carries; None for any other name."""
+    m = SNAPSHOT_RE.match(os.path.basename(name))
+    return int(m.group(1)) if m else None
 
 
 def replica_dirname(number: int) -> str:

@@ -7,41 +7,24 @@ Both modes' restores and compaction's child use these; none of them decides what
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import sqlite3
 import stat
 from typing import Iterator, Optional
 
-from pibackup.errors import DamageError
+from pibackup.store import snapfile
 from pibackup.store.directory import writer_running
-from pibackup.store.fsio import fsync_dir, fsync_file, private_file
+from pibackup.store.fsio import fsync_dir, fsync_file
 from pibackup.store.layout import RESTORE_TMP_SUFFIX
 from pibackup.store.replay import RestoreError
 
-_CHUNK = 1 << 20
-
 
 def copy_snapshot(src: str, target: str, expected: bytes, sync_every: int = 0) -> None:
-    """Copy a snapshot, checking its SHA-256. `sync_every` bytes, the copy is synced: a
-    compaction's copy then never leaves a large batch of dirty pages for one sync, which
-    the hook's own syncs would wait behind."""
-    h = hashlib.sha256()
-    written = 0
-    with open(src, "rb") as fi, os.fdopen(private_file(target), "wb") as fo:
-        while True:
-            b = fi.read(_CHUNK)
-            if not b:
-                break
-            h.update(b)
-            fo.write(b)
-            written += len(b)
-            if sync_every and written >= sync_every:
-                fo.flush()
-                os.fdatasync(fo.fileno())
-                written = 0
-    if h.digest() != expected:
-        raise DamageError(f"{src}: snapshot is damaged (its SHA-256 does not match the journal's header)", src, None)
+    """Write the database a snapshot holds (compressed or, format 1, plain) to `target`,
+    checking it against its SHA-256. `sync_every` bytes, the copy is synced: a compaction's
+    copy then never leaves a large batch of dirty pages for one sync, which the hook's own
+    syncs would wait behind."""
+    snapfile.expand(src, target, expected, sync_every)
 
 
 def check_output(output: str, force: bool) -> None:

@@ -12,8 +12,9 @@ import urllib.parse
 from typing import Iterable
 
 from pibackup.errors import PibackupError
+from pibackup.store import snapfile
 from pibackup.store.fsio import fsync_dir, fsync_file, private_file
-from pibackup.store.layout import SNAPSHOT_TMP, snapshot_filename
+from pibackup.store.layout import SNAPSHOT_TMP, plain_snapshot_filename, snapshot_filename
 
 _CHUNK = 1 << 20
 
@@ -56,8 +57,12 @@ def sha256_file(path: str) -> bytes:
             h.update(b)
 
 
-def take_snapshot(live_db: str, directory: str, strip: Iterable[str] = (), busy_timeout: float = 5.0) -> tuple[str, int, bytes]:
+def take_snapshot(
+    live_db: str, directory: str, strip: Iterable[str] = (), busy_timeout: float = 5.0, compress: bool = True
+) -> tuple[str, int, bytes]:
     """Copy the live DB into `directory` with the backup API; sync it; name it by its version.
+    `compress`: a journal generation's snapshot, written compressed (store/snapfile.py) from the
+    copy, which is then removed; without, the plain copy (a replica).
 
     Tables in `strip` (the filtered ones) keep their schema and lose their rows in the copy.
 
@@ -75,6 +80,7 @@ def take_snapshot(live_db: str, directory: str, strip: Iterable[str] = (), busy_
                 # commit meanwhile (it waits on this plugin), so the copy never restarts.
                 src.backup(dst, pages=4096, sleep=0.01)
                 version = read_data_version(dst)
+                identity = snapfile.identity_rows(dst)
                 for table in sorted(strip):
                     if dst.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone():
                         dst.execute("PRAGMA foreign_keys = ON")
@@ -92,9 +98,15 @@ def take_snapshot(live_db: str, directory: str, strip: Iterable[str] = (), busy_
         raise SnapshotError(f"snapshot of {live_db} failed: {e}") from e
     except sqlite3.Error as e:
         raise SnapshotError(f"snapshot of {live_db} failed: {e}") from e
+    if compress:
+        final = os.path.join(directory, snapshot_filename(version))
+        digest = snapfile.write_compressed(tmp, final, version, identity).sha256
+        os.unlink(tmp)
+        fsync_dir(directory)
+        return final, version, digest
     fsync_file(tmp)
     digest = sha256_file(tmp)
-    final = os.path.join(directory, snapshot_filename(version))
+    final = os.path.join(directory, plain_snapshot_filename(version))
     os.rename(tmp, final)
     fsync_dir(directory)
     return final, version, digest

@@ -173,9 +173,9 @@ def test_manual_compaction_while_writes_go_on_restores_everything(traces, make_n
     # The segments closed (by roll-overs and the switch) gave back their preallocated zeros.
     for seg in sorted((dest / "gen-000001").glob("seg-*.pbj")):
         assert scan_segment(str(seg)).valid_length == seg.stat().st_size, seg
-    snaps = list((dest / "gen-000002").glob("snapshot-v*.sqlite3"))
+    snaps = list((dest / "gen-000002").glob("snapshot-v*.pbsnap"))  # compressed
     assert len(snaps) == 1
-    base = int(snaps[0].name[len("snapshot-v") : -len(".sqlite3")])
+    base = int(snaps[0].name[len("snapshot-v") : -len(".pbsnap")])
     assert base == c["last"]["base_version"] and base >= recs[299].data_version - 1
 
 
@@ -675,7 +675,7 @@ def test_a_damaged_generation_is_replaced_by_a_snapshot_of_the_live_db_at_the_ne
     else:
         node.rpc("pibackup-compact")  # gen-000002 starts from a snapshot
         wait_compacted(node, 1)
-        victim = next((dest / "gen-000002").glob("snapshot-v*.sqlite3"))
+        victim = next((dest / "gen-000002").glob("snapshot-v*.pbsnap"))
         offset = victim.stat().st_size // 2
         place = f"{victim}: snapshot is damaged"
     node.calls(recs[290:300])

@@ -117,5 +117,5 @@ def test_wallet_setting_in_lightningd_config_is_followed(make_node, traces, dest
         node.commit_without_plugin(r)
     node.start(recs[50:52])
     node.stop()
-    snaps = list(dest.glob("gen-000001/snapshot-v*.sqlite3"))
-    assert [s.name for s in snaps] == [f"snapshot-v{recs[51].data_version}.sqlite3"]
+    snaps = list(dest.glob("gen-000001/snapshot-v*"))
+    assert [s.name for s in snaps] == [f"snapshot-v{recs[51].data_version}.pbsnap"]

@@ -114,8 +114,8 @@ def test_first_start_on_an_existing_node_snapshots_it(mode, traces, make_node, d
     node.calls(recs[403:450])
     node.stop()
     if mode == "journal":
-        snaps = list(dest.glob("gen-000001/snapshot-v*.sqlite3"))
-        assert [s.name for s in snaps] == [f"snapshot-v{recs[402].data_version}.sqlite3"]
+        snaps = list(dest.glob("gen-000001/snapshot-v*"))
+        assert [s.name for s in snaps] == [f"snapshot-v{recs[402].data_version}.pbsnap"]
     else:
         assert f"started replica replica-000001 from a snapshot at data_version {recs[402].data_version}" in node.log_text()
     assert dbcompare.backup_differences(node.live.path, restored(dest, tmp_path)) == []

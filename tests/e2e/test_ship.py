@@ -147,7 +147,7 @@ def test_a_compaction_is_shipped_snapshot_first_and_a_copy_caught_mid_round_rest
     sshd.start()
     wait_in_step(node, time.time())
     assert sorted(p.name for p in remote.glob("gen-*")) == ["gen-000001", "gen-000002"]
-    (snap,) = remote.glob("gen-000002/snapshot-v*.sqlite3")
+    (snap,) = remote.glob("gen-000002/snapshot-v*.pbsnap")
     # rsync renames each file into place when it is complete: the snapshot was, before the journal began.
     assert snap.stat().st_ctime_ns < (remote / "gen-000002" / "seg-000001.pbj").stat().st_ctime_ns
     assert_remote_equals_live(sshd, remote, node, tmp_path, *key_args)
@@ -155,7 +155,7 @@ def test_a_compaction_is_shipped_snapshot_first_and_a_copy_caught_mid_round_rest
     local = restore_to(dest, tmp_path / "gen1.sqlite3", "--generation", "1")
     assert local.returncode == 0, local.stderr
 
-    for missing, why in (("seg-*.pbj", "no journal yet"), ("snapshot-v*.sqlite3", "no snapshot yet")):
+    for missing, why in (("seg-*.pbj", "no journal yet"), ("snapshot-v*.pbsnap", "no snapshot yet")):
         caught = tmp_path / "remote" / f"caught-{why[3:10]}"
         shutil.copytree(remote, caught)
         for p in caught.glob(f"gen-000002/{missing}"):

@@ -95,7 +95,10 @@ def test_snapshot_keeps_the_schema_of_filtered_tables_but_not_their_rows(make_no
     node.start(recs[150:152])
     node.calls(recs[152:])
     node.stop()
-    snap = next(dest.glob("gen-000001/snapshot-v*.sqlite3"))
+    from pibackup.store.snapfile import expand
+
+    snap = tmp_path / "snapshot.sqlite3"
+    expand(str(next(dest.glob("gen-000001/snapshot-v*.pbsnap"))), str(snap), None)
     c = sqlite3.connect(snap)
     assert c.execute("SELECT count(*) FROM utxoset").fetchone()[0] == 0
     assert c.execute("SELECT sql FROM sqlite_master WHERE name='utxoset'").fetchone()[0].startswith("CREATE TABLE utxoset")

@@ -15,7 +15,9 @@ def test_names_are_the_ones_format_md_gives() -> None:
     assert layout.LOCK_DIR == "PIBACKUP.lock"
     assert layout.generation_dirname(1) == "gen-000001"
     assert layout.segment_filename(2) == "seg-000002.pbj"
-    assert layout.snapshot_filename(842) == "snapshot-v842.sqlite3"
+    assert layout.snapshot_filename(842) == "snapshot-v842.pbsnap"
+    assert layout.plain_snapshot_filename(842) == "snapshot-v842.sqlite3"  # format 1's, still read
+    assert layout.snapshot_version("gen-000002/snapshot-v842.pbsnap") == 842 == layout.snapshot_version("snapshot-v842.sqlite3")
     assert layout.replica_dirname(1) == "replica-000001"
     assert layout.REPLICA_FILE == "replica.sqlite3"
     assert layout.DAMAGE_MARK == "DAMAGED"
@@ -59,7 +61,7 @@ def test_generation_names() -> None:
 
 
 def test_layout_paths_are_the_backup_files_only() -> None:
-    for rel in ("PIBACKUP", "gen-000001/seg-000001.pbj", "gen-000002/snapshot-v842.sqlite3"):
+    for rel in ("PIBACKUP", "gen-000001/seg-000001.pbj", "gen-000002/snapshot-v842.sqlite3", "gen-000002/snapshot-v842.pbsnap"):
         assert layout.is_layout_path(rel), rel
     for rel in (
         "HEAD",  # checked apart

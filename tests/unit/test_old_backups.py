@@ -67,3 +67,51 @@ def test_segments_started_through_the_appender_have_the_headers_the_writers_wrot
     for snapshot, chunk in ((0, 16384), (100_000, 16384), (1_000_000, 61440), (64 << 20, 1 << 20)):
         old = min(1 << 20, max(16 * 1024, snapshot // 16 // 4096 * 4096))
         assert s.chunk_for(snapshot) == old == chunk
+
+
+def test_a_format1_journal_backup_is_continued_by_the_writer_and_compacted_into_a_compressed_snapshot(old_backups, tmp_path):
+    """The writer of this release goes on appending to a format 1 backup's newest generation
+    (no new generation from the live database), makes the marker format 2 first, and its
+    compaction turns the plain snapshot and journal into a compressed snapshot. The whole
+    history restores equal to the live database, and verifies."""
+    import shutil
+    import time
+
+    import driver
+
+    backup = old_backups / "journal"
+    assert (backup / "PIBACKUP").read_text() == "pibackup backup directory\nformat 1\n"
+    records = driver.load_trace("A")
+    second = driver.first_run(records[len(driver.first_run(records)) :])  # lightningd's next start on that database
+    netdir = tmp_path / "node" / "lightning" / "regtest"
+    netdir.mkdir(parents=True)
+    shutil.copyfile(old_backups / "journal-live.sqlite3", netdir / "lightningd.sqlite3")
+    opts = {"pibackup-destination": str(backup), "pibackup-segment-size": "128K", "pibackup-compact-ratio": "0"}
+    node = driver.Node(tmp_path / "node", opts)
+    calls = [r for r in second if not r.pre_init]
+    try:
+        node.start([r for r in second if r.pre_init])
+        node.calls(calls[:100])
+        assert (backup / "PIBACKUP").read_text() == "pibackup backup directory\nformat 2\n"
+        assert sorted(p.name for p in backup.glob("gen-*")) == ["gen-000001", "gen-000002"]  # continued
+        assert node.rpc("pibackup-compact")["compaction"] == "started"
+        for _ in range(600):
+            c = node.rpc("pibackup-status")["compaction"]
+            if c.get("runs", 0) >= 1 and c["state"] == "idle":
+                break
+            time.sleep(0.1)
+        node.calls(calls[100:])
+        assert node.stop() == 0
+    finally:
+        node.live.close()
+    (snap,) = (backup / "gen-000003").glob("snapshot-v*")
+    assert snap.name.endswith(".pbsnap") and snap.read_bytes()[:8] == b"PIBKSNAP"
+    assert list((backup / "gen-000002").glob("snapshot-v*.sqlite3"))  # the format 1 generation as it was
+    for generation in (None, "2"):
+        out = tmp_path / f"restored-{generation}.sqlite3"
+        r = restore_to(backup, out, *(["--generation", generation] if generation else []))
+        assert r.returncode == 0, r.stdout + r.stderr
+        if generation is None:
+            assert dbcompare.backup_differences(netdir / "lightningd.sqlite3", out) == []
+    v = cli("verify", str(backup))
+    assert v.returncode == 0, v.stdout + v.stderr

@@ -54,7 +54,7 @@ def _dest_cases(tmp: Path):
     (foreign / "photo.jpg").write_text("x")
     newer = tmp / "newer"
     newer.mkdir()
-    (newer / "PIBACKUP").write_text("pibackup backup directory\nformat 2\n")
+    (newer / "PIBACKUP").write_text("pibackup backup directory\nformat 3\n")
     alien = tmp / "alien"
     alien.mkdir()
     (alien / "PIBACKUP").write_text("something else\n")
@@ -73,7 +73,7 @@ def _dest_cases(tmp: Path):
         ("/nonexistent/stick", "does not exist: is the USB stick mounted?"),
         (str(f), "is not a directory"),
         (str(foreign), "holds files that are not pibackup's (photo.jpg)"),
-        (str(newer), "format 2; this pibackup reads format 1 only"),
+        (str(newer), "written by another release of pibackup, in backup format 3; this pibackup reads formats 1 and 2"),
         (str(alien), "is not a pibackup marker"),
         ("/media/usb\n/x", "contains control characters"),
         (str(linked_gen), "gen-000001 is a symbolic link (to /etc); pibackup never follows links inside its backup directory"),
@@ -217,7 +217,7 @@ def test_any_ship_target_is_either_safe_or_refused(spec):
 def test_a_linked_segment_or_snapshot_is_refused_by_the_writer_and_by_restore(tmp_path):
     from pibackup.store.directory import Destination
 
-    for name in ("seg-000001.pbj", "snapshot-v5.sqlite3"):
+    for name in ("seg-000001.pbj", "snapshot-v5.sqlite3", "snapshot-v5.pbsnap"):
         d = tmp_path / name
         (d / "gen-000001").mkdir(parents=True)
         (d / "PIBACKUP").write_text("pibackup backup directory\nformat 1\n")

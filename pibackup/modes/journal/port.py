@@ -14,11 +14,11 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from pibackup.errors import PibackupError
 from pibackup.modes.api import Counters, Log
-from pibackup.modes.journal.startup import file_size
 from pibackup.store import directory as dst
 from pibackup.store.appender import SegmentSettings
 from pibackup.store.fsio import io_error_message
 from pibackup.store.layout import PARTIAL_SUFFIX, generation_dirname, snapshot_filename
+from pibackup.store.snapfile import database_bytes
 from pibackup.store.writer import SegmentWriter, trim_zeros
 from pibackup.testpoints import crash_point
 
@@ -294,7 +294,7 @@ class JournalPort:
             self.generation = final
             grown = max(0, self.journal_bytes - self._cut_journal_bytes)
             self.journal_bytes = done.closed_bytes + new.size
-            self.snapshot_bytes = file_size(os.path.join(final, snapshot_filename(done.version)))
+            self.snapshot_bytes = database_bytes(os.path.join(final, snapshot_filename(done.version)))
             self.base_version = done.version
             self.counters.generations_started += 1
             self.counters.compactions += 1

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Generator, List, Optional, Tuple
 from pibackup.errors import DamageError
 from pibackup.rules import replayguard
 from pibackup.store import directory as dst
+from pibackup.store import snapfile
 from pibackup.store.access import check_marker
 from pibackup.store.chain import End, iter_frames, read_tail
 from pibackup.store.fsio import private_file
@@ -24,7 +25,7 @@ from pibackup.store.output import building, check_database, check_replace, copy_
 from pibackup.store.recover import check_node_files
 from pibackup.store.replay import REPLAY_BATCH, Outcome, Replayer, RestoreError
 from pibackup.store.segment import Frame
-from pibackup.store.snapshot import SnapshotError, read_data_version, sha256_file
+from pibackup.store.snapshot import SnapshotError, read_data_version
 
 
 def _frames(gen: dst.Generation, out: Outcome, partial: bool) -> Generator[Tuple[Frame, str], None, None]:
@@ -192,8 +193,9 @@ def verify(backup_dir: str) -> VerifyReport:
 
 
 def _check_snapshot(path: str, expected: bytes) -> None:
-    if sha256_file(path) != expected:
-        raise DamageError(f"{path}: snapshot is damaged (its SHA-256 does not match the journal's header)", path, None)
+    """Read it whole as a restore would: every chunk of a compressed one inflated and
+    checked, and the file's SHA-256 against the journal's header."""
+    snapfile.check(path, expected)
 
 
 def offline_status(backup_dir: str) -> Dict[str, Any]:

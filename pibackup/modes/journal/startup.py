@@ -19,6 +19,7 @@ from pibackup.store import directory as dst
 from pibackup.store.chain import Tail, read_tail
 from pibackup.store.generation import generation_info, generation_settings
 from pibackup.store.segment import HEADER_SIZE, KIND_TX, SegmentHeader, decode_header
+from pibackup.store.snapfile import database_bytes
 from pibackup.store.snapshot import live_data_version
 
 
@@ -154,7 +155,7 @@ class Startup:
         self.last, self.last_is_journaled = tail.last, tail.last_unconfirmed
         self.journal_bytes = journal_bytes_of(tail.generation.segments, t.valid_length)
         self.base_version = t.header.base_version
-        self.snapshot_bytes = file_size(tail.generation.snapshot) if tail.generation.snapshot else 0
+        self.snapshot_bytes = database_bytes(tail.generation.snapshot) if tail.generation.snapshot else 0
         if t.bad_offset is not None:
             # A torn tail from a crash mid-append: it was never acknowledged. The new
             # segment's header records where the valid part ended.

@@ -16,7 +16,7 @@ from pibackup.modes.api import BehindError, Call, Counters, Log
 from pibackup.modes.common import PlaceGuard, committed_at_end, gate
 from pibackup.modes.journal.port import CompactionHooks, JournalPort
 from pibackup.modes.journal.report import Report
-from pibackup.modes.journal.startup import Startup, file_size
+from pibackup.modes.journal.startup import Startup
 from pibackup.rules import filter as flt
 from pibackup.rules.sequence import Action, classify, is_pragma_only
 from pibackup.store import directory as dst
@@ -26,6 +26,7 @@ from pibackup.store.fsio import io_error_message
 from pibackup.store.identity import refuse_other_node
 from pibackup.store.layout import REPLICA_PREFIX, segment_filename
 from pibackup.store.segment import KIND_INFO, KIND_PRAGMA, KIND_TX, SegmentHeader
+from pibackup.store.snapfile import database_bytes
 from pibackup.store.snapshot import take_snapshot
 from pibackup.store.writer import SegmentLeftBehind, SegmentWriter
 
@@ -128,7 +129,7 @@ class JournalWriter(Startup, JournalPort, Report):
             else:
                 snap, version, sha = "", 0, b"\0" * 32
             header = first_header(number, version, sha, self.segment_settings.flags)
-            snapshot_bytes = file_size(snap) if snapshot else 0
+            snapshot_bytes = database_bytes(snap) if snapshot else 0
             writer = create_segment(partial, header, self.segment_settings.chunk_for(snapshot_bytes))
             writer.append(KIND_INFO, version, self.info_lines())
             final = self.dest.commit_generation(partial)

@@ -175,7 +175,7 @@ def build_replica(destination: str, live_db: str, filter_tables: FrozenSet[str],
     try:
         target = os.path.join(partial, REPLICA_FILE)
         if snapshot:
-            path, version, _ = take_snapshot(live_db, partial, strip=filter_tables)
+            path, version, _ = take_snapshot(live_db, partial, strip=filter_tables, compress=False)
             os.rename(path, target)
         else:
             version = 0
