@@ -70,6 +70,7 @@ bench:
 	$(PY) bench/compaction.py
 	$(PY) bench/long_run.py 1000000
 	$(PY) bench/remote.py
+	$(PY) bench/large_db.py  # 2 GB: about 20 minutes on 2 cores; --mb 200 for a quick run
 	$(PY) bench/rclone_ship.py
 
 # The Debian package (docs/dev/packaging.md). `make deb` fetches the pinned pyln-client wheel

@@ -7,7 +7,7 @@ import random
 import re
 import sys
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,16 +30,16 @@ def byte_compile() -> None:
     compileall.compile_dir(str(Path(__file__).resolve().parents[1] / "pibackup"), quiet=1)
 
 
-def synthetic(n: int, seed: int = 1) -> Tuple[List[Record], Iterator[Record]]:
+def synthetic(n: int, seed: int = 1, start: Optional[int] = None) -> Tuple[List[Record], Iterator[Record]]:
     """(prefix, calls): the prefix is trace A's first run, replayed for real so the live DB
     exists; then n calls shaped like A's after its channel opened. Blobs (signatures,
     hashes, onions: most of the bytes, and random in reality) are fresh random bytes of the
     same length; integers and text repeat, so the stream is a little kinder to compression
-    than a real node's."""
+    than a real node's. `start`: the data_version the calls follow (trace A's by default)."""
     records = driver.load_trace("A")
     prefix = driver.first_run(records)
     templates = [r for r in prefix[len(prefix) // 3 :] if not r.pre_init and not any(_DDL.match(w) for w in r.writes)]
-    start = prefix[-1].data_version
+    start = prefix[-1].data_version if start is None else start
 
     def calls() -> Iterator[Record]:
         rng = random.Random(seed)
@@ -62,20 +62,21 @@ _GROW_UPDATE = re.compile(r"^(\s*UPDATE channel_htlcs\b.*\bWHERE id\s*=\s*)(\d+)
 _INSERT = re.compile(r"^\s*INSERT INTO\b", re.I)
 
 
-def synthetic_growing(n: int, seed: int = 1) -> Tuple[List[Record], Iterator[Record]]:
+def synthetic_growing(n: int, seed: int = 1, start: Optional[int] = None, id_base: int = 0) -> Tuple[List[Record], Iterator[Record]]:
     """Like synthetic(), but every call applies to the database with foreign keys on, and the
     database grows as a node's does: each payment adds its payments, channel_htlcs and
     channel_moves rows under fresh ids (the template's id plus 100,000 per round through
     the templates). Other inserts become INSERT OR REPLACE, so rows that only move along a
-    channel's state (anchors, penalty bases) are replaced instead of repeated."""
-    prefix, base = synthetic(n, seed)
+    channel's state (anchors, penalty bases) are replaced instead of repeated. `id_base` is
+    added to every new id (a database that already holds rows under the template's ids)."""
+    prefix, base = synthetic(n, seed, start)
 
     def calls() -> Iterator[Record]:
         records = driver.load_trace("A")
         first = driver.first_run(records)
         period = len([r for r in first[len(first) // 3 :] if not r.pre_init and not any(_DDL.match(w) for w in r.writes)])
         for k, r in enumerate(base):
-            off = 100_000 * (k // period)
+            off = id_base + 100_000 * (k // period)
             writes = []
             for w in r.writes:
                 if off:
