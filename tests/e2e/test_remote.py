@@ -16,7 +16,7 @@ import pytest
 import dbcompare
 import driver
 from driver import REPO
-from helpers import cli, restore_to
+from helpers import cli, received, restore_to
 from sshd import Sshd
 
 SERVE = f"env PYTHONPATH={REPO} {sys.executable} -m pibackup serve"
@@ -155,9 +155,12 @@ def test_halt_refuses_the_first_critical_transaction_when_the_remote_is_down_at_
     assert "refuses connections: is sshd running there" in log, log
 
 
-def test_continue_degraded_goes_on_through_an_outage_and_catches_the_remote_up(sshd, traces, make_node, tmp_path):
+def test_continue_degraded_goes_on_through_an_outage_and_catches_the_remote_up(sshd, traces, make_node, tmp_path, leds, notify_socket):
     remote = tmp_path / "remote" / "node1"
-    node = make_node(pibackup_compact_ratio="0", **remote_options(sshd, remote, pibackup_remote_timeout=3))
+    opts = remote_options(sshd, remote, pibackup_remote_timeout=3, pibackup_led="ACT", pibackup_led_dir=str(leds))
+    node = make_node(pibackup_compact_ratio="0", **opts)
+    sock, path = notify_socket
+    node.plugin_env = {"NOTIFY_SOCKET": path}
     recs = driver.first_run(traces["A"])
     early = [r for r in recs if r.pre_init]
     node.start(early)
@@ -171,6 +174,8 @@ def test_continue_degraded_goes_on_through_an_outage_and_catches_the_remote_up(s
     assert st["state"] != "in step" and st["problem"], st
     warnings = node.rpc("pibackup-status")["warnings"]
     assert any(f"remote copy {sshd.target(remote)} is not in step" in w for w in warnings), warnings
+    assert (leds / "ACT" / "trigger").read_text() == "timer", "the LED blinks the warning"
+    assert any("remote copy" in line and "not in step" in line for line in received(sock, "not in step")), "the status line says so"
     sshd.start()
     wait_in_step(node)
     assert_remote_holds_every_acknowledged(remote, node, tmp_path, "after-outage")
