@@ -143,6 +143,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=2048, help="database size in MiB (default 2048; 200 for a quick run)")
     ap.add_argument("--calls", type=int, default=20000, help="db_write calls on top (default 20000)")
+    ap.add_argument("--db", type=Path, default=None, help="keep the generated database here, or use it if it exists")
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one under /var/tmp)")
     a = ap.parse_args()
     workloads.byte_compile()
@@ -161,9 +162,15 @@ def main() -> None:
         netdir = root / "node" / "lightning" / "regtest"
         netdir.mkdir(parents=True)
         live = netdir / "lightningd.sqlite3"
-        t = timed(lambda: routing_db.generate(live, a.mb, progress=False))
+        if a.db is not None and a.db.exists():
+            shutil.copyfile(a.db, live)
+            say(f"database: a copy of {a.db}")
+        else:
+            t = timed(lambda: routing_db.generate(live, a.mb, progress=False))
+            say(f"generated {mib(live.stat().st_size)} in {t:.0f} s")
+            if a.db is not None:
+                shutil.copyfile(live, a.db)
         db_bytes = live.stat().st_size
-        say(f"generated {mib(db_bytes)} in {t:.0f} s")
         conn = sqlite3.connect(live)
         dv = conn.execute("SELECT intval FROM vars WHERE name='data_version'").fetchone()[0]
         top = max(
@@ -184,8 +191,13 @@ def main() -> None:
             # 1. first start
             w0 = dev.written()
             t0 = time.monotonic()
-            node.start([])
+            node.start([], init=False)
             assert node.plugin is not None
+            # The first snapshot of a large database takes minutes, inside init or the first
+            # call (lightningd waits for both): no time limit on them here.
+            request = node.plugin.request
+            node.plugin.request = lambda method, params, timeout=7200: request(method, params, timeout)  # type: ignore[method-assign]
+            node.init()
             watch = PeakWatch(node.plugin.proc.pid)
             first = next(calls)
             node.call(first)
@@ -272,6 +284,8 @@ def main() -> None:
             say(f"   peak RSS of the plugin over the run: {watch.plugin_kb / 1024:.1f} MiB")
             assert node.stop() == 0
         finally:
+            if node.plugin is not None:
+                node.kill()  # failed midway: the destination can then be unmounted
             node.live.close()
         # 5. restore and verify of the compacted backup
         drop_caches()
