@@ -171,3 +171,15 @@ def test_append_only_keeps_the_emergency_recover_a_rewrite_replaces_and_skips_an
     assert [m.type for m in session(tmp_path, [hello(), *put(b"second", 2)], append_only=True)] == [WELCOME, ACK, ACK]
     kept = sorted(p for p in tmp_path.iterdir() if p.name.startswith(name + ".replaced-"))
     assert (tmp_path / name).read_bytes() == b"second" and [p.read_bytes() for p in kept] == [b"first"]
+
+
+@pytest.mark.parametrize("append_only", [False, True])
+def test_the_receiver_alone_decides_retention_and_append_only_deletes_nothing(tmp_path, append_only):
+    seg = "gen-{:06d}/seg-000001.pbj"
+    ops = [Message(APPEND, n + 1, {"path": seg.format(n), "offset": 0, "sync": True}, b"x") for n in (1, 2, 3, 4)]
+    head = Message(HEAD, 6, {"generation": "gen-000004"}, b"{}\n")
+    inp = io.BytesIO(b"".join(encode(m) for m in [hello(), *ops, head]))
+    out = io.BytesIO()
+    serve(inp, out, Tree(str(tmp_path), append_only, keep=2))
+    gens = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("gen-"))
+    assert gens == (["gen-000001", "gen-000002", "gen-000003", "gen-000004"] if append_only else ["gen-000003", "gen-000004"])
