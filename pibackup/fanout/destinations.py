@@ -8,8 +8,9 @@ side, so a sync costs the slowest medium's time, not the sum.
 
 When one fails: with pibackup-on-destination-failure=halt (the default) the node is halted
 as for a single destination. With continue-degraded it is dropped, the node goes on with
-the others (status and LED warn), and it rejoins, brought in step from a snapshot of the
-live database if it fell behind, once it is usable again. With none left, the node halts.
+the others (status and LED warn), and it rejoins once it is usable again, brought in step
+from a copy of a healthy destination's generation made in the background (rejoin.py), not
+from the live database on the hook's path. With none left, the node halts.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from pibackup.errors import PibackupError
+from pibackup.fanout.rejoin import RejoinCopy, finish_copy, prepare_copy
 from pibackup.modes.api import Call, Log, Writer
 from pibackup.store.access import DestinationError, validate
 from pibackup.store.medium import medium
@@ -32,6 +34,8 @@ REJOIN_CHECK_SECONDS = 10.0
 WRITE_DEADLINE = 30.0
 
 
+# size: the members, the dropped ones and their rejoining share one lock and one set of fields;
+# the copying a rejoin needs is split off already (rejoin.py).
 class Destinations:
     def __init__(self, paths: Sequence[str], make: Callable[[str], Writer], policy: str, log: Log):
         self.paths = list(paths)
@@ -45,6 +49,8 @@ class Destinations:
         self._rejoin_checked = 0.0
         self._probe: Optional[threading.Thread] = None
         self._usable: set = set()  # dropped paths the probe found usable again
+        self._copies: Dict[str, RejoinCopy] = {}  # dropped path -> a healthy generation copied into it
+        self._closing = False
         self._lock = threading.Lock()  # guards active/dropped against status() from other threads
 
     # --- what hook.py and the shipper use from a Writer ------------------------------
@@ -194,8 +200,9 @@ class Destinations:
 
     def _maybe_rejoin(self, data_version: int) -> None:
         """A dropped destination found usable again (by a probe thread: looking at a hung
-        medium must not hang the hook) rejoins before this transaction: brought in step,
-        from a snapshot of the live DB if it fell behind, then it gets the transaction."""
+        medium must not hang the hook) rejoins before this transaction: brought in step from
+        a copy of a healthy destination's generation made in the background (rejoin.py), or
+        by its own start where no copy can be made, then it gets the transaction."""
         if not self.dropped or self._failure is not None:
             return
         now = time.monotonic()
@@ -205,19 +212,35 @@ class Destinations:
             self._probe.start()
         for path in list(self._usable):
             self._usable.discard(path)
+            copy = self._copies.pop(path, None)
             if path not in self.dropped:
                 continue
+            how = ""
+            if copy is not None:
+                if data_version != (copy.source.last or 0) + 1:
+                    # Not the next transaction (a resend): only then is the source's last one
+                    # known to be committed. The copy is finished at a later call.
+                    self._copies[path] = copy
+                    self._usable.add(path)
+                    continue
+                done = finish_copy(copy, copy.source in self.active, self.log)
+                if done is None:
+                    continue  # the next probe copies again
+                how = done
             b = self.make(path)
+            if copy is not None and hasattr(b, "committed_through"):
+                b.committed_through = data_version - 1  # no commit mark needed
             try:
                 b.start([])
             except PibackupError as e:
                 b.close()
                 self.dropped[path] = str(e)
+                self.log(f"pibackup: destination {path} could not rejoin: {e}", "warn")
                 continue
             with self._lock:
                 self.active.append(b)
                 del self.dropped[path]
-            self.log(f"pibackup: destination {path} is back and in step at data_version {b.last}", "info")
+            self.log(f"pibackup: destination {path} is back and in step at data_version {b.last}{how}", "info")
 
     def _probe_dropped(self) -> None:
         for path in list(self.dropped):
@@ -227,7 +250,20 @@ class Destinations:
                     continue
             except (PibackupError, OSError):
                 continue
-            self._usable.add(path)
+            if self._prepare_copy(path):
+                self._usable.add(path)
+
+    def _prepare_copy(self, path: str) -> bool:
+        """In the probe thread: whether `path` may rejoin at the next write (a copy of a
+        healthy generation made, or none possible); False: try again at the next probe."""
+        if path in self._copies or not self.active:
+            return bool(self.active)
+        copy = prepare_copy(self.active[0], path, self.log, lambda: self._closing)
+        if copy is False:
+            return False
+        if copy is not None:
+            self._copies[path] = copy
+        return True
 
     def flush(self) -> None:
         errors = []
@@ -242,6 +278,7 @@ class Destinations:
             self._drop(b, message)
 
     def close(self) -> None:
+        self._closing = True
         for b in list(self.active):
             b.close()
         if self._pool is not None:

@@ -49,6 +49,9 @@ class Startup:
     journal_bytes: int
     snapshot_bytes: int
     base_version: Optional[int]
+    # Set by the fan-out before a rejoin's start: lightningd committed every transaction up to
+    # this data_version (it is sending the next), so the backup's last one needs no commit mark.
+    committed_through: Optional[int] = None
 
     def _new_generation(self, snapshot: bool) -> None:
         raise NotImplementedError
@@ -62,6 +65,9 @@ class Startup:
     def _start(self, early: Sequence[Call]) -> None:
         live = live_data_version(self.live_db)
         tail = self._read_tail()
+        done = self.committed_through
+        if tail is not None and tail.last_unconfirmed and done is not None and tail.last is not None and tail.last <= done:
+            tail.last_unconfirmed = False
         calls = [(c.data_version, is_pragma_only(c.writes)) for c in early]
         if tail is None:
             if fresh_node(early, live):
