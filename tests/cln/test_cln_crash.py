@@ -137,7 +137,7 @@ def test_another_node_started_on_this_backup_is_refused_and_it_stays_byte_for_by
     cluster, a, b, dest = pair["cluster"], pair["a"], pair["b"], pair["dest"]
     assert isinstance(cluster, Cluster) and isinstance(a, Node) and isinstance(b, Node) and isinstance(dest, Path)
     a_id = a.id()
-    a.kill()  # (a clean stop would do as well, but takes lightningd's 30 s wait for its plugins)
+    a.kill()
     before = files(dest)
     other = cluster.node("other", {"important-plugin": str(PLUGIN), "pibackup-destination": str(dest)}, start=False)
     other.start(wait=False)
