@@ -201,7 +201,7 @@ class SegmentWriter:
         """The bytes [start, stop) as they must be: the valid bytes before `size`, `data`,
         zeros up to `stop`; in a page-aligned buffer."""
         t0 = self.size // TAIL_BLOCK * TAIL_BLOCK
-        if not self._tail_known or self._tail_start != t0:
+        if not self._tail_known or self._tail_start != t0 or len(self._tail) != self.size - t0:  # stale after a failed flush
             self._tail = os.pread(self.fd, self.size - t0, t0)  # what this writer wrote and synced
             if len(self._tail) != self.size - t0:
                 raise OSError(errno.EIO, "the segment is shorter than what was written to it", self.path)
