@@ -114,3 +114,35 @@ def test_a_file_system_without_o_direct_gets_buffered_writes(tmp_path, monkeypat
     w.close()
     scan = scan_segment(str(tmp_path / "seg.pbj"))
     assert scan.clean and len(scan.frames) == 20
+
+
+def test_a_flush_that_failed_after_its_write_is_retried_from_the_durable_end(tmp_path, monkeypatch):
+    """The sync fails (EIO): the frames stay pending and the size where it was; the retry
+    writes them again at the same place, from the segment's durable end, not from the tail
+    the failed write had left in memory."""
+    w = SegmentWriter.create(str(tmp_path / "seg.pbj"), HEADER, 64 * 1024)
+    fs = frames(9)[:12]
+    for kind, v, stmts in fs[:5]:
+        w.append(kind, v, stmts)
+    real = os.fdatasync
+    fail = {"left": 1}
+
+    def fdatasync(fd):
+        if fail["left"]:
+            fail["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+
+    monkeypatch.setattr(wr.os, "fdatasync", fdatasync)
+    kind, v, stmts = fs[5]
+    w.add(kind, v, stmts)
+    size = w.size
+    with pytest.raises(OSError):
+        w.flush()
+    assert w.size == size and w.pending_bytes > 0
+    w.flush()  # the retry
+    for kind, v, stmts in fs[6:]:
+        w.append(kind, v, stmts)
+    w.close()
+    scan = scan_segment(str(tmp_path / "seg.pbj"))
+    assert scan.clean and [f.data_version for f in scan.frames] == [v for _, v, _ in fs]
