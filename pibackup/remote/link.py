@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 from typing import Any, BinaryIO, Dict, List, Optional
 
 from pibackup.copies.rsync import explain_rsync_failure, ssh_command
@@ -59,6 +60,7 @@ class Link:
         self._out: BinaryIO = self.proc.stdout  # type: ignore[assignment]
         self._seq = 0
         self._answered = 0
+        self._progress = time.monotonic()  # the last answer, or the first message sent with none outstanding
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self.failure: Optional[str] = None  # the first thing that broke the session
@@ -98,6 +100,8 @@ class Link:
         with self._send_lock:
             if self.failure is not None:
                 raise RemoteError(self.failure)
+            if self._answered == self._seq:
+                self._progress = time.monotonic()  # nothing was outstanding: the clock starts now
             self._seq += 1
             seq = self._seq
             try:
@@ -119,6 +123,27 @@ class Link:
                     f"{self._where()} did not acknowledge within {timeout:g} s (pibackup-remote-timeout): a hung host or a slow link?"
                 )
             raise RemoteError(self.failure or "the connection broke")
+
+    def stalled(self) -> float:
+        """Seconds without an answer while messages are outstanding (0 when none are)."""
+        return 0.0 if self._answered >= self._seq else time.monotonic() - self._progress
+
+    def wait_progress(self, seq: int, idle: float) -> None:
+        """Until message `seq` was acknowledged, however long that takes while answers keep
+        coming (a snapshot over a slow link); RemoteError after `idle` seconds without one."""
+        while True:
+            try:
+                return self.wait(seq, idle)
+            except RemoteError:
+                if self.failure is not None or self.stalled() >= idle:
+                    raise
+
+    def abort(self, why: str) -> None:
+        """Give up the session now: also a thread blocked writing to it (a full pipe to a
+        hung host) gets an error instead of waiting for ever."""
+        self._fail(why)
+        if self.proc.poll() is None:
+            self.proc.kill()
 
     @property
     def answered(self) -> int:
@@ -146,6 +171,7 @@ class Link:
                 return
             with self._cond:
                 self._answered = m.seq
+                self._progress = time.monotonic()
                 self._cond.notify_all()
 
     def _fail(self, why: str) -> None:

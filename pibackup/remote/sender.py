@@ -27,7 +27,7 @@ STATE_DIR = ".remote"  # DEST/.remote: this backup directory's copy id for its r
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0  # seconds between reconnection attempts
 ROUND_SECONDS = 1.0  # the background thread's rounds: bulk frames the flusher wrote, the head
 HEAD_SECONDS = 10.0  # a new head record at most this often while in step
-CATCH_UP_TIMEOUT = 600.0  # a catch-up's acknowledgements (a snapshot over a slow link)
+CATCH_UP_IDLE = 30.0  # at least: a catch-up without a single answer this long (3 timeouts) is stuck
 
 
 class RemoteCopy:
@@ -69,17 +69,20 @@ class RemoteCopy:
         early, self._early.seq = getattr(self._early, "seq", None), None
         if not self.in_step:
             self._wake.set()
+            link = self.link
+            if self.connected and link is not None and link.stalled() > idle(self.cfg):
+                return self._broken(f"no answer for {link.stalled():.0f} s while catching up: a hung host?", critical)
             if not critical or self.cfg.on_failure != HALT or self.connected:
                 return None  # down under continue-degraded, or a new generation on its way: not waited for
             if not self._wait_in_step(self.cfg.timeout):
-                raise RemoteError(self._halt_message(self.problem or f"no session within {self.cfg.timeout:g} s"))
+                raise RemoteError(halt_message(self.cfg, self.problem or f"no session within {self.cfg.timeout:g} s"))
         if not self._lock.acquire(timeout=self.cfg.timeout):
             return self._broken("its session is busy beyond pibackup-remote-timeout", critical)
         try:
             link = self.link
             if link is None or not self.in_step:
                 if critical and self.cfg.on_failure == HALT and not self.connected:
-                    raise RemoteError(self._halt_message(self.problem or "the session ended"))
+                    raise RemoteError(halt_message(self.cfg, self.problem or "the session ended"))
                 return None
             seg = self.open_segment()
             if seg is not None and self.mirror.continues(seg[0], self._open_rel):
@@ -137,14 +140,14 @@ class RemoteCopy:
         with self._back:
             self.in_step = self.connected = False
             first = self.problem is None
-            self.problem = why = self._short(why)
+            self.problem = why = short(self.cfg, why)
             if self.degraded_since is None:
                 self.degraded_since = time.time()
             if self.link is not None:
-                self.link._fail(why)
+                self.link.abort(why)
         self._wake.set()
         if critical and self.cfg.on_failure == HALT:
-            raise RemoteError(self._halt_message(why))
+            raise RemoteError(halt_message(self.cfg, why))
         if first:
             self.log(
                 f"pibackup: remote copy {self.cfg.target} is not in step ({why}); the node goes on with the local backup "
@@ -152,13 +155,6 @@ class RemoteCopy:
                 "error",
             )
         return None
-
-    def _halt_message(self, why: str) -> str:
-        return f"remote copy {self.cfg.target} cannot take this critical transaction: {self._short(why)}"
-
-    def _short(self, why: str) -> str:  # the session's messages name the remote already
-        prefix = f"remote {self.cfg.target}"
-        return why[len(prefix) :].lstrip(": ") if why.startswith(prefix) else why
 
     def _wait_in_step(self, timeout: float) -> bool:
         with self._back:
@@ -175,7 +171,7 @@ class RemoteCopy:
                 else:
                     self._round()
             except (RemoteError, OSError, PibackupError) as e:
-                why = self._short(str(e)) if not isinstance(e, OSError) else f"reading the local backup: {e}"
+                why = short(self.cfg, str(e)) if not isinstance(e, OSError) else f"reading the local backup: {e}"
                 self._drop_link()
                 if self.problem != why:
                     self.log(f"pibackup: remote copy {self.cfg.target}: {why}; retrying in {backoff:.0f} s", "warn")
@@ -218,7 +214,7 @@ class RemoteCopy:
         files = self.mirror.inventory(self.open_segment)
         self.mirror.send(link, files, whole_files=True)
         self.mirror.sync_last(link, files)
-        link.wait(link.sent, CATCH_UP_TIMEOUT)
+        link.wait_progress(link.sent, idle(self.cfg))
         segs = [f for f in files if not f.whole]
         self._open_rel = segs[-1].rel if segs else None
         with self._back:
@@ -283,3 +279,17 @@ class RemoteCopy:
 
 def generation(source: str, name: str) -> Optional[dst.Generation]:
     return next((g for g in dst.Destination(source).generations() if g.name == name), None)
+
+
+def idle(cfg: RemoteConfig) -> float:
+    return max(CATCH_UP_IDLE, 3 * cfg.timeout)
+
+
+def halt_message(cfg: RemoteConfig, why: str) -> str:
+    return f"remote copy {cfg.target} cannot take this critical transaction: {short(cfg, why)}"
+
+
+def short(cfg: RemoteConfig, why: str) -> str:
+    """The session's messages name the remote already: not twice after our own prefix."""
+    prefix = f"remote {cfg.target}"
+    return why[len(prefix) :].lstrip(": ") if why.startswith(prefix) else why

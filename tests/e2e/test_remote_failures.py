@@ -167,7 +167,7 @@ def test_garbage_or_a_cut_answer_or_another_protocol_version_from_the_receiver(c
 
 def test_a_hanging_receiver_sigstop_halts_under_halt_within_the_timeout(sshd, traces, make_node, tmp_path):
     remote = tmp_path / "remote"
-    node = make_node(**remote_options(sshd, remote, pibackup_remote_on_failure="halt", pibackup_remote_timeout=2))
+    node = make_node(pibackup_compact_ratio="0", **halting(sshd, remote, pibackup_remote_timeout=2))
     recs = start(node, driver.first_run(traces["A"]))
     wait_in_step(node)
     node.calls(recs[:200])
@@ -178,6 +178,30 @@ def test_a_hanging_receiver_sigstop_halts_under_halt_within_the_timeout(sshd, tr
     finally:
         resume(stopped)
     assert_remote_holds_every_acknowledged(remote, node, tmp_path, "after-hang")
+
+
+def test_a_receiver_hanging_while_a_new_generation_is_sent_is_noticed_under_halt(sshd, traces, make_node, tmp_path):
+    # A new generation goes to the remote in the background and the hook does not wait for
+    # it; but a catch-up that gets no answer for 3 timeouts (at least 30 s) is a hung host.
+    remote = tmp_path / "remote"
+    node = make_node(pibackup_compact_ratio="0", **halting(sshd, remote, pibackup_remote_timeout=2))
+    recs = start(node, driver.first_run(traces["A"]))
+    wait_in_step(node)
+    node.calls(recs[:300])
+    stopped = kill_receivers(remote, signal.SIGSTOP)
+    assert stopped
+    try:
+        assert node.rpc("pibackup-compact")["compaction"] == "started"
+        deadline = time.monotonic() + 60
+        while remote_status(node)[0]["state"] == "in step" and time.monotonic() < deadline:
+            time.sleep(0.1)  # the compaction's new generation takes the remote out of step
+        assert remote_status(node)[0]["state"] != "in step"
+        node.calls(recs[300:310])  # not waited for: the new generation is on its way
+        time.sleep(32)  # past 3 timeouts, at least 30 s, without an answer
+        log = halted_with(node, recs[310:], "cannot take this critical")
+        assert "while catching up: a hung host?" in log or "no answer" in log or "another pibackup serve" in log, log
+    finally:
+        resume(stopped)
 
 
 def test_a_hanging_receiver_under_continue_degraded_is_caught_up_after(sshd, traces, make_node, tmp_path):
