@@ -246,6 +246,8 @@ def _compare_with_head(report: CopyReport, copied: bool) -> None:
             f"newest transaction of this copy written at {describe_time(head.newest_write)}{dv}, by its head record "
             f"of {describe_time(head.written)} ({Binding(head.copy_id, head.node_id).describe()})"
         )
+        if head.sender is not None:  # a synchronous copy (pibackup-remote) says how its sender was
+            report.newest += f"; the sending node was {head.sender} when last heard from, at {describe_time(head.written)}"
         return
     gens = dst.Destination(report.root).generations() if os.path.isdir(report.root) else []
     if copied or not gens or not gens[-1].segments:
