@@ -33,10 +33,13 @@ class SegmentSettings:
         return SegmentSettings(FLAG_DEFLATE if compress else 0, preallocate)
 
     def chunk_for(self, snapshot_bytes: int) -> int:
-        """Preallocation chunk for a segment of a generation whose snapshot has this size:
-        pibackup-preallocate-kb, but no more than 1/PREALLOCATE_SHARE of the snapshot (and no
-        less than PREALLOCATE_FLOOR), so the zeros written ahead stay a small part of the
-        backup while the database is small (the medium stays under 3x the database)."""
+        """Preallocation chunk for a segment of a generation of this size (its snapshot, and
+        its journal so far as the writer goes on): pibackup-preallocate-kb, but no more than
+        1/PREALLOCATE_SHARE of that (and no less than PREALLOCATE_FLOOR), so the zeros written
+        ahead stay a small part of the backup while the database is small (the medium stays
+        under 3x the database). The journal counts too: a new node's generation has no
+        snapshot, and with the floor alone a busy journal paid an extension, a metadata
+        commit on ext4, every 16 KiB."""
         share = snapshot_bytes // PREALLOCATE_SHARE // 4096 * 4096
         return min(self.preallocate, max(PREALLOCATE_FLOOR, share))
 

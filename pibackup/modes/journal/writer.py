@@ -252,6 +252,8 @@ class JournalWriter(Startup, JournalPort, Report):
             self._place.check()
             self.last_flush = time.time()
             self.journal_bytes += n
+            if w.preallocate:  # bigger chunks as the generation grows: fewer extensions (appender.py)
+                w.preallocate = max(w.preallocate, self.segment_settings.chunk_for(self.snapshot_bytes + self.journal_bytes))
             if self.compactor is not None:
                 self.compactor.flushed(self.journal_bytes, self.snapshot_bytes)
             self.counters.bytes_written += n
