@@ -17,6 +17,7 @@ from pibackup.app.config import Config, parse_options
 from pibackup.app.livedb import find_live_db
 from pibackup.app.modes import MODES
 from pibackup.app.recoverfile import NodeFiles
+from pibackup.app.shutdown import QUIET_SECONDS, CallGate
 from pibackup.app.status import REMINDER_SECONDS, Led, Reporter, StatusError, systemd_notifier
 from pibackup.app.traps import start_warnings
 from pibackup.errors import PibackupError
@@ -32,16 +33,6 @@ if TYPE_CHECKING:
 CONTINUE: Dict[str, Any] = {"result": "continue"}
 # Anything but "continue" makes lightningd stop without committing the transaction.
 ABORT: Dict[str, Any] = {"result": "abort"}
-
-# After lightningd's shutdown notification it still commits a few transactions, and it kills a
-# plugin that has not exited 30 s after the notification (and commits its last ones without
-# it). Leaving once no db_write came for SHUTDOWN_QUIET_SECONDS follows what was seen with
-# Core Lightning v26: answering for about 2 s after the notification lost no transaction in
-# 14 stops, while waiting for stdin to close only made every stop take 30 s and ended in a
-# kill. A transaction that still came later shows as a gap at the next start and is repaired
-# from the live database, as any gap is.
-SHUTDOWN_QUIET_SECONDS = 2.0
-SHUTDOWN_LIMIT_SECONDS = 25.0
 
 
 class HookHandler:
@@ -60,14 +51,12 @@ class HookHandler:
         self._refusal_logged = 0.0
         self.started = time.time()
         # Held while a call is handled, so leaving at shutdown never cuts one in half.
-        self._calls = threading.Lock()
-        self._last_call = time.monotonic()
+        self._calls = CallGate()
         self._closing = threading.Lock()
         self._closed = False
 
     def on_db_write(self, data_version: int, writes: List[str]) -> Dict[str, Any]:
         with self._calls:
-            self._last_call = time.monotonic()
             return self._on_db_write(data_version, writes)
 
     def _on_db_write(self, data_version: int, writes: List[str]) -> Dict[str, Any]:
@@ -169,31 +158,17 @@ class HookHandler:
         )
 
     def on_shutdown(self, leave: Callable[[int], None] = os._exit) -> None:
-        """Flush, then leave on our own once lightningd's last writes are over (see
-        SHUTDOWN_QUIET_SECONDS). `leave` ends the process: pyln-client's loop is blocked
-        reading stdin, which lightningd does not close before it kills us."""
+        """Flush, then leave on our own once lightningd's last writes are over (app/shutdown.py)."""
         self.shutting_down = True
-        self.log(f"lightningd is stopping; still backing up its last writes until none came for {SHUTDOWN_QUIET_SECONDS:g} s", "info")
+        self.log(f"lightningd is stopping; still backing up its last writes until none came for {QUIET_SECONDS:g} s", "info")
         with self._calls:
-            self._last_call = time.monotonic()
             if self.backup is not None and self.failure is None:
                 try:
                     self.backup.flush()
                 except PibackupError as e:
                     self._fail(str(e))
-        threading.Thread(target=self._leave_when_quiet, args=(leave,), name="pibackup-shutdown", daemon=True).start()
-
-    def _leave_when_quiet(self, leave: Callable[[int], None]) -> None:
-        deadline = time.monotonic() + SHUTDOWN_LIMIT_SECONDS
-        while True:
-            with self._calls:
-                now = time.monotonic()
-                if now - self._last_call >= SHUTDOWN_QUIET_SECONDS or now >= deadline:
-                    self.log("no more writes from lightningd; the backup is closed and pibackup exits", "info")
-                    self.close()
-                    leave(0)
-                    return
-            time.sleep(0.1)
+        args = (self.close, leave, self.log)
+        threading.Thread(target=self._calls.leave_when_quiet, args=args, name="pibackup-shutdown", daemon=True).start()
 
     def status(self) -> Dict[str, Any]:
         """What `lightning-cli pibackup-status` shows (the status issue extends it)."""
