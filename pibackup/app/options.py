@@ -168,6 +168,22 @@ OPTIONS: Tuple[Option, ...] = (
         shown_default="off",
     ),
     Option(
+        "pibackup-ship-rclone-config",
+        None,
+        "The rclone config file that defines the REMOTE of pibackup-ship=rclone:REMOTE:path (made with rclone config).",
+        "an absolute path to a readable file",
+        "clouds.md",
+        shown_default="rclone's own",
+    ),
+    Option(
+        "pibackup-ship-allow-plaintext",
+        "false",
+        "true: ship to an rclone target without pibackup-ship-encrypt-key, so that its store holds the node's "
+        "database in plain text. Without it such a target is refused.",
+        "true or false",
+        "clouds.md",
+    ),
+    Option(
         "pibackup-remote",
         None,
         "Keep a synchronous copy on another host running pibackup serve, over one ssh session: [user@]host:/path. "
@@ -226,25 +242,10 @@ OPTIONS: Tuple[Option, ...] = (
         shown_default="off",
     ),
     Option(
-        "pibackup-ship-rclone-config",
-        None,
-        "The rclone config file that defines the REMOTE of pibackup-ship=rclone:REMOTE:path (made with rclone config).",
-        "an absolute path to a readable file",
-        "clouds.md",
-        shown_default="rclone's own",
-    ),
-    Option(
-        "pibackup-ship-allow-plaintext",
-        "false",
-        "true: ship to an rclone target without pibackup-ship-encrypt-key, so that its store holds the node's "
-        "database in plain text. Without it such a target is refused.",
-        "true or false",
-        "clouds.md",
-    ),
-    Option(
         "pibackup-compact-ratio",
         "0.4",  # docs/design/compaction.md, "Why 0.4"
-        "Compact the backup automatically when its journal grows past this multiple of its snapshot's size: "
+        "Compact the backup automatically when its journal grows past this multiple of the database its snapshot holds "
+        "(snapshots are stored compressed, so the uncompressed size counts): "
         "a new generation's snapshot is built in the background from the old snapshot and journal. 0: only "
         "on lightning-cli pibackup-compact.",
         f"0, or {COMPACT_RATIO_MIN:g} to {COMPACT_RATIO_MAX:g}",
