@@ -1,6 +1,7 @@
 import os
 import socket
 import sys
+import tarfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -95,3 +96,12 @@ def keyfile(tmp_path: Path) -> Path:
     r = cli("keygen", str(k))
     assert r.returncode == 0, r.stderr
     return k
+
+
+@pytest.fixture
+def old_backups(tmp_path: Path) -> Path:
+    """Backups written by the first format's release, one per mode, with the live databases
+    they were taken from (tests/fixtures/make_old_backups.py made them)."""
+    with tarfile.open(Path(__file__).resolve().parent / "fixtures" / "backups-format1.tar.xz") as t:
+        t.extractall(tmp_path / "old", filter="tar")
+    return tmp_path / "old"

@@ -24,7 +24,7 @@ from typing import IO, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from pibackup.copies.rclone_parts import Stored, file_tag, group, join, part_name
 from pibackup.copies.rclone_target import explain_rclone_failure, rclone_base
 from pibackup.copies.target import RcloneTarget, ShipError
-from pibackup.copies.transport import RemoteEntry
+from pibackup.copies.transport import RemoteEntry, run_while_room
 from pibackup.store.layout import is_generation_name
 
 MAX_PARTS = 1000  # a growing file with this many parts is sent whole again: restore joins fewer objects
@@ -247,34 +247,18 @@ class RcloneTransport:
         os.makedirs(scratch, mode=0o700, exist_ok=True)
         # (rclone takes no size filter with a list of names: fetch_from checked the listing's sizes)
         args = rclone_base(self.config) + ["copy", "--files-from-raw=-", "--no-traverse", self._where(), scratch]
-        with tempfile.TemporaryFile() as names, tempfile.TemporaryFile() as errors:
+        with tempfile.TemporaryFile() as names:
             names.write("".join(f"{n}\n" for n in sorted(objects)).encode())
             names.seek(0)
             try:
-                proc = subprocess.Popen(args, stdin=names, stdout=subprocess.DEVNULL, stderr=errors)
+                done = run_while_room(args, still_room, stdin=names)
             except FileNotFoundError as e:
                 raise ShipError("rclone is not installed (or not on this PATH): apt install rclone") from e
-            try:
-                while True:
-                    try:
-                        proc.wait(0.2)
-                        break
-                    except subprocess.TimeoutExpired:
-                        pass
-                    if not still_room():
-                        proc.kill()
-                        proc.wait()
-                        shutil.rmtree(scratch, ignore_errors=True)
-                        return False
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-            errors.seek(0)
-            err = errors.read().decode(errors="replace")
-        if proc.returncode != 0:
+        if done is None or done[0] != 0:
             shutil.rmtree(scratch, ignore_errors=True)
-            raise self._failure(proc.returncode, err)
+            if done is None:
+                return False
+            raise self._failure(*done)
         try:
             for rel, st in sorted(stored.items()):
                 if st.base is not None and os.path.isfile(os.path.join(scratch, rel)):

@@ -11,7 +11,7 @@ import threading
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from pibackup.copies.target import ShipError, Target
-from pibackup.copies.transport import RemoteEntry
+from pibackup.copies.transport import RemoteEntry, run_while_room
 from pibackup.store.layout import HEAD, MARKER, TOP_FILES
 
 RSYNC_IO_TIMEOUT = 120  # seconds without progress before rsync gives up
@@ -190,27 +190,11 @@ class RsyncTransport:
 
     def fetch_copy(self, into: str, max_file: int, still_room: Callable[[], bool]) -> bool:
         cmd = self._base() + ["--recursive", "--no-h", *FETCH_FILTERS, f"--max-size={max_file}", f"{self.target}/", into + "/"]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            while True:
-                try:
-                    proc.wait(0.2)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                if not still_room():
-                    proc.kill()
-                    proc.wait()
-                    return False
-            err = proc.stderr.read() if proc.stderr else ""
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            if proc.stderr:
-                proc.stderr.close()
-        if proc.returncode != 0:
-            raise self._failure(proc.returncode, err)
+        done = run_while_room(cmd, still_room)
+        if done is None:
+            return False
+        if done[0] != 0:
+            raise self._failure(*done)
         return True
 
     def delete(self, generations: Sequence[str]) -> None:

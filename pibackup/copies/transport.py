@@ -4,8 +4,10 @@ interface every way of reaching a host (rsync over ssh, rclone) implements in on
 
 from __future__ import annotations
 
+import subprocess
+import tempfile
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Protocol, Sequence
+from typing import IO, Callable, List, Optional, Protocol, Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -48,3 +50,30 @@ class Transport(Protocol):
 
     def cancel(self) -> None:
         """From another thread: end the call under way; no new call starts afterwards."""
+
+
+def run_while_room(
+    args: Sequence[str], still_room: Callable[[], bool], stdin: Optional[IO[bytes]] = None
+) -> Optional[Tuple[int, str]]:
+    """Run a fetching command (rsync, rclone) while the disk it fills has room: (exit status,
+    its stderr), or None when it was killed because still_room() said the disk is filling.
+    stderr goes to a temporary file, not a pipe: a pipe nobody reads while the command runs
+    would stall it once full. FileNotFoundError (the command is not installed) is the caller's."""
+    with tempfile.TemporaryFile() as errors:
+        source = stdin if stdin is not None else subprocess.DEVNULL
+        proc = subprocess.Popen(args, stdin=source, stdout=subprocess.DEVNULL, stderr=errors)
+        try:
+            while True:
+                try:
+                    proc.wait(0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if not still_room():
+                    return None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        errors.seek(0)
+        return proc.returncode, errors.read().decode(errors="replace")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tarfile
 import time
 from pathlib import Path
 from typing import Dict, Tuple
@@ -22,7 +21,6 @@ A_ID = "036c3e4dc827c5507c0a1545c89222893186454994d7e364e4077278cd559635ed"
 FILLER_ID = "033648beeb7431c82dc862793e7aaa1ccbca8c1c4ad7648d839b77f4d4aae9deaf"
 REGTEST = "06226e46111a0b59caaf126043eb5bbf28c34f3a5e332a1fc7b2b73cf188910f"
 TESTNET = "43497fd7f826957108f4a30fd9cec3aeba79972084e90ead01ea330900000000"
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "backups-format1.tar.xz"
 
 
 def tree(root: Path) -> Dict[str, Tuple[str, int, int, bytes]]:
@@ -95,13 +93,6 @@ def test_a_backup_of_another_network_is_refused(make_node, traces, dest):
     log = b.log_text()
     assert "network differ" in log and "on regtest" in log and "on testnet" in log, log
     assert tree(dest) == before
-
-
-@pytest.fixture
-def old_backups(tmp_path: Path) -> Path:
-    with tarfile.open(FIXTURE) as t:
-        t.extractall(tmp_path / "old", filter="tar")
-    return tmp_path / "old"
 
 
 @pytest.mark.parametrize("mode", ["journal", "replica"])

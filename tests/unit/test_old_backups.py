@@ -4,22 +4,10 @@ A change of code layout or format that breaks what users already have on their s
 
 from __future__ import annotations
 
-import tarfile
-from pathlib import Path
-
 import pytest
 
 import dbcompare
 from helpers import cli, restore_to
-
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "backups-format1.tar.xz"
-
-
-@pytest.fixture
-def old_backups(tmp_path: Path) -> Path:
-    with tarfile.open(FIXTURE) as t:
-        t.extractall(tmp_path / "old", filter="tar")
-    return tmp_path / "old"
 
 
 @pytest.mark.parametrize("mode", ["journal", "replica"])
