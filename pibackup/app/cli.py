@@ -29,6 +29,7 @@ from pibackup.store.access import refuse_foreign
 from pibackup.store.output import check_output
 from pibackup.store.replay import Outcome
 
+BACKUP_HELP = "the pibackup-destination directory, a copy, [user@]host:/path or rclone:REMOTE:path"
 
 def _checked(check: Callable[[str], Any]) -> Callable[[str], Any]:
     """An argparse type from one of the plugin's own option checks: the same rules for the
@@ -82,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Rebuild a database from the newest generation: its snapshot, then every journalled "
         "transaction in order. Writes OUTPUT_DB.pibackup-tmp, syncs it, then renames it.",
     )
-    r.add_argument("backup_dir", metavar="BACKUP_DIR", help="the pibackup-destination directory, a copy, [user@]host:/path or rclone:REMOTE:path")
+    r.add_argument("backup_dir", metavar="BACKUP_DIR", help=BACKUP_HELP)
     r.add_argument(
         "output", metavar="OUTPUT_DB", nargs="?", help="database file to create, e.g. ~/.lightning/bitcoin/lightningd.sqlite3"
     )
@@ -106,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Check every snapshot and journal frame; print generations, data_version ranges and damage "
         "(and a note on a generation the plugin found damaged while it ran).",
     )
-    v.add_argument("backup_dir", metavar="BACKUP_DIR", help="the pibackup-destination directory, a copy, [user@]host:/path or rclone:REMOTE:path")
+    v.add_argument("backup_dir", metavar="BACKUP_DIR", help=BACKUP_HELP)
     for sp in (r, v):
         g = sp.add_argument_group("shipped copies (pibackup-ship)")
         g.add_argument("--key", metavar="FILE", help="the pibackup-ship-encrypt-key file, for an encrypted copy")
